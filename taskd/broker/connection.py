@@ -1,0 +1,118 @@
+"""Broker URLs, connection parameters and the client's per-process connection.
+
+``connect_timeout`` bounds the whole establishment of a connection: the TCP
+connect *and* the AMQP handshake (pika's ``stack_timeout``), so a port that
+accepts TCP but never speaks AMQP fails in about that many seconds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import urllib.parse
+
+import pika
+import pika.exceptions
+
+from ..exceptions import ConnectionError as TaskdConnectionError
+
+log = logging.getLogger(__name__)
+
+# What pika raises when a connection (or its socket) goes away.
+CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionClosed,
+    pika.exceptions.StreamLostError,
+    pika.exceptions.ChannelWrongStateError,
+    pika.exceptions.ConnectionWrongStateError,
+    OSError,
+)
+
+
+def mask_url(url):
+    """The URL with its password replaced by ``***``, for logs and errors."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def host_port(url):
+    parts = urllib.parse.urlsplit(url)
+    default = 5671 if parts.scheme == "amqps" else 5672
+    return parts.hostname or "localhost", parts.port or default
+
+
+def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
+    """pika connection parameters for ``url`` with taskd's timeouts."""
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:
+        raise TaskdConnectionError(f"invalid broker URL {mask_url(url)!r}: {exc}") from None
+    params.connection_attempts = 1
+    params.retry_delay = 0
+    params.socket_timeout = connect_timeout
+    params.stack_timeout = connect_timeout
+    params.blocked_connection_timeout = None
+    params.heartbeat = heartbeat
+    params.client_properties = {"connection_name": f"{name} pid={os.getpid()}"}
+    return params
+
+
+def describe_failure(url, exc, connect_timeout):
+    host, port = host_port(url)
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
+        inner = exc.args[0]
+        reason = str(inner) or type(inner).__name__
+        if isinstance(inner, pika.exceptions.AMQPConnectionError) and inner.args:
+            reason = str(inner.args[0]) or reason
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in reason:
+        reason = "authentication failed (check the user and password in the broker URL)"
+    if "timed out" in reason.lower() or "timeout" in reason.lower():
+        reason = f"no AMQP handshake within {connect_timeout:g}s ({reason})"
+    return f"cannot connect to the broker at {host}:{port}: {reason}"
+
+
+def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
+    """Open a pika BlockingConnection or raise taskd's ConnectionError."""
+    params = parameters(url, connect_timeout, heartbeat, name)
+    try:
+        return pika.BlockingConnection(params)
+    except Exception as exc:
+        raise TaskdConnectionError(describe_failure(url, exc, connect_timeout)) from None
+
+
+class ProcessLocal:
+    """One object per process, re-created after ``fork`` (never shared with a parent).
+
+    Holds a lock so that threads of one process take turns: pika is not
+    thread-safe.
+    """
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._pid = None
+        self._value = None
+        self.lock = threading.RLock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        # The inherited object's socket belongs to the parent's connection:
+        # never speak on it, just drop it.
+        self._value, self._pid = None, None
+        self.lock = threading.RLock()
+
+    def get(self):
+        if self._pid != os.getpid() or self._value is None:
+            self._value = self._factory()
+            self._pid = os.getpid()
+        return self._value
+
+    def peek(self):
+        return self._value if self._pid == os.getpid() else None
+
+    def reset(self):
+        value, self._value = self._value, None
+        return value

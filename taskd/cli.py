@@ -1,0 +1,202 @@
+"""The ``taskd`` command line: worker, check-config, call, config-reference."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import config as config_mod
+from .exceptions import ConfigError, TaskdError
+
+EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 64, 69, 78
+
+DESCRIPTION = """\
+taskd: a distributed task queue on RabbitMQ.
+
+The configuration file is --config FILE, else $TASKD_CONFIG, else
+/etc/taskd.yaml; $TASKD_BROKER_URL overrides broker.url in it.
+"""
+
+WORKER_EPILOG = """\
+signals:
+  TERM   warm shutdown: stop consuming, finish running tasks (worker.shutdown_timeout),
+         give unstarted tasks back to the broker, exit 0
+  INT    as TERM; a second INT is a cold shutdown
+  QUIT   cold shutdown: kill the children now; their tasks are redelivered
+  HUP    reload the configuration; replace the children gracefully
+  TTIN   one more child          TTOU   one child fewer
+  USR1   log a dump of children, running tasks and counters
+
+exit codes:
+  0 stopped cleanly   1 tasks were cut at shutdown   64 bad command line
+  69 broker unreachable or lost   70 internal error   78 configuration error
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def build_parser():
+    parser = _Parser(prog="taskd", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    w = sub.add_parser("worker", help="run the worker daemon (supervisor + prefork children)",
+                       description="Run the worker daemon: a supervisor process consuming the "
+                       "configured queues and a pool of child processes running the tasks.",
+                       epilog=WORKER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_arg(w)
+    w.add_argument("-Q", "--queues", metavar="Q1,Q2",
+                   help="comma-separated queues to consume (overrides worker.queues); a name "
+                        "not under queues: is declared as Celery would (durable, direct)")
+    w.add_argument("-c", "--concurrency", type=_positive_int, metavar="N",
+                   help="number of child processes (overrides worker.concurrency)")
+    w.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
+                   help="log level (overrides logging.level)")
+
+    c = sub.add_parser("check-config", help="validate the configuration file and exit",
+                       description="Validate the configuration; print every error and exit 78, "
+                       "or print a summary and exit 0.")
+    _config_arg(c)
+
+    call = sub.add_parser("call", help="send a task by name and print its result",
+                          description="Send a task by name (no task code needed) and print "
+                          "its result as JSON.")
+    _config_arg(call)
+    call.add_argument("name", help="task name, e.g. tasks.add")
+    call.add_argument("args", nargs="?", default="[]", help="JSON list of arguments, e.g. '[2, 2]'")
+    call.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    call.add_argument("--queue", help="queue to send to")
+    call.add_argument("--countdown", type=float, help="run no earlier than this many seconds from now")
+    call.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
+    call.add_argument("--no-wait", action="store_true", help="print the task id and return")
+
+    sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    return parser
+
+
+def _config_arg(p):
+    p.add_argument("--config", metavar="FILE",
+                   help="configuration file (default: $TASKD_CONFIG, else /etc/taskd.yaml)")
+
+
+def _version():
+    from . import __version__
+    return f"taskd {__version__}"
+
+
+def setup_logging(level):
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="[%(asctime)s] %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def _load(args):
+    try:
+        return config_mod.load(args.config), None
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"taskd: {exc.source}: {error}", file=sys.stderr)
+        return None, EX_CONFIG
+
+
+def cmd_worker(args):
+    config, code = _load(args)
+    if config is None:
+        return code
+    setup_logging(args.loglevel or config["logging.level"])
+    import importlib
+    from .worker.supervisor import Supervisor
+    try:
+        for module in config["serializer_modules"]:
+            importlib.import_module(module)
+    except ImportError as exc:
+        print(f"taskd: serializer_modules: cannot import {exc.name!r}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    queues = tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None
+    if args.queues is not None and not queues:
+        print("taskd: -Q: expected at least one queue name", file=sys.stderr)
+        return EX_USAGE
+    supervisor = Supervisor(config, queues=queues, concurrency=args.concurrency,
+                            config_path=args.config or config.source)
+    return supervisor.run()
+
+
+def cmd_check_config(args):
+    config, code = _load(args)
+    if config is None:
+        return code
+    from .broker.connection import mask_url
+    queues = ", ".join(q.name for q in config_mod.effective_queues(config))
+    print(f"{config.source}: OK")
+    print(f"  broker:    {mask_url(config.broker_url)}")
+    print(f"  queues:    {queues}")
+    print(f"  consumes:  {', '.join(config.worker_queues()) or config['default_queue']}")
+    print(f"  imports:   {', '.join(config['imports']) or '(none)'}")
+    return 0
+
+
+def cmd_call(args):
+    try:
+        call_args = json.loads(args.args)
+        call_kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        print(f"taskd call: arguments are not valid JSON: {exc}", file=sys.stderr)
+        return EX_USAGE
+    if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
+        print("taskd call: ARGS must be a JSON list and --kwargs a JSON object", file=sys.stderr)
+        return EX_USAGE
+    try:
+        from .app import App
+        app = App(config=args.config) if args.config else App(config=_default_config_path())
+        result = app.send_task(args.name, call_args, call_kwargs, queue=args.queue,
+                               countdown=args.countdown, ignore_result=args.no_wait)
+        if args.no_wait:
+            print(result.id)
+            return 0
+        value = result.get(timeout=args.timeout, propagate=False)
+    except ConfigError as exc:
+        print(f"taskd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except TaskdError as exc:
+        print(f"taskd call: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if result.successful():
+        print(json.dumps(value, default=str))
+        return 0
+    print(f"{result.state}: {type(value).__name__}: {value}", file=sys.stderr)
+    return 1
+
+
+def _default_config_path():
+    import os
+    path = os.environ.get("TASKD_CONFIG")
+    if path:
+        return path
+    return config_mod.DEFAULT_PATH if os.path.exists(config_mod.DEFAULT_PATH) else None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "config-reference":
+        sys.stdout.write(config_mod.reference_markdown())
+        return 0
+    handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call}
+    sys.exit(handler[args.command](args))

@@ -1,0 +1,119 @@
+"""Every error taskd raises on purpose, in one hierarchy.
+
+Messages name the cause and, where there is one, the fix.
+"""
+
+
+class TaskdError(Exception):
+    """Base class of every error taskd raises on purpose."""
+
+
+# --- configuration ---------------------------------------------------------
+
+class ConfigError(TaskdError):
+    """The configuration file (or an option overriding it) is invalid.
+
+    ``errors`` holds every problem found, each a one-line string naming the
+    key, the line and what was expected.
+    """
+
+    def __init__(self, errors, source="configuration"):
+        if isinstance(errors, str):
+            errors = [errors]
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(self.errors))
+
+
+# --- broker ------------------------------------------------------------------
+
+class ConnectionError(TaskdError):  # noqa: A001 - the seed's name, scoped here
+    """The broker could not be reached or the connection was lost."""
+
+
+class PublishError(TaskdError):
+    """The broker did not confirm a published message (it was nacked)."""
+
+
+class UnroutableError(PublishError):
+    """``mandatory=True`` and the message reached no queue."""
+
+
+class NotDeliveredError(PublishError):
+    """``immediate=True`` and no consumer could take the message at once."""
+
+
+# --- serialization -------------------------------------------------------------
+
+class SerializationError(TaskdError):
+    """Base for encoding and decoding problems."""
+
+
+class EncodeError(SerializationError):
+    """A value could not be encoded with the chosen serializer."""
+
+
+class DecodeError(SerializationError):
+    """A body could not be decoded with its content type."""
+
+
+class ContentDisallowed(SerializationError):
+    """The content type is known but not in ``accept_content``."""
+
+
+class UnknownSerializer(SerializationError):
+    """No serializer is registered under that name or content type."""
+
+
+# --- tasks and results -------------------------------------------------------
+
+class TaskError(TaskdError):
+    """Base for errors about a task's execution, as seen by the caller."""
+
+
+class NotRegistered(TaskError, KeyError):
+    """The worker does not know a task of that name."""
+
+    def __str__(self):
+        return Exception.__str__(self)
+
+
+class InvalidTaskMessage(TaskError):
+    """A message that is not a valid task message (bad headers or body)."""
+
+
+class WorkerLostError(TaskError):
+    """The child running the task died before reporting an outcome."""
+
+
+class TimeLimitExceeded(TaskError):
+    """The task ran past its hard time limit and its child was killed."""
+
+
+class SoftTimeLimitExceeded(TaskError):
+    """Raised inside a task when its soft time limit is reached."""
+
+
+class TaskRevokedError(TaskError):
+    """The task was not run (expired, or revoked)."""
+
+
+class TimeoutError(TaskError):  # noqa: A001 - the name callers expect
+    """``AsyncResult.get(timeout=...)`` gave up before the result arrived."""
+
+
+class RemoteError(TaskError):
+    """Stands in for a task's exception whose class the caller cannot rebuild."""
+
+
+class Retry(TaskError):
+    """Raised by ``Task.retry`` to tell the worker the task is being retried."""
+
+    def __init__(self, message=None, exc=None, when=None):
+        self.exc = exc
+        self.when = when
+        super().__init__(message or f"Retry in {when}s: {exc!r}")
+
+
+class Reject(TaskError):
+    """Raised by a task to dead-letter its message instead of completing."""

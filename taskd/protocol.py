@@ -1,0 +1,367 @@
+"""Celery's task message protocol v2 and rpc result format (pure; no I/O).
+
+A task message is an AMQP message whose
+
+* properties carry ``correlation_id`` (the task id), ``reply_to`` (the
+  caller's result queue, or empty), ``content_type``/``content_encoding``,
+  ``priority`` and ``delivery_mode``;
+* headers carry ``lang``, ``task`` (name), ``id``, ``root_id``, ``parent_id``,
+  ``group``, ``eta``, ``expires`` (ISO 8601), ``retries``, ``timelimit``
+  (``[hard, soft]``), ``argsrepr``, ``kwargsrepr``, ``origin``, ``shadow``
+  and ``ignore_result``;
+* body is ``[args, kwargs, {"callbacks", "errbacks", "chain", "chord"}]``
+  encoded in the content type.
+
+A result is a message to ``reply_to`` through the default exchange with
+``correlation_id`` = task id and body ``{"task_id", "status", "result",
+"traceback", "children", "date_done"}``; a failure's ``result`` is
+``{"exc_type", "exc_message", "exc_module"}``. This is what Celery 5's rpc
+backend produces and consumes, so both sides interoperate with Celery.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback as tb_module
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from reprlib import Repr
+
+from . import serialization
+from .exceptions import InvalidTaskMessage, RemoteError, TaskdError
+
+# States, with Celery's names.
+PENDING = "PENDING"
+RECEIVED = "RECEIVED"
+STARTED = "STARTED"
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+RETRY = "RETRY"
+REVOKED = "REVOKED"
+READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+EXCEPTION_STATES = frozenset({FAILURE, RETRY, REVOKED})
+
+_repr = Repr()
+_repr.maxstring = 200
+_repr.maxother = 200
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 20
+
+
+def origin_name():
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A fully encoded task message, ready to publish."""
+
+    task_id: str
+    task_name: str
+    body: bytes
+    content_type: str
+    content_encoding: str
+    headers: dict
+    correlation_id: str
+    reply_to: str | None
+    priority: int | None = None
+    expiration: str | None = None
+
+
+def to_utc_iso(value):
+    """A datetime (naive = local time) as an aware ISO 8601 string in UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        value = value.astimezone()  # naive means the caller's local time
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def encode_task(
+    task_id,
+    name,
+    args=(),
+    kwargs=None,
+    *,
+    serializer="json",
+    eta=None,
+    expires=None,
+    retries=0,
+    time_limit=None,
+    soft_time_limit=None,
+    reply_to=None,
+    priority=None,
+    root_id=None,
+    parent_id=None,
+    group=None,
+    ignore_result=False,
+    extra_headers=None,
+    origin=None,
+) -> OutgoingMessage:
+    """Build a protocol v2 task message. ``eta``/``expires`` are datetimes or None."""
+    kwargs = kwargs or {}
+    if not isinstance(args, (list, tuple)):
+        raise TypeError(f"task args must be a list or tuple, not {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"task kwargs must be a dict, not {type(kwargs).__name__}")
+    body, content_type, content_encoding = serialization.dumps(
+        [list(args), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+        serializer,
+    )
+    headers = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": None,
+        "eta": to_utc_iso(eta),
+        "expires": to_utc_iso(expires),
+        "group": group,
+        "group_index": None,
+        "retries": retries,
+        "timelimit": [time_limit, soft_time_limit],
+        "root_id": root_id or task_id,
+        "parent_id": parent_id,
+        "argsrepr": _repr.repr(tuple(args)),
+        "kwargsrepr": _repr.repr(kwargs),
+        "origin": origin or origin_name(),
+        "ignore_result": bool(ignore_result),
+    }
+    if extra_headers:
+        headers.update(extra_headers)
+    return OutgoingMessage(
+        task_id=task_id,
+        task_name=name,
+        body=body,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        headers=headers,
+        correlation_id=task_id,
+        reply_to=reply_to or None,
+        priority=priority,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded, validated task message, as the worker sees it."""
+
+    id: str
+    name: str
+    args: tuple
+    kwargs: dict
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    eta: datetime | None = None
+    expires: datetime | None = None
+    retries: int = 0
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group: str | None = None
+    ignore_result: bool = False
+    content_type: str = "application/json"
+    content_encoding: str = "utf-8"
+    headers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def serializer(self):
+        entry = serialization._by_type.get(self.content_type)
+        return entry.name if entry else "json"
+
+
+def parse_datetime(value, what):
+    """Parse an ISO 8601 header into an aware UTC datetime (naive = UTC)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidTaskMessage(f"header {what!r} is not an ISO 8601 datetime: {value!r}") from None
+    else:
+        raise InvalidTaskMessage(f"header {what!r} must be an ISO 8601 string, not {type(value).__name__}")
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+def _limit(value, what):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise InvalidTaskMessage(f"timelimit {what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def peek_task_id(headers, correlation_id=None):
+    """The best guess at a message's task id, for error reports."""
+    headers = headers or {}
+    tid = headers.get("id") or correlation_id
+    return str(tid) if tid else None
+
+
+def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=None,
+                correlation_id=None, accept=None) -> Request:
+    """Validate and decode a task message; raises a :class:`TaskdError` subclass.
+
+    Raises ``InvalidTaskMessage`` for bad headers or a body of the wrong
+    shape, ``ContentDisallowed`` for a content type outside ``accept``, and
+    ``DecodeError`` for a body that is not valid in its content type.
+    """
+    headers = headers or {}
+    name = headers.get("task")
+    if not name or not isinstance(name, str):
+        raise InvalidTaskMessage(
+            "no 'task' header: not a task message of protocol v2 "
+            f"(headers present: {', '.join(sorted(headers)) or 'none'})"
+        )
+    task_id = headers.get("id") or correlation_id
+    if not task_id or not isinstance(task_id, str):
+        raise InvalidTaskMessage(f"task {name}: no 'id' header and no correlation_id")
+    eta = parse_datetime(headers.get("eta"), "eta")
+    expires = parse_datetime(headers.get("expires"), "expires")
+    retries = headers.get("retries") or 0
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidTaskMessage(f"header 'retries' must be a non-negative integer, got {retries!r}")
+    timelimit = headers.get("timelimit") or (None, None)
+    if not isinstance(timelimit, (list, tuple)) or len(timelimit) != 2:
+        raise InvalidTaskMessage(f"header 'timelimit' must be [hard, soft], got {timelimit!r}")
+    hard, soft = _limit(timelimit[0], "hard"), _limit(timelimit[1], "soft")
+
+    payload = serialization.loads(body, content_type, content_encoding, accept=accept)
+    if not isinstance(payload, (list, tuple)) or len(payload) != 3:
+        raise InvalidTaskMessage(
+            f"task {name}: body must be [args, kwargs, embed], got {type(payload).__name__}"
+            + (f" of length {len(payload)}" if isinstance(payload, (list, tuple)) else "")
+        )
+    args, kwargs, _embed = payload
+    if not isinstance(args, (list, tuple)):
+        raise InvalidTaskMessage(f"task {name}: args must be a list, got {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise InvalidTaskMessage(f"task {name}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    return Request(
+        id=task_id,
+        name=name,
+        args=tuple(args),
+        kwargs=kwargs,
+        reply_to=reply_to or None,
+        correlation_id=correlation_id or task_id,
+        eta=eta,
+        expires=expires,
+        retries=retries,
+        time_limit=hard,
+        soft_time_limit=soft,
+        root_id=headers.get("root_id"),
+        parent_id=headers.get("parent_id"),
+        group=headers.get("group"),
+        ignore_result=bool(headers.get("ignore_result")),
+        content_type=content_type or "application/json",
+        content_encoding=content_encoding or "utf-8",
+        headers=dict(headers),
+    )
+
+
+# --- results -------------------------------------------------------------------
+
+def exception_to_dict(exc):
+    cls = type(exc)
+    args = exc.args
+    try:
+        serialization.json_dumps(args)
+    except Exception:
+        args = (repr(exc),)
+    return {"exc_type": cls.__qualname__, "exc_message": list(args), "exc_module": cls.__module__}
+
+
+_synthetic = {}
+
+
+def _synthetic_class(name, module):
+    key = (module, name)
+    cls = _synthetic.get(key)
+    if cls is None:
+        cls = type(name.rsplit(".", 1)[-1], (RemoteError,), {"__module__": module or "taskd.remote"})
+        _synthetic[key] = cls
+    return cls
+
+
+def dict_to_exception(data):
+    """Rebuild an exception from ``{"exc_type", "exc_message", "exc_module"}``.
+
+    Only classes already imported in this process and deriving from
+    ``BaseException`` are used (never an import, never another callable:
+    see CVE-2021-23727); anything else becomes a ``RemoteError`` subclass of
+    the same name.
+    """
+    if isinstance(data, BaseException):
+        return data
+    if not isinstance(data, dict) or "exc_type" not in data:
+        return RemoteError(repr(data))
+    exc_type, module = str(data["exc_type"]), data.get("exc_module")
+    cls = None
+    if module in sys.modules:
+        obj = sys.modules[module]
+        for part in exc_type.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            cls = obj
+    if cls is None:
+        cls = _synthetic_class(exc_type, module)
+    message = data.get("exc_message", ())
+    args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
+    try:
+        return cls(*args)
+    except Exception:
+        return _synthetic_class(exc_type, module)(*args)
+
+
+def format_traceback(exc):
+    return "".join(tb_module.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def result_meta(task_id, status, result, traceback=None, *, parent_id=None, group=None):
+    meta = {
+        "task_id": task_id,
+        "status": status,
+        "result": result,
+        "traceback": traceback,
+        "children": [],
+        "date_done": datetime.now(timezone.utc).isoformat() if status in READY_STATES else None,
+    }
+    if group:
+        meta["group_id"] = group
+    if parent_id:
+        meta["parent_id"] = parent_id
+    return meta
+
+
+def encode_result(task_id, status, result, traceback=None, *, serializer="json",
+                  parent_id=None, group=None):
+    """Encode a result; returns ``(status, body, content_type, content_encoding)``.
+
+    A value the serializer cannot encode becomes a FAILURE naming the problem,
+    so the caller always gets an answer.
+    """
+    if status in EXCEPTION_STATES and isinstance(result, BaseException):
+        result = exception_to_dict(result)
+    meta = result_meta(task_id, status, result, traceback, parent_id=parent_id, group=group)
+    try:
+        return (status, *serialization.dumps(meta, serializer))
+    except TaskdError as exc:
+        failure = exception_to_dict(exc)
+        meta = result_meta(task_id, FAILURE, failure, f"{exc}\n", parent_id=parent_id, group=group)
+        return (FAILURE, *serialization.dumps(meta, "json"))
+
+
+def decode_result(body, content_type, content_encoding=None, accept=None):
+    meta = serialization.loads(body, content_type, content_encoding, accept=accept)
+    if not isinstance(meta, dict) or "status" not in meta:
+        raise InvalidTaskMessage(f"not a result message: {type(meta).__name__}")
+    return meta

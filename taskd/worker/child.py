@@ -1,0 +1,141 @@
+"""A child process: import the task modules, then run jobs from the pipe.
+
+Runs after ``fork`` in the child only. It never touches the broker: it
+reads a job frame from its pipe, runs the task, and writes back the outcome
+with the result already encoded, so the supervisor only has to publish
+bytes. It leaves with ``os._exit`` so that nothing inherited from the
+supervisor (atexit handlers, buffered files, the broker socket) runs twice.
+
+Frames, supervisor -> child: ``(seq, task_id, name, args, kwargs, meta)``.
+Frames, child -> supervisor:
+
+* ``("ready", pid, [task names])`` once the modules are imported;
+* ``("import-failed", message)`` then exit 3, when they cannot be;
+* ``("done", seq, status, body, content_type, content_encoding, runtime, rss, error)``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+from setproctitle import setproctitle
+
+from .. import protocol, task as task_mod
+from ..exceptions import NotRegistered, SoftTimeLimitExceeded
+from . import framing
+
+log = logging.getLogger("taskd.child")
+
+EXIT_IMPORT_FAILED = 3
+
+
+def _on_soft_limit(signum, frame):
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def _reset_signals():
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor
+    # decides what happens to running tasks, so children ignore SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_soft_limit)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+
+
+def close_inherited_fds(keep):
+    """Close every fd but stdio and ``keep``: the broker sockets, siblings' pipes."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def main(index, read_fd, write_fd, imports, track_rss):
+    """Entry point after fork; never returns."""
+    code = 0
+    try:
+        _reset_signals()
+        close_inherited_fds({read_fd, write_fd})
+        setproctitle(f"taskd: child {index} importing")
+        try:
+            for module in imports:
+                importlib.import_module(module)
+        except BaseException as exc:  # report any import failure, then leave
+            message = f"cannot import task modules: {type(exc).__name__}: {exc}"
+            framing.write_all(write_fd, framing.encode(
+                ("import-failed", message, traceback.format_exc())))
+            os._exit(EXIT_IMPORT_FAILED)
+        framing.write_all(write_fd, framing.encode(("ready", os.getpid(), sorted(task_mod.registry))))
+        setproctitle(f"taskd: child {index} idle")
+        _serve(index, read_fd, write_fd, track_rss)
+    except BaseException:  # anything escaping is a bug: say so, then exit non-zero
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _serve(index, read_fd, write_fd, track_rss):
+    process = None
+    if track_rss:
+        import psutil
+        process = psutil.Process()
+    while True:
+        job = framing.read_frame(read_fd)
+        if job is None:       # the supervisor closed our pipe: retire
+            return
+        seq, task_id, name, args, kwargs, meta = job
+        setproctitle(f"taskd: child {index} {name}")
+        started = time.monotonic()
+        status, body, content_type, encoding, error = run_job(task_id, name, args, kwargs, meta)
+        runtime = time.monotonic() - started
+        rss = process.memory_info().rss if process is not None else 0
+        framing.write_all(write_fd, framing.encode(
+            ("done", seq, status, body, content_type, encoding, runtime, rss, error)))
+        setproctitle(f"taskd: child {index} idle")
+
+
+def run_job(task_id, name, args, kwargs, meta):
+    """Run one task; returns ``(status, result_body, content_type, encoding, error)``."""
+    serializer = meta.get("serializer", "json")
+    task = task_mod.registry.get(name)
+    soft = meta.get("soft_time_limit")
+    try:
+        if task is None:
+            raise NotRegistered(f"task {name!r} is not registered in this worker "
+                                "(is its module listed under imports:?)")
+        task_mod._request.value = task_mod.Request(
+            id=task_id, args=args, kwargs=kwargs, **meta.get("request", {}))
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, soft)
+        try:
+            value = task.run(*args, **kwargs)
+        finally:
+            if soft:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except Exception as exc:
+        log.error("task %s[%s] raised %s: %s", name, task_id, type(exc).__name__, exc)
+        status, body, ctype, enc = protocol.encode_result(
+            task_id, protocol.FAILURE, exc, protocol.format_traceback(exc),
+            serializer=serializer, parent_id=meta.get("parent_id"))
+        return status, body, ctype, enc, f"{type(exc).__name__}: {exc}"
+    finally:
+        task_mod._request.value = None
+    status, body, ctype, enc = protocol.encode_result(
+        task_id, protocol.SUCCESS, value, serializer=serializer, parent_id=meta.get("parent_id"))
+    return status, body, ctype, enc, None if status == protocol.SUCCESS else "result not encodable"

@@ -1,0 +1,121 @@
+"""A delivery on its way through the supervisor, and the messages made from it.
+
+Pure helpers: what a redelivered copy, a dead letter and a failure reply
+look like. Copies drop the broker's ``x-death`` history: RabbitMQ silently
+drops a message dead-lettered into a queue already in that history.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pika
+
+from .. import protocol
+
+DELIVERY_COUNT = "x-taskd-delivery-count"
+BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
+                  "x-first-death-reason", "x-delivery-count")
+
+
+class Job:
+    """One delivery: its AMQP coordinates, the decoded request, and its fate."""
+
+    __slots__ = ("seq", "tag", "channel", "queue", "exchange", "routing_key", "properties",
+                 "body", "request", "timer", "timed_out", "redelivered")
+
+    def __init__(self, seq, tag, channel, queue, exchange, routing_key, properties, body,
+                 redelivered=False):
+        self.seq, self.tag, self.channel, self.queue = seq, tag, channel, queue
+        self.exchange, self.routing_key = exchange, routing_key
+        self.properties, self.body = properties, body
+        self.request = None
+        self.timer = None
+        self.timed_out = False
+        self.redelivered = redelivered
+
+    @property
+    def headers(self):
+        return self.properties.headers or {}
+
+    @property
+    def task_id(self):
+        if self.request is not None:
+            return self.request.id
+        return protocol.peek_task_id(self.headers, self.properties.correlation_id) or "?"
+
+    @property
+    def task_name(self):
+        if self.request is not None:
+            return self.request.name
+        name = self.headers.get("task")
+        return name if isinstance(name, str) else "?"
+
+    @property
+    def delivery_count(self):
+        count = self.headers.get(DELIVERY_COUNT) or self.headers.get("x-delivery-count") or 0
+        return (count if isinstance(count, int) else 0) + 1
+
+    def describe(self):
+        return f"{self.task_name}[{self.task_id}]"
+
+    def job_frame(self):
+        r = self.request
+        meta = {
+            "serializer": r.serializer,
+            "parent_id": r.parent_id,
+            "soft_time_limit": r.soft_time_limit,
+            "request": {"retries": r.retries, "eta": r.eta, "expires": r.expires,
+                        "reply_to": r.reply_to, "delivery_count": self.delivery_count,
+                        "root_id": r.root_id, "parent_id": r.parent_id,
+                        "time_limit": r.time_limit, "soft_time_limit": r.soft_time_limit,
+                        "headers": r.headers},
+        }
+        return (self.seq, r.id, r.name, r.args, r.kwargs, meta)
+
+
+def _copy_properties(properties, headers):
+    return pika.BasicProperties(
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
+        correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to,
+        priority=properties.priority,
+        delivery_mode=2,
+        headers=headers,
+    )
+
+
+def clean_headers(headers):
+    return {k: v for k, v in (headers or {}).items() if k not in BROKER_HEADERS}
+
+
+def redelivery(job):
+    """Properties for a copy of ``job`` with its delivery count raised by one."""
+    headers = clean_headers(job.headers)
+    headers[DELIVERY_COUNT] = job.delivery_count
+    return _copy_properties(job.properties, headers)
+
+
+def dead_letter(job, reason):
+    """Properties for the dead-letter copy of ``job``, saying why and where from."""
+    headers = clean_headers(job.headers)
+    headers.update({
+        "x-taskd-reason": reason,
+        "x-taskd-queue": job.queue,
+        "x-taskd-exchange": job.exchange,
+        "x-taskd-routing-key": job.routing_key,
+        "x-taskd-dead-at": datetime.now(timezone.utc).isoformat(),
+        DELIVERY_COUNT: job.delivery_count,
+    })
+    return _copy_properties(job.properties, headers)
+
+
+def result_properties(correlation_id, content_type, content_encoding):
+    return pika.BasicProperties(content_type=content_type, content_encoding=content_encoding,
+                                correlation_id=correlation_id, delivery_mode=1)
+
+
+def failure_reply(job, exc, status=protocol.FAILURE):
+    """``(body, properties)`` of a result telling the caller its task failed with ``exc``."""
+    _, body, ctype, enc = protocol.encode_result(job.task_id, status, exc, f"{exc}\n")
+    return body, result_properties(job.properties.correlation_id or job.task_id, ctype, enc)

@@ -1,0 +1,264 @@
+"""The prefork pool: spawn children, dispatch jobs over pipes, reap, retire.
+
+Each child has two pipes: jobs go down one, outcomes come up the other.
+The supervisor's event loop watches every child's outcome pipe; end of file
+on it, or SIGCHLD, tells the pool a child has gone. A child that dies while
+starting (a task module that does not import) is replaced after a growing
+delay (1 s, 2 s, 4 s ... 60 s), so a broken deployment does not fork-bomb.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+
+from . import child as child_mod
+from . import framing
+
+log = logging.getLogger(__name__)
+
+STARTING, IDLE, BUSY, RETIRING, DEAD = "starting", "idle", "busy", "retiring", "dead"
+BACKOFF_MAX = 60.0
+
+
+class Child:
+    __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "state",
+                 "job", "tasks_done", "started_at", "job_started", "rss", "exit_status",
+                 "retire_after_job")
+
+    def __init__(self, index, pid, generation, to_child, from_child):
+        self.index, self.pid, self.generation = index, pid, generation
+        self.to_child, self.from_child = to_child, from_child
+        self.reader = framing.FrameReader()
+        self.state = STARTING
+        self.job = None
+        self.tasks_done = 0
+        self.started_at = time.monotonic()
+        self.job_started = None
+        self.rss = 0
+        self.exit_status = None
+        self.retire_after_job = False
+
+    def __repr__(self):
+        return f"<child {self.index} pid={self.pid} {self.state}>"
+
+
+def describe_exit(status):
+    if status is None:
+        return "exited"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+class Pool:
+    """Children and their pipes. Callbacks go to the supervisor:
+
+    ``on_ready(child, task_names)``, ``on_outcome(child, job, frame)``,
+    ``on_lost(child, job, reason)`` (a child died; ``job`` is what it was running).
+    """
+
+    def __init__(self, loop, imports, *, track_rss, on_ready, on_outcome, on_lost):
+        self.loop = loop
+        self.imports = tuple(imports)
+        self.track_rss = track_rss
+        self.on_ready, self.on_outcome, self.on_lost = on_ready, on_outcome, on_lost
+        self.children = {}          # pid -> Child
+        self.generation = 1
+        self.failures = 0           # consecutive start-up failures
+        self.next_spawn_at = 0.0    # monotonic; back-off after start-up failures
+        self.last_failure = None
+
+    # -- queries ------------------------------------------------------------
+    def live(self):
+        return [c for c in self.children.values() if c.state != DEAD]
+
+    def idle(self):
+        return [c for c in self.children.values() if c.state == IDLE]
+
+    def busy(self):
+        return [c for c in self.children.values() if c.state in (BUSY, RETIRING) and c.job]
+
+    def serving(self):
+        """Children of the current generation that are not retiring."""
+        return [c for c in self.children.values()
+                if c.generation == self.generation and c.state in (STARTING, IDLE, BUSY)]
+
+    def free_index(self):
+        used = {c.index for c in self.serving()}
+        i = 1
+        while i in used:
+            i += 1
+        return i
+
+    # -- spawning -----------------------------------------------------------
+    def spawn(self):
+        index = self.free_index()
+        job_r, job_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # in the child: never returns
+            os.close(job_w)
+            os.close(out_r)
+            child_mod.main(index, job_r, out_w, self.imports, self.track_rss)
+        os.close(job_r)
+        os.close(out_w)
+        os.set_blocking(out_r, False)
+        child = Child(index, pid, self.generation, job_w, out_r)
+        self.children[pid] = child
+        self.loop.add_reader(out_r, self._on_readable, child)
+        log.debug("spawned child %d (pid %d, generation %d)", index, pid, self.generation)
+        return child
+
+    def backoff_remaining(self, now=None):
+        now = time.monotonic() if now is None else now
+        return max(0.0, self.next_spawn_at - now)
+
+    # -- dispatch -------------------------------------------------------------
+    def send(self, child, job, frame):
+        """Give ``job`` to an idle child; False if the child turned out to be gone."""
+        child.state, child.job, child.job_started = BUSY, job, time.monotonic()
+        try:
+            framing.write_all(child.to_child, frame)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                raise
+            child.state, child.job = DEAD, None
+            self._gone(child, None, job)
+            return False
+        return True
+
+    def _on_readable(self, child):
+        try:
+            data = os.read(child.from_child, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._eof(child)
+            return
+        for frame in child.reader.feed(data):
+            self._on_frame(child, frame)
+
+    def _on_frame(self, child, frame):
+        kind = frame[0]
+        if kind == "done":
+            job, child.job, child.job_started = child.job, None, None
+            child.tasks_done += 1
+            child.rss = frame[7]
+            child.state = RETIRING if child.state == RETIRING else IDLE
+            if child.state == RETIRING or child.retire_after_job:
+                self.retire(child)
+            self.on_outcome(child, job, frame)
+        elif kind == "ready":
+            child.state = IDLE
+            self.failures = 0
+            self.on_ready(child, frame[2])
+        elif kind == "import-failed":
+            self.last_failure = frame[1]
+            log.error("child %d could not start: %s\n%s", child.index, frame[1], frame[2])
+
+    # -- ending ---------------------------------------------------------------
+    def retire(self, child):
+        """Let ``child`` finish its current job, then exit (its job pipe is closed)."""
+        if child.state == DEAD:
+            return
+        if child.job is not None:
+            child.state = RETIRING
+            return
+        child.state = RETIRING
+        self._close_job_pipe(child)
+
+    def _close_job_pipe(self, child):
+        if child.to_child is not None:
+            try:
+                os.close(child.to_child)
+            except OSError:
+                pass
+            child.to_child = None
+
+    def kill(self, child, sig=signal.SIGKILL):
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _eof(self, child):
+        self.loop.remove_reader(child.from_child)
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, None
+        if pid:
+            self._died(child, status)
+        # else: SIGCHLD will come and reap() will finish the job
+
+    def reap(self):
+        """Collect every exited child (called on SIGCHLD)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.get(pid)
+            if child is not None:
+                self._drain(child)
+                self._died(child, status)
+
+    def _drain(self, child):
+        """Read what the child wrote before it died (its last outcome, maybe)."""
+        if child.from_child is None:
+            return
+        while True:
+            try:
+                data = os.read(child.from_child, 1 << 16)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            for frame in child.reader.feed(data):
+                self._on_frame(child, frame)
+
+    def _died(self, child, status):
+        if child.pid not in self.children:
+            return
+        del self.children[child.pid]
+        child.exit_status = status
+        was_starting = child.state == STARTING
+        job = child.job
+        child.state, child.job = DEAD, None
+        if child.from_child is not None:
+            try:
+                self.loop.remove_reader(child.from_child)
+                os.close(child.from_child)
+            except (OSError, ValueError):
+                pass
+            child.from_child = None
+        self._close_job_pipe(child)
+        reason = describe_exit(status)
+        if was_starting:
+            self.failures += 1
+            delay = min(BACKOFF_MAX, 2.0 ** (self.failures - 1))
+            self.next_spawn_at = time.monotonic() + delay
+            log.error("child %d (pid %d) %s while starting (%s); next attempt in %.0fs",
+                      child.index, child.pid, reason,
+                      self.last_failure or "no reason given", delay)
+        elif job is not None:
+            log.error("child %d (pid %d) %s while running %s", child.index, child.pid, reason,
+                      getattr(job, "describe", lambda: job)())
+        else:
+            log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
+        self._gone(child, reason, job)
+
+    def _gone(self, child, reason, job):
+        self.on_lost(child, job, reason or "pipe closed")

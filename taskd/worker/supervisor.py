@@ -1,0 +1,549 @@
+"""The supervisor: one process, one thread, one asyncio event loop.
+
+It owns the broker connections, the schedule of ETA tasks and the pool of
+children, and nothing else runs on its thread. Everything is an event:
+
+* a delivery from RabbitMQ -> decode and validate (bad input is dead-lettered
+  here, before any child sees it) -> hold it until its ETA or queue it ->
+  dispatch it to an idle child over its pipe;
+* an outcome on a child's pipe -> publish the result (confirmed) -> ack;
+* a child that dies -> redeliver its task (or dead-letter it after
+  ``max_deliveries``) and fork a replacement;
+* a signal -> ``handle_<signal>``. asyncio's signal handlers only write the
+  signal number to a wake-up fd; the work happens here, in the loop.
+
+Acknowledgements are sent only after the task has finished and its result
+(or its dead-letter copy, or its redelivered copy) has been confirmed by the
+broker, and are batched by :class:`~taskd.worker.acks.AckTracker`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import time
+from datetime import datetime, timezone
+
+from setproctitle import setproctitle
+
+from .. import config as config_mod
+from .. import protocol, serialization
+from ..broker import topology
+from ..exceptions import (ConfigError, ConnectionError as TaskdConnectionError, NotRegistered,
+                          TaskdError, TaskRevokedError, TimeLimitExceeded, WorkerLostError)
+from . import jobs
+from .acks import AckTracker
+from .amqp import AsyncChannel, ChannelLost
+from .pool import Pool
+from .schedule import Schedule
+from .systemd import Notifier
+
+log = logging.getLogger("taskd.supervisor")
+
+EX_OK, EX_TASKS_CUT, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
+
+
+class Supervisor:
+    def __init__(self, config, *, queues=None, concurrency=None, config_path=None):
+        self.config = config
+        self.config_path = config_path
+        self.queue_override = queues
+        self.concurrency_override = concurrency
+        self._apply_settings(config)
+        self.exit_code = EX_OK
+        self.stopping = False
+        self.counters = collections.Counter()
+        self.started_at = time.time()
+        self.config_loaded_at = time.time()
+        self.last_reload = None
+        self.notifier = Notifier()
+
+    def _apply_settings(self, config):
+        self.queues = tuple(self.queue_override or config.worker_queues()
+                            or (config["default_queue"],))
+        self.concurrency = self.concurrency_override or config["worker.concurrency"]
+        self.accept = serialization.accept_set(config["accept_content"])
+        self.dead_letter_queue = config["worker.dead_letter_queue"]
+
+    # == the loop ==================================================================
+    def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        try:
+            asyncio.run(self._main())
+        except Exception:
+            log.exception("internal error in the supervisor")
+            return EX_SOFTWARE
+        return self.exit_code
+
+    async def _main(self):
+        self.loop = asyncio.get_running_loop()
+        self.stopped = self.loop.create_future()
+        self.ready = collections.deque()      # decoded jobs waiting for a child
+        self.schedule = Schedule()            # jobs waiting for their ETA
+        self.acks = AckTracker()
+        self.seq = 0
+        self._timer = None
+        self._flush_scheduled = False
+        self._spawn_timer = None
+        self.task_names = None
+        self.consumer = self.publisher = None
+        self.pool = Pool(self.loop, self.config["imports"],
+                         track_rss=bool(self.config["worker.max_memory_per_child"]),
+                         on_ready=self.on_child_ready, on_outcome=self.on_outcome,
+                         on_lost=self.on_child_lost)
+        self._install_signals()
+        self.manage_children()
+        try:
+            await self.connect()
+        except (TaskdConnectionError, ChannelLost) as exc:
+            log.error("%s", exc)
+            self.exit_code = EX_UNAVAILABLE
+            await self._stop_children(cold=True)
+            return
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("%s", error)
+            self.exit_code = EX_CONFIG
+            await self._stop_children(cold=True)
+            return
+        log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
+        self.notifier.ready(self.status_line())
+        await self.stopped
+
+    def _install_signals(self):
+        handlers = {
+            signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
+            signal.SIGQUIT: self.handle_quit, signal.SIGHUP: self.handle_hup,
+            signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
+            signal.SIGUSR1: self.handle_usr1, signal.SIGCHLD: self.handle_chld,
+        }
+        for sig, handler in handlers.items():
+            self.loop.add_signal_handler(sig, handler)
+
+    # == broker ======================================================================
+    def _channel(self, name):
+        cfg = self.config
+        return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
+                            heartbeat=cfg["broker.heartbeat"], name=name,
+                            on_lost=self.on_connection_lost)
+
+    async def connect(self):
+        """Open both connections, declare the topology, set QoS and start consuming."""
+        self.publisher = self._channel("taskd-worker-publish")
+        await self.publisher.open()
+        await self.publisher.enable_confirms()
+        self.consumer = self._channel("taskd-worker-consume")
+        channel = await self.consumer.open()
+        self.acks.reset()
+        ops = topology.plan(self.config, self.queues) + topology.dead_letter_plan(self.dead_letter_queue)
+        await self._declare(ops)
+        self._qos_extra = 0
+        await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
+        self.consumer_tags = {}
+        for queue in self.queues:
+            tag = channel.basic_consume(queue, self.on_delivery)
+            self.consumer_tags[tag] = queue
+
+    async def _declare(self, ops):
+        channel = self.consumer.channel
+        for op in ops:
+            try:
+                if isinstance(op, topology.DeclareExchange):
+                    await self.consumer.call(channel.exchange_declare, op.name,
+                                             exchange_type=op.type, durable=op.durable)
+                elif isinstance(op, topology.DeclareQueue):
+                    await self.consumer.call(channel.queue_declare, op.name, durable=op.durable,
+                                             arguments=op.argument_dict)
+                else:
+                    await self.consumer.call(channel.queue_bind, op.queue, op.exchange,
+                                             routing_key=op.routing_key)
+            except ChannelLost as exc:
+                raise ConfigError([topology.explain_channel_error(op, exc)], "broker") from None
+
+    def _prefetch(self):
+        return self.concurrency * self.config["worker.prefetch_multiplier"] + self._qos_extra
+
+    def _update_qos(self):
+        """Raise the prefetch by the ETA jobs held, so they do not starve the rest."""
+        base = self.concurrency * self.config["worker.prefetch_multiplier"]
+        held = len(self.schedule)
+        if held > self._qos_extra or held + 2 * base < self._qos_extra:
+            self._qos_extra = held + base if held else 0
+            if self.consumer.is_open:
+                self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
+
+    def on_connection_lost(self, reason):
+        if self.stopping:
+            return
+        log.error("lost the broker connection (%s); stopping so the service manager restarts "
+                  "the worker; unfinished tasks go back to their queues", reason)
+        self.exit_code = EX_UNAVAILABLE
+        self.loop.create_task(self._shutdown(cold=True))
+
+    # == deliveries ==================================================================
+    def on_delivery(self, channel, method, properties, body):
+        self.counters["received"] += 1
+        self.seq += 1
+        job = jobs.Job(self.seq, method.delivery_tag, channel,
+                       self.consumer_tags.get(method.consumer_tag, "?"), method.exchange,
+                       method.routing_key, properties, body, method.redelivered)
+        self.acks.received(method.delivery_tag)
+        limit = self.config["worker.max_message_size"]
+        if limit and len(body) > limit:
+            self.dead_letter(job, f"message of {len(body)} bytes exceeds "
+                                  f"worker.max_message_size ({limit} bytes)")
+            return
+        try:
+            job.request = protocol.decode_task(
+                properties.headers, body, properties.content_type, properties.content_encoding,
+                reply_to=properties.reply_to, correlation_id=properties.correlation_id,
+                accept=self.accept)
+        except TaskdError as exc:
+            self.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
+            return
+        if self.revoke_if_expired(job):
+            return
+        eta = job.request.eta
+        if eta is not None:
+            delay = (eta - datetime.now(timezone.utc)).total_seconds()
+            if delay > 0:
+                self.schedule.hold(time.monotonic() + delay, job)
+                self._update_qos()
+                self._arm_schedule_timer()
+                return
+        self.ready.append(job)
+        self.dispatch()
+
+    def revoke_if_expired(self, job):
+        expires = job.request.expires
+        if expires is None or expires > datetime.now(timezone.utc):
+            return False
+        log.warning("task %s expired at %s: not run", job.describe(), expires.isoformat())
+        self.counters["revoked"] += 1
+        self.reply_failure(job, TaskRevokedError(f"expired at {expires.isoformat()}"),
+                           protocol.REVOKED)
+        self.complete(job)
+        return True
+
+    def _arm_schedule_timer(self):
+        due = self.schedule.next_due()
+        if due is None:
+            return
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(due, self._release_due)
+
+    def _release_due(self):
+        self._timer = None
+        self.ready.extend(self.schedule.pop_due(time.monotonic()))
+        self._update_qos()
+        self._arm_schedule_timer()
+        self.dispatch()
+
+    def dispatch(self):
+        """Give ready jobs to idle children."""
+        if not self.ready:
+            return
+        for child in self.pool.idle():
+            if not self.ready:
+                break
+            job = self.ready.popleft()
+            if self.task_names is not None and job.request.name not in self.task_names:
+                self.dead_letter(job, f"NotRegistered: unknown task {job.request.name!r}",
+                                 NotRegistered(f"task {job.request.name!r} is not registered "
+                                               "in this worker"))
+                continue
+            if self.revoke_if_expired(job):
+                continue
+            if self.pool.send(child, job, _encode(job)):
+                self._arm_time_limit(child, job)
+        self.update_title()
+
+    def _arm_time_limit(self, child, job):
+        hard = job.request.time_limit or self.config["worker.time_limit"]
+        if hard:
+            job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job)
+
+    def _time_limit_hit(self, child, job):
+        if child.job is job:
+            log.error("task %s exceeded its hard time limit: killing child %d (pid %d)",
+                      job.describe(), child.index, child.pid)
+            job.timed_out = True
+            self.pool.kill(child)
+
+    # == outcomes ====================================================================
+    def on_child_ready(self, child, task_names):
+        self.task_names = frozenset(task_names)
+        self.dispatch()
+
+    def on_outcome(self, child, job, frame):
+        _, _seq, status, body, ctype, encoding, runtime, rss, error = frame
+        if job.timer is not None:
+            job.timer.cancel()
+        if status == protocol.SUCCESS:
+            self.counters["succeeded"] += 1
+            log.info("task %s succeeded in %.3fs", job.describe(), runtime)
+        else:
+            self.counters["failed"] += 1
+            log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
+        request = job.request
+        if request.reply_to and not request.ignore_result:
+            self.publish(
+                "", request.reply_to, body,
+                jobs.result_properties(request.correlation_id, ctype, encoding),
+                lambda ok: self.complete(job))
+        else:
+            self.complete(job)
+        self._check_recycle(child)
+        self.manage_children()
+        self.dispatch()
+
+    def _check_recycle(self, child):
+        cfg = self.config
+        max_tasks, max_memory = cfg["worker.max_tasks_per_child"], cfg["worker.max_memory_per_child"]
+        if max_tasks and child.tasks_done >= max_tasks:
+            log.info("child %d ran %d tasks: replacing it", child.index, child.tasks_done)
+            self.pool.retire(child)
+        elif max_memory and child.rss > max_memory:
+            log.info("child %d uses %d MiB (limit %d MiB): replacing it",
+                     child.index, child.rss >> 20, max_memory >> 20)
+            self.pool.retire(child)
+
+    def on_child_lost(self, child, job, reason):
+        if job is not None:
+            if job.timer is not None:
+                job.timer.cancel()
+            if job.timed_out:
+                self.counters["failed"] += 1
+                limit = job.request.time_limit or self.config["worker.time_limit"]
+                self.reply_failure(job, TimeLimitExceeded(f"hard time limit ({limit:g}s) exceeded"))
+                self.complete(job)
+            else:
+                self.redeliver(job, reason)
+        if not self.stopping:
+            self.manage_children()
+        self.dispatch()
+        self._maybe_finish_stop()
+
+    def redeliver(self, job, reason):
+        """The child died mid-task: publish a copy (count + 1), or dead-letter it."""
+        if job.delivery_count >= self.config["worker.max_deliveries"]:
+            exc = WorkerLostError(f"the child running it {reason}, "
+                                  f"{job.delivery_count} times (worker.max_deliveries)")
+            self.counters["failed"] += 1
+            self.dead_letter(job, f"WorkerLostError: {exc}", exc)
+            return
+        log.warning("task %s: child %s; redelivering (delivery %d of %d)", job.describe(),
+                    reason, job.delivery_count + 1, self.config["worker.max_deliveries"])
+        self.counters["redelivered"] += 1
+        self.publish("", job.queue, job.body, jobs.redelivery(job),
+                     lambda ok: self.complete(job) if ok else self.give_back(job))
+
+    def dead_letter(self, job, reason, exc=None):
+        """Move the message to the dead-letter queue (confirmed), then ack it."""
+        log.error("dead-lettering task %s from queue %s: %s", job.describe(), job.queue, reason)
+        self.counters["dead_lettered"] += 1
+        self.publish("", self.dead_letter_queue, job.body, jobs.dead_letter(job, reason),
+                     lambda ok: self.complete(job) if ok else self.give_back(job))
+        self.reply_failure(job, exc or TaskdError(reason))
+
+    def reply_failure(self, job, exc, status=protocol.FAILURE):
+        reply_to = job.properties.reply_to
+        if reply_to:
+            body, props = jobs.failure_reply(job, exc, status)
+            self.publish("", reply_to, body, props, None)
+
+    def publish(self, exchange, routing_key, body, properties, on_confirm):
+        if self.publisher is None or not self.publisher.is_open:
+            if on_confirm is not None:
+                on_confirm(None)
+            return
+        self.publisher.publish(exchange, routing_key, body, properties,
+                               on_confirm or (lambda ok: None))
+
+    # == acks ===========================================================================
+    def complete(self, job):
+        """The job is finished for good: ack its delivery (batched)."""
+        if job.channel is not self.consumer.channel:
+            return      # from a channel that is gone: the broker has requeued it
+        self.acks.completed(job.tag)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_acks)
+
+    def give_back(self, job):
+        """A copy could not be confirmed: return the original to its queue."""
+        if job.channel is self.consumer.channel and self.consumer.is_open:
+            self.acks.forget(job.tag)
+            job.channel.basic_nack(job.tag, requeue=True)
+
+    def _flush_acks(self):
+        self._flush_scheduled = False
+        if not self.consumer.is_open:
+            return
+        channel = self.consumer.channel
+        for tag, multiple in self.acks.flush():
+            channel.basic_ack(tag, multiple=multiple)
+        self._maybe_finish_stop()
+
+    # == children ========================================================================
+    def manage_children(self):
+        """Fork children until the current generation has ``concurrency`` of them."""
+        if self.stopping or self._spawn_timer is not None:
+            return
+        missing = self.concurrency - len(self.pool.serving())
+        if missing <= 0:
+            return
+        wait = self.pool.backoff_remaining()
+        if wait > 0:
+            self._spawn_timer = self.loop.call_later(wait, self._spawn_after_backoff)
+            return
+        for _ in range(1 if self.pool.failures else missing):
+            self.pool.spawn()
+        self.update_title()
+
+    def _spawn_after_backoff(self):
+        self._spawn_timer = None
+        self.manage_children()
+
+    # == signals ==========================================================================
+    def handle_term(self):
+        """TERM: warm shutdown: stop consuming, finish running tasks, give the rest back."""
+        if not self.stopping:
+            log.info("SIGTERM: warm shutdown (waiting up to %gs for running tasks)",
+                     self.config["worker.shutdown_timeout"])
+            self.loop.create_task(self._shutdown(cold=False))
+
+    def handle_int(self):
+        """INT: as TERM; a second INT is a cold shutdown (QUIT)."""
+        if self.stopping:
+            self.handle_quit()
+        else:
+            self.handle_term()
+
+    def handle_quit(self):
+        """QUIT: cold shutdown: kill the children now; unfinished tasks go back to the queue."""
+        log.warning("SIGQUIT: cold shutdown")
+        self.loop.create_task(self._shutdown(cold=True))
+
+    def handle_hup(self):
+        """HUP: reload the configuration and replace the children gracefully."""
+        from .reload import reload
+        reload(self)
+
+    def handle_ttin(self):
+        """TTIN: one more child."""
+        self.concurrency += 1
+        log.info("SIGTTIN: concurrency now %d", self.concurrency)
+        self.manage_children()
+        self._update_qos_base()
+
+    def handle_ttou(self):
+        """TTOU: one child fewer (never below one)."""
+        if self.concurrency <= 1:
+            log.info("SIGTTOU: already at one child")
+            return
+        self.concurrency -= 1
+        serving = self.pool.serving()
+        if len(serving) > self.concurrency:
+            victim = min(serving, key=lambda c: (c.job is not None, -c.index))
+            self.pool.retire(victim)
+        log.info("SIGTTOU: concurrency now %d", self.concurrency)
+        self._update_qos_base()
+
+    def handle_usr1(self):
+        """USR1: log a dump of the state (children, running tasks, schedule, counters)."""
+        now = time.monotonic()
+        lines = [f"state: {self.status_line()}"]
+        for c in sorted(self.pool.children.values(), key=lambda c: c.index):
+            running = (f"{c.job.describe()} for {now - c.job_started:.1f}s" if c.job else "-")
+            lines.append(f"  child {c.index} pid={c.pid} gen={c.generation} {c.state} "
+                         f"tasks={c.tasks_done} rss={c.rss >> 20}MiB running={running}")
+        lines.append(f"  ready={len(self.ready)} held={len(self.schedule)} "
+                     f"counters={dict(self.counters)}")
+        log.info("\n".join(lines))
+
+    def handle_chld(self):
+        """CHLD: reap exited children (their tasks are redelivered, they are replaced)."""
+        self.pool.reap()
+
+    def _update_qos_base(self):
+        if self.consumer is not None and self.consumer.is_open:
+            self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
+
+    # == stopping ==========================================================================
+    async def _shutdown(self, cold):
+        first = not self.stopping
+        self.stopping = True
+        self.notifier.stopping()
+        if first and self.consumer is not None and self.consumer.is_open:
+            for tag in list(self.consumer_tags):
+                try:
+                    await self.consumer.call(self.consumer.channel.basic_cancel, tag)
+                except ChannelLost:
+                    break
+        # Unstarted and held jobs stay unacked: the broker requeues them on close.
+        returned = len(self.ready) + len(self.schedule)
+        self.ready.clear()
+        self.schedule.drain()
+        if returned:
+            log.info("giving %d unstarted task(s) back to the broker", returned)
+        if not cold:
+            self._drain_done = self.loop.create_future()
+            self._maybe_finish_stop()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drain_done),
+                                       self.config["worker.shutdown_timeout"])
+            except asyncio.TimeoutError:
+                cut = [c.job.describe() for c in self.pool.busy()]
+                log.error("shutdown_timeout reached: killing children; these tasks go back to "
+                          "the queue: %s", ", ".join(cut))
+                self.exit_code = self.exit_code or EX_TASKS_CUT
+                cold = True
+        await self._stop_children(cold)
+        for conn in (self.consumer, self.publisher):
+            if conn is not None:
+                await conn.close()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def _maybe_finish_stop(self):
+        done = getattr(self, "_drain_done", None)
+        if done is None or done.done() or not self.stopping:
+            return
+        if not self.pool.busy() and not self._flush_scheduled and \
+                not (self.publisher and self.publisher._confirms):
+            done.set_result(None)
+
+    async def _stop_children(self, cold):
+        for child in list(self.pool.children.values()):
+            if cold:
+                self.pool.kill(child)
+            else:
+                self.pool.retire(child)
+        deadline = time.monotonic() + 10
+        while self.pool.children and time.monotonic() < deadline:
+            self.pool.reap()
+            await asyncio.sleep(0.02)
+        for child in list(self.pool.children.values()):
+            self.pool.kill(child)
+
+    # == status ==============================================================================
+    def status_line(self):
+        busy = len(self.pool.busy())
+        total = len(self.pool.serving())
+        return (f"{busy}/{total} busy, {self.counters['succeeded']} ok, "
+                f"{self.counters['failed']} failed, {len(self.schedule)} held")
+
+    def update_title(self):
+        busy = len(self.pool.busy())
+        setproctitle(f"taskd: supervisor [{','.join(self.queues)}] {busy}/{self.concurrency} busy")
+
+
+def _encode(job):
+    from .framing import encode
+    return encode(job.job_frame())
