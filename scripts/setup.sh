@@ -13,5 +13,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]'
+log=$(mktemp -t taskd-setup.XXXXXX.log)
+if ! .venv/bin/python -m pip install -e '.[test]' >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "setup: pip install failed (output above)" >&2
+    exit 1
+fi
+rm -f "$log"
 echo "setup: taskd installed in $(pwd)/.venv"

@@ -116,11 +116,13 @@ class Publisher:
 
     def _publish_once(self, message, route, mandatory, immediate):
         channel = self._ensure_open()
-        if route.declare:
-            self.ensure(topology.plan_queues(self.app.config, route.declare))
         if immediate:
+            # A queue with a consumer exists already: nothing to declare.
             self._check_consumers(message, route)
+            channel = self._ensure_open()
             mandatory = True
+        elif route.declare:
+            self.ensure(topology.plan_queues(self.app.config, route.declare))
         properties = pika.BasicProperties(
             content_type=message.content_type,
             content_encoding=message.content_encoding,

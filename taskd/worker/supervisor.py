@@ -301,6 +301,7 @@ class Supervisor:
         self._check_recycle(child)
         self.manage_children()
         self.dispatch()
+        self.update_title()
 
     def _check_recycle(self, child):
         cfg = self.config
@@ -508,6 +509,7 @@ class Supervisor:
         for conn in (self.consumer, self.publisher):
             if conn is not None:
                 await conn.close()
+        log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
             self.stopped.set_result(None)
 
