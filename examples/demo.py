@@ -73,8 +73,8 @@ def main():
          UpdateReccomendationsTask.apply_async(routing_key="misc.recommend").get(timeout=10))
 
     print("AMQP options")
-    show('add.apply_async(args=[1, 1], queue="lowpri", priority=0).get()',
-         add.apply_async(args=[1, 1], queue="lowpri", priority=0).get(timeout=10))
+    show('add.apply_async(args=[1, 1], routing_key="misc.add", priority=0).get()',
+         add.apply_async(args=[1, 1], routing_key="misc.add", priority=0).get(timeout=10))
     show("add.apply_async(args=[1, 2], mandatory=True).get()",
          add.apply_async(args=[1, 2], mandatory=True).get(timeout=10))
     try:

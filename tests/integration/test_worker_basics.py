@@ -1,0 +1,133 @@
+"""One task end to end through the prefork supervisor, on the real broker."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import PYTHONPATH, ROOT, wait_for
+from taskd import Task
+
+
+def test_round_trip_returns_the_value(topo, workers, app_for):
+    path = topo.config()
+    workers(path).ready()
+    app = app_for(path)
+    assert app.send_task("ttasks.add", [2, 2]).get(timeout=10) == 4
+    assert app.send_task("ttasks.echo", [1, "a"], {"k": [1, 2]}).get(timeout=10) == \
+        {"args": [1, "a"], "kwargs": {"k": [1, 2]}}
+
+
+def test_failing_task_raises_its_exception_with_traceback(topo, workers, app_for):
+    path = topo.config()
+    workers(path).ready()
+    result = app_for(path).send_task("ttasks.fail", ["it broke"])
+    with pytest.raises(ValueError, match="it broke"):
+        result.get(timeout=10)
+    assert result.state == "FAILURE"
+    assert result.failed() and not result.successful()
+    assert "raise ValueError(message)" in result.traceback
+    assert isinstance(result.get(timeout=1, propagate=False), ValueError)
+
+
+def test_class_based_task_via_the_class(topo, workers, app_for):
+    path = topo.config()
+    workers(path).ready()
+    app = app_for(path)
+
+    class Multiply(Task):
+        name = "ttasks.echo"      # same name as a worker task: sent by the class
+        abstract = False
+
+    Multiply.app = app
+    result = Multiply.apply_async(args=[6, 7])
+    assert result.get(timeout=10) == {"args": [6, 7], "kwargs": {}}
+    assert Multiply.delay(1).get(timeout=10) == {"args": [1], "kwargs": {}}
+
+
+def test_result_state_before_and_after(topo, workers, app_for):
+    path = topo.config()
+    app = app_for(path)
+    result = app.send_task("ttasks.add", [1, 1])
+    assert result.state == "PENDING" and not result.ready()
+    workers(path).ready()
+    assert result.get(timeout=10) == 2
+    assert result.ready() and result.successful() and result.result == 2
+
+
+def test_celery_client_calls_a_taskd_worker(topo, workers):
+    pytest.importorskip("celery")
+    path = topo.config()
+    workers(path).ready()
+    code = f"""
+from celery import Celery
+app = Celery(broker={topo.broker.url!r}, backend='rpc://')
+r = app.send_task('tasks.add', (2, 3), queue={topo.name('celery')!r})
+print('sum', r.get(timeout=10))
+r = app.send_task('ttasks.fail', ('nope',), queue={topo.name('celery')!r})
+try:
+    r.get(timeout=10)
+except ValueError as exc:
+    print('raised ValueError', exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "sum 5" in out.stdout
+    assert "raised ValueError nope" in out.stdout
+
+
+def test_two_workers_on_one_queue_run_each_task_exactly_once(topo, workers, app_for, tmp_path):
+    path = topo.config(prefetch_multiplier=1)
+    w1, w2 = workers(path).ready(), workers(path).ready()
+    app = app_for(path)
+    out = tmp_path / "done.txt"
+    n = 200
+    results = [app.send_task("ttasks.record", [str(out), f"tok{i}", 0.002]) for i in range(n)]
+    assert [r.get(timeout=30) for r in results] == [f"tok{i}" for i in range(n)]
+    lines = out.read_text().split()
+    tokens = lines[0::3]
+    assert sorted(tokens) == sorted(f"tok{i}" for i in range(n))   # each exactly once
+    supervisors = set(lines[1::3])
+    assert supervisors == {str(w1.pid), str(w2.pid)}                # both did work
+
+
+def test_process_titles_show_supervisor_and_children(topo, workers):
+    path = topo.config(concurrency=3)
+    w = workers(path).ready()
+    children = wait_for(lambda: len(w.children()) == 3 and w.children(), message="3 children")
+    titles = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, [w.pid, *children]))],
+                            capture_output=True, text=True).stdout.splitlines()
+    assert titles[0].startswith(f"taskd: supervisor [{topo.name('celery')}]")
+    assert sorted(t.split()[2] for t in titles[1:]) == ["1", "2", "3"]
+    assert all(t.startswith("taskd: child ") for t in titles[1:])
+
+
+def test_sigterm_stops_the_worker_cleanly(topo, workers):
+    w = workers(topo.config()).ready()
+    children = wait_for(w.children, message="children")
+    w.signal(signal.SIGTERM)
+    assert w.proc.wait(20) == 0
+    assert "stopped (exit code 0)" in w.log
+    for pid in children:   # no orphan left behind
+        assert subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode != 0
+
+
+def test_demo_examples_run_against_a_worker(topo, workers):
+    import yaml
+    sample = yaml.safe_load((ROOT / "etc" / "taskd.yaml").read_text())
+    sample.pop("routes")
+    sample["worker"].pop("control_socket")
+    path = topo.config(sample)
+    w = workers(path).ready()
+    env = {"PYTHONPATH": PYTHONPATH, "TASKD_CONFIG": str(path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"),
+                          "--worker-pid", str(w.pid)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "add.delay(2, 2).get(timeout=30)" in text and "-> 4" in text
+    assert "add.apply_async(args=[10, 10]).get()" in text and "-> 20" in text
+    assert "'compressed f.mp4'" in text and "'recommendations updated'" in text
+    assert "UnroutableError" in text and "NotDeliveredError" in text
+    assert "taskd: supervisor" in text and "taskd: child 1" in text

@@ -1,0 +1,118 @@
+"""Framing, ack batching, the schedule and routing: pure parts, tested directly."""
+import os
+
+import pytest
+
+from taskd import config, routing
+from taskd.worker import framing
+from taskd.worker.acks import AckTracker
+from taskd.worker.schedule import Schedule
+
+
+def test_frames_survive_arbitrary_chunking():
+    objs = [("done", i, "x" * i) for i in range(50)]
+    data = b"".join(framing.encode(o) for o in objs)
+    reader, got = framing.FrameReader(), []
+    for i in range(0, len(data), 7):
+        got += reader.feed(data[i:i + 7])
+    assert got == objs and reader.pending == 0
+
+
+def test_blocking_frame_read_over_a_real_pipe():
+    r, w = os.pipe()
+    framing.write_all(w, framing.encode({"a": 1}) + framing.encode([2]))
+    os.close(w)
+    assert framing.read_frame(r) == {"a": 1}
+    assert framing.read_frame(r) == [2]
+    assert framing.read_frame(r) is None
+    os.close(r)
+
+
+def test_acks_batch_the_contiguous_run():
+    t = AckTracker()
+    for tag in range(1, 6):
+        t.received(tag)
+    for tag in (1, 2, 3):
+        t.completed(tag)
+    assert t.flush() == [(3, True)]
+    assert len(t) == 2
+
+
+def test_acks_do_not_hold_completed_tags_behind_a_running_one():
+    t = AckTracker()
+    for tag in range(1, 5):
+        t.received(tag)
+    t.completed(2)
+    t.completed(4)
+    assert t.flush() == [(2, False), (4, False)]
+    t.completed(1)
+    assert t.flush() == [(1, True)]     # 2 was acked already: not covered twice
+    t.completed(3)
+    assert t.flush() == [(3, True)]
+    assert len(t) == 0
+
+
+def test_acks_skip_forgotten_tags():
+    t = AckTracker()
+    for tag in (1, 2, 3):
+        t.received(tag)
+    t.forget(1)
+    t.completed(2)
+    t.completed(3)
+    assert t.flush() == [(3, True)]
+
+
+def test_schedule_releases_in_due_order():
+    s = Schedule()
+    s.hold(5.0, "b")
+    s.hold(1.0, "a")
+    s.hold(9.0, "c")
+    assert s.next_due() == 1.0
+    assert s.pop_due(4.9) == ["a"]
+    assert s.pop_due(9.0) == ["b", "c"]
+    assert len(s) == 0 and s.next_due() is None
+
+
+SEED = config.loads("""
+exchanges: [{name: tasks, type: topic}]
+queues:
+  - {name: video, exchange: tasks, binding_key: "video.#"}
+  - {name: image, exchange: tasks, binding_key: "image.#"}
+routes:
+  "tasks.compress_*": {exchange: tasks, routing_key: video.compress}
+  "tasks.thumb": image
+""", environ={})
+
+
+def test_routing_precedence():
+    # call options win
+    r = routing.resolve(SEED, "tasks.compress_x", routing_key="image.crop", task_routing_key="x")
+    assert (r.exchange, r.routing_key) == ("tasks", "image.crop")
+    # then task attributes
+    r = routing.resolve(SEED, "tasks.compress_x", task_routing_key="image.rotate")
+    assert (r.exchange, r.routing_key) == ("tasks", "image.rotate")
+    # then routes:
+    r = routing.resolve(SEED, "tasks.compress_x")
+    assert (r.exchange, r.routing_key) == ("tasks", "video.compress")
+    r = routing.resolve(SEED, "tasks.thumb")
+    assert (r.exchange, r.routing_key) == ("tasks", "image.#")
+    # then the default queue, published as Celery does: default exchange, key = queue
+    r = routing.resolve(SEED, "tasks.other")
+    assert (r.exchange, r.routing_key) == ("", "celery")
+    assert r.declare[0].name == "celery"
+
+
+def test_unknown_queue_is_declared_like_celery():
+    r = routing.resolve(SEED, "t", queue="adhoc")
+    assert (r.exchange, r.routing_key) == ("", "adhoc")
+    spec = r.declare[0]
+    assert (spec.name, spec.exchange, spec.binding_key, spec.arguments) == \
+        ("adhoc", "adhoc", "adhoc", None)
+
+
+def test_priority_maps_zero_to_the_highest():
+    assert routing.amqp_priority(0) == 9
+    assert routing.amqp_priority(9) == 0
+    assert routing.amqp_priority(None) is None
+    with pytest.raises(ValueError, match="0 \\(highest\\) to 9"):
+        routing.amqp_priority(10)
