@@ -111,9 +111,16 @@ class App:
     def session_lock(self):
         return self._session.lock
 
-    def get_publisher(self, connect_timeout=None, connection=None) -> Publisher:
-        """A publisher with its own connection (or ``connection``), for many sends."""
-        return Publisher(self, connection=connection, connect_timeout=connect_timeout)
+    def get_publisher(self, connect_timeout=None, connection=None, window=1000) -> Publisher:
+        """A publisher with its own connection (or ``connection``), for many sends.
+
+        Its sends are pipelined: up to ``window`` messages await their confirm
+        at once; ``flush()``/``close()``/leaving ``with`` waits for them all
+        and raises ``PublishError`` naming any task the broker did not take.
+        ``window=0`` waits for each confirm, like the pooled connection.
+        """
+        return Publisher(self, connection=connection, connect_timeout=connect_timeout,
+                         window=window)
 
     def close(self):
         """Close this process's pooled connection (it reopens on the next send)."""

@@ -122,13 +122,11 @@ def cmd_worker(args):
     if config is None:
         return code
     setup_logging(args.loglevel or config["logging.level"])
-    import importlib
     from .worker.supervisor import Supervisor
-    try:
-        for module in config["serializer_modules"]:
-            importlib.import_module(module)
-    except ImportError as exc:
-        print(f"taskd: serializer_modules: cannot import {exc.name!r}: {exc}", file=sys.stderr)
+    errors = check_serializers(config)
+    if errors:
+        for error in errors:
+            print(f"taskd: {config.source}: {error}", file=sys.stderr)
         return EX_CONFIG
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip()) if args.queues else None
     if args.queues is not None and not queues:
@@ -139,10 +137,39 @@ def cmd_worker(args):
     return supervisor.run()
 
 
+def check_serializers(config):
+    """Import ``serializer_modules``; check the serializer names the config uses."""
+    import importlib
+    from . import serialization
+    errors = []
+    for module in config["serializer_modules"]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            errors.append(f"serializer_modules: cannot import {module!r}: "
+                          f"{type(exc).__name__}: {exc}")
+    if errors:
+        return errors
+    known = serialization.names()
+    for name in config["accept_content"]:
+        if "/" not in name and name not in known:
+            errors.append(f"accept_content: no serializer named {name!r} "
+                          f"(known: {', '.join(known)}; custom ones via serializer_modules)")
+    if config["default_serializer"] not in known:
+        errors.append(f"default_serializer: no serializer named "
+                      f"{config['default_serializer']!r} (known: {', '.join(known)})")
+    return errors
+
+
 def cmd_check_config(args):
     config, code = _load(args)
     if config is None:
         return code
+    errors = check_serializers(config)
+    if errors:
+        for error in errors:
+            print(f"taskd: {config.source}: {error}", file=sys.stderr)
+        return EX_CONFIG
     from .broker.connection import mask_url
     queues = ", ".join(q.name for q in config_mod.effective_queues(config))
     print(f"{config.source}: OK")

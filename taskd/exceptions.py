@@ -32,7 +32,14 @@ class ConnectionError(TaskdError):  # noqa: A001 - the seed's name, scoped here
 
 
 class PublishError(TaskdError):
-    """The broker did not confirm a published message (it was nacked)."""
+    """The broker did not take a published message (nacked, returned, or no confirm).
+
+    ``task_ids`` lists the tasks concerned.
+    """
+
+    def __init__(self, message, task_ids=()):
+        super().__init__(message)
+        self.task_ids = list(task_ids)
 
 
 class UnroutableError(PublishError):

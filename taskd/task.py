@@ -122,9 +122,10 @@ class Task:
             soft_time_limit=soft_time_limit, ignore_result=ignore_result, retries=retries)
 
     @classmethod
-    def get_publisher(cls, connect_timeout=None, connection=None):
-        """A publisher holding its own broker connection, for many sends."""
-        return cls._app().get_publisher(connect_timeout=connect_timeout, connection=connection)
+    def get_publisher(cls, connect_timeout=None, connection=None, window=1000):
+        """A publisher holding its own broker connection, for many sends (pipelined)."""
+        return cls._app().get_publisher(connect_timeout=connect_timeout, connection=connection,
+                                        window=window)
 
     @classmethod
     def AsyncResult(cls, task_id):

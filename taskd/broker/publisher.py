@@ -1,7 +1,17 @@
 """Publishing task messages: publisher confirms, ``mandatory`` and ``immediate``.
 
-Every publish waits for the broker's confirm, so ``apply_async`` returns only
-once the broker has taken responsibility for the message (or raises).
+Confirms are always on. Two ways to wait for them:
+
+* the pooled publisher (plain ``apply_async``/``delay``) waits for each
+  message's confirm: ``apply_async`` returns only once the broker has taken
+  responsibility for the message, or raises;
+* a publisher from ``task.get_publisher()`` pipelines: ``apply_async(...,
+  publisher=p)`` returns once the message is written, with at most
+  ``window`` (default 1,000) messages awaiting their confirm; ``p.flush()``,
+  ``p.close()`` and leaving ``with p:`` wait for all of them and raise
+  :class:`~taskd.exceptions.PublishError` naming every task the broker did not
+  take. A send with ``mandatory`` or ``immediate`` always waits for its own
+  confirm, so its error is raised by that ``apply_async``.
 
 ``immediate``: RabbitMQ >= 3.0 refuses the AMQP ``immediate`` flag (and pika
 does not offer it). taskd keeps the seed's promise, "raise if the task cannot
@@ -16,10 +26,12 @@ with any task.
 """
 from __future__ import annotations
 
+import collections
 import logging
 
 import pika
 import pika.exceptions
+from pika.adapters.blocking_connection import _IoloopTimerContext
 
 from . import topology
 from .connection import CONNECTION_ERRORS, connect_blocking
@@ -30,20 +42,27 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    """A broker connection (or a borrowed one) with a confirmed channel.
+    """A broker connection (or a borrowed one) with a confirming channel.
 
     Use one for many sends (``task.get_publisher()``), as a context manager
     or with ``close()``. Not thread-safe: one per thread.
     """
 
-    def __init__(self, app, connection=None, connect_timeout=None):
+    CONFIRM_TIMEOUT = 30.0
+
+    def __init__(self, app, connection=None, connect_timeout=None, window=0):
         self.app = app
         self.connect_timeout = connect_timeout if connect_timeout is not None else \
             app.config["broker.connect_timeout"]
         self._owns_connection = connection is None
         self.connection = connection
         self.channel = None
+        self.window = window            # 0: wait for each confirm
         self._declared = set()
+        self._unconfirmed = collections.OrderedDict()   # publish seq -> task id
+        self._failed = []               # (task id, reason) not taken by the broker
+        self._returned = {}             # task id -> reply text of its basic.return
+        self._seq = 0
         #: Called with the new connection each time this publisher (re)connects.
         self.on_connect = []
 
@@ -59,20 +78,86 @@ class Publisher:
             for callback in self.on_connect:
                 callback(self.connection)
         if self.channel is None or not self.channel.is_open:
+            self._lost_unconfirmed("its channel closed")
             self.channel = self.connection.channel()
-            self.channel.confirm_delivery()
+            self._enable_confirms(self.channel)
             self._declared = set()
         return self.channel
 
+    def _enable_confirms(self, channel):
+        # Confirms are handled on pika's underlying channel so that several
+        # can be outstanding at once (pika's blocking channel waits for each).
+        selected = []
+        channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm,
+                                       callback=lambda frame: selected.append(frame))
+        channel._impl.add_on_return_callback(self._on_return)
+        self._seq = 0
+        self._pump_until(lambda: selected, "confirm.select")
+
+    def _pump_until(self, predicate, what):
+        """Run the connection's I/O until ``predicate()`` is true (bounded)."""
+        if predicate():
+            return
+        timer = _IoloopTimerContext(self.CONFIRM_TIMEOUT, self.connection._impl)
+        with timer:
+            self.connection._flush_output(timer.is_ready, predicate)
+        if not predicate():
+            raise PublishError(f"no answer from the broker to {what} within "
+                               f"{self.CONFIRM_TIMEOUT:g}s")
+
+    def _on_confirm(self, frame):
+        method = frame.method
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            while self._unconfirmed and next(iter(self._unconfirmed)) <= method.delivery_tag:
+                self._settle(self._unconfirmed.popitem(last=False)[1], ok)
+        elif method.delivery_tag in self._unconfirmed:
+            self._settle(self._unconfirmed.pop(method.delivery_tag), ok)
+
+    def _settle(self, task_id, ok):
+        if not ok:
+            self._failed.append((task_id, "the broker refused it (basic.nack)"))
+        elif task_id in self._returned:
+            self._failed.append((task_id, self._returned.pop(task_id)))
+
+    def _on_return(self, channel, method, properties, body):
+        self._returned[properties.correlation_id] = (
+            f"reached no queue: exchange {method.exchange or '(default)'!r} has no binding "
+            f"for routing key {method.routing_key!r}")
+
+    def _lost_unconfirmed(self, why):
+        if self._unconfirmed:
+            for task_id in self._unconfirmed.values():
+                self._failed.append((task_id, f"no confirm: {why}"))
+            self._unconfirmed.clear()
+
+    def flush(self):
+        """Wait for every outstanding confirm; raise PublishError for any not taken."""
+        if self._unconfirmed and self.connection is not None and self.connection.is_open:
+            try:
+                self._pump_until(lambda: not self._unconfirmed, "published messages")
+            except CONNECTION_ERRORS as exc:
+                self._lost_unconfirmed(f"the connection failed ({exc})")
+        self._lost_unconfirmed("the connection closed")
+        failed, self._failed = self._failed, []
+        if failed:
+            detail = "; ".join(f"{tid}: {why}" for tid, why in failed[:10])
+            more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
+            raise PublishError(f"{len(failed)} task(s) were not taken by the broker: "
+                               f"{detail}{more}", [tid for tid, _ in failed])
+
     def close(self):
         try:
-            if self.channel is not None and self.channel.is_open:
-                self.channel.close()
-            if self._owns_connection and self.connection is not None and self.connection.is_open:
-                self.connection.close()
-        except CONNECTION_ERRORS:
-            pass
+            self.flush()
         finally:
+            try:
+                if self.channel is not None and self.channel.is_open:
+                    self.channel.close()
+                if self._owns_connection and self.connection is not None and \
+                        self.connection.is_open:
+                    self.connection.close()
+            except CONNECTION_ERRORS:
+                pass
             self.channel = None
             if self._owns_connection:
                 self.connection = None
@@ -81,8 +166,14 @@ class Publisher:
         self._ensure_open()
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:       # do not hide the caller's exception behind ours
+            try:
+                self.close()
+            except PublishError:
+                pass
 
     # -- declarations ---------------------------------------------------------
     def ensure(self, ops):
@@ -98,14 +189,15 @@ class Publisher:
 
     # -- publishing -----------------------------------------------------------
     def publish(self, message, route, *, mandatory=False, immediate=False, retry=True):
-        """Publish an :class:`~taskd.protocol.OutgoingMessage` and wait for its confirm."""
-        attempts = 2 if retry else 1
+        """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc)."""
+        attempts = 2 if retry and not self._unconfirmed else 1
         for attempt in range(attempts):
             try:
                 return self._publish_once(message, route, mandatory, immediate)
             except CONNECTION_ERRORS as exc:
                 log.warning("publish of task %s failed (%s); %s", message.task_id, exc,
                             "reconnecting" if attempt + 1 < attempts else "giving up")
+                self._lost_unconfirmed(f"the connection failed ({exc})")
                 self.channel = None
                 if self._owns_connection:
                     self.connection = None
@@ -133,24 +225,38 @@ class Publisher:
             headers=message.headers,
             expiration=message.expiration,
         )
+        # Register before publishing: pika may read the confirm while it writes.
+        self._seq += 1
+        seq = self._seq
+        self._unconfirmed[seq] = message.task_id
         try:
             channel.basic_publish(route.exchange, route.routing_key, message.body,
                                   properties, mandatory=mandatory)
-        except pika.exceptions.UnroutableError:
-            raise UnroutableError(
-                f"task {message.task_name}[{message.task_id}] reached no queue: exchange "
-                f"{route.exchange or '(default)'!r} has no binding for routing key "
-                f"{route.routing_key!r}") from None
-        except pika.exceptions.NackError:
-            raise PublishError(
-                f"the broker refused task {message.task_id} (basic.nack)") from None
         except pika.exceptions.ChannelClosedByBroker as exc:
+            self._unconfirmed.pop(seq, None)
             self.channel = None
             if exc.reply_code == 404:
                 raise UnroutableError(
                     f"task {message.task_id} not sent: exchange {route.exchange!r} does not exist "
                     "(declare it under exchanges: in the configuration)") from None
             raise PublishError(f"task {message.task_id} not sent: {exc.reply_text}") from None
+        if self.window and not mandatory and len(self._unconfirmed) <= self.window:
+            return
+        if mandatory or not self.window:
+            self._pump_until(lambda: seq not in self._unconfirmed, "a publish")
+        else:       # the window is full: let half of it drain
+            self._pump_until(lambda: len(self._unconfirmed) <= self.window // 2, "publishes")
+        self._raise_for(message, route)
+
+    def _raise_for(self, message, route):
+        mine = [why for tid, why in self._failed if tid == message.task_id]
+        if not mine:
+            return
+        self._failed = [(tid, why) for tid, why in self._failed if tid != message.task_id]
+        why = mine[0]
+        if why.startswith("reached no queue"):
+            raise UnroutableError(f"task {message.task_name}[{message.task_id}] {why}")
+        raise PublishError(f"task {message.task_id} was not sent: {why}", [message.task_id])
 
     def _check_consumers(self, message, route):
         queues = [q.name for q in route.declare] or (
@@ -159,11 +265,13 @@ class Publisher:
             raise NotDeliveredError(
                 f"immediate=True: cannot tell which queues exchange {route.exchange!r} routes "
                 f"{route.routing_key!r} to (declare them under queues: in the configuration)")
-        try:
-            counts = {q: self.consumer_count(q) for q in queues}
-        except pika.exceptions.ChannelClosedByBroker:
-            self.channel = None
-            counts = {}
+        counts = {}
+        for queue in queues:
+            try:
+                counts[queue] = self.consumer_count(queue)
+            except pika.exceptions.ChannelClosedByBroker:   # no such queue
+                self.channel = None
+                counts[queue] = 0
         if not any(counts.values()):
             raise NotDeliveredError(
                 f"immediate=True: no worker is consuming {', '.join(queues)}; "

@@ -56,3 +56,20 @@ def die():
 @app.task(name="ttasks.unencodable")
 def unencodable():
     return object()
+
+
+@app.task(name="ttasks.now")
+def now():
+    return time.time()
+
+
+@app.task(name="ttasks.whoami", bind=True)
+def whoami(self):
+    r = self.request
+    return {"id": r.id, "retries": r.retries, "custom": r.headers.get("x-custom"),
+            "delivery_count": r.delivery_count}
+
+
+@app.task(name="ttasks.typed")
+def typed(value):
+    return {"type": type(value).__name__, "value": value}
