@@ -29,7 +29,6 @@ def current_app():
     ``/etc/taskd.yaml`` if it exists, else the defaults), and honours
     ``$TASKD_BROKER_URL``.
     """
-    global _current
     if _current is None:
         path = os.environ.get("TASKD_CONFIG")
         if path is None and os.path.exists(config_mod.DEFAULT_PATH):

@@ -87,6 +87,18 @@ def build_parser():
     call.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
     call.add_argument("--no-wait", action="store_true", help="print the task id and return")
 
+    d = sub.add_parser("dead-letters", help="list (or replay) messages in the dead-letter queue",
+                       description="List the messages in the dead-letter queue with the reason "
+                       "each was dead-lettered, or with --replay move them back to the queue "
+                       "they came from (confirmed by the broker before the dead copy is removed).")
+    _config_arg(d)
+    d.add_argument("--queue", help="dead-letter queue (default: worker.dead_letter_queue)")
+    d.add_argument("--replay", action="store_true", help="move the messages back to their queues")
+    d.add_argument("--task", help="only messages of this task name")
+    d.add_argument("--to", metavar="QUEUE", help="with --replay: send them to this queue instead")
+    d.add_argument("--limit", type=_positive_int, help="at most this many messages")
+    d.add_argument("--json", action="store_true", help="list as JSON lines")
+
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -212,6 +224,34 @@ def cmd_call(args):
     return 1
 
 
+def cmd_dead_letters(args):
+    config, code = _load(args)
+    if config is None:
+        return code
+    from . import deadletters
+    try:
+        if args.replay:
+            replayed, skipped = deadletters.replay(config, args.queue, args.limit, args.task,
+                                                   args.to)
+            print(f"replayed {replayed} message(s); left {skipped} in place")
+            return 0
+        entries = deadletters.list_dead(config, args.queue, args.limit)
+    except TaskdError as exc:
+        print(f"taskd dead-letters: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.task:
+        entries = [e for e in entries if e["task"] == args.task]
+    for e in entries:
+        if args.json:
+            print(json.dumps(e, default=str))
+        else:
+            print(f"{e['dead_at']}  {e['task']}[{e['id']}] from {e['queue']} "
+                  f"(deliveries: {e['deliveries']}): {e['reason']}")
+    if not args.json:
+        print(f"{len(entries)} message(s)")
+    return 0
+
+
 def _default_config_path():
     import os
     path = os.environ.get("TASKD_CONFIG")
@@ -225,5 +265,6 @@ def main(argv=None):
     if args.command == "config-reference":
         sys.stdout.write(config_mod.reference_markdown())
         return 0
-    handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call}
+    handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
+               "dead-letters": cmd_dead_letters}
     sys.exit(handler[args.command](args))

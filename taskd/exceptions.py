@@ -114,12 +114,20 @@ class RemoteError(TaskError):
 
 
 class Retry(TaskError):
-    """Raised by ``Task.retry`` to tell the worker the task is being retried."""
+    """Raised (from ``Task.retry``) to tell the worker the task is being retried.
 
-    def __init__(self, message=None, exc=None, when=None):
+    ``when`` is a countdown in seconds or an ETA datetime.
+    """
+
+    def __init__(self, message=None, exc=None, when=None, args=None, kwargs=None):
         self.exc = exc
         self.when = when
-        super().__init__(message or f"Retry in {when}s: {exc!r}")
+        self.new_args, self.new_kwargs = args, kwargs
+        super().__init__(message or f"Retry in {when}: {exc!r}")
+
+
+class MaxRetriesExceededError(TaskError):
+    """The task asked for a retry past its ``max_retries``."""
 
 
 class Reject(TaskError):

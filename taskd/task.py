@@ -61,6 +61,18 @@ class Task:
     immediate = False
     #: Whether ``run`` receives the task instance as its first argument.
     bind = False
+    #: Retries: at most this many (None: no limit); ``retry()`` without a
+    #: countdown waits ``default_retry_delay`` seconds.
+    max_retries = 3
+    default_retry_delay = 180
+    #: Exceptions that retry the task automatically (``autoretry_for=(IOError,)``).
+    autoretry_for = ()
+    #: Automatic retries wait 1, 2, 4 ... seconds (or this many times 2**n if a
+    #: number), capped at ``retry_backoff_max``; ``retry_jitter`` picks a random
+    #: delay between 0 and that.
+    retry_backoff = False
+    retry_backoff_max = 600
+    retry_jitter = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -91,6 +103,39 @@ class Task:
 
     def __repr__(self):
         return f"<@task: {self.name}>"
+
+    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, args=None,
+              kwargs=None):
+        """Retry the running task (raises; ``raise self.retry(...)`` reads well too).
+
+        The worker publishes a copy of the message with ``retries`` + 1 and an
+        ETA ``countdown`` seconds away (default ``default_retry_delay``), has the
+        broker confirm it, then acknowledges the original; the caller's
+        ``get()`` follows the task to its final outcome. Past ``max_retries``
+        the task fails with ``exc`` (or ``MaxRetriesExceededError``).
+        """
+        from .exceptions import MaxRetriesExceededError, Retry
+        request = self.request
+        limit = self.max_retries if max_retries is None else max_retries
+        if limit is not None and request.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(
+                f"task {self.name}[{request.id}] retried {request.retries} times (max_retries)")
+        if eta is None:
+            countdown = self.default_retry_delay if countdown is None else countdown
+        raise Retry(exc=exc, when=eta if eta is not None else countdown,
+                    args=args, kwargs=kwargs)
+
+    def backoff_delay(self, retries):
+        """Seconds before automatic retry number ``retries + 1``."""
+        import random
+        if not self.retry_backoff:
+            delay = self.default_retry_delay
+        else:
+            base = 1 if self.retry_backoff is True else self.retry_backoff
+            delay = min(self.retry_backoff_max, base * 2 ** retries)
+        return random.uniform(0, delay) if self.retry_jitter else delay
 
     # -- sending ----------------------------------------------------------------
     @classmethod

@@ -9,9 +9,11 @@ supervisor (atexit handlers, buffered files, the broker socket) runs twice.
 Frames, supervisor -> child: ``(seq, task_id, name, args, kwargs, meta)``.
 Frames, child -> supervisor:
 
-* ``("ready", pid, [task names])`` once the modules are imported;
+* ``("ready", pid, {task name: (time_limit, soft_time_limit)})`` once the
+  modules are imported;
 * ``("import-failed", message)`` then exit 3, when they cannot be;
-* ``("done", seq, status, body, content_type, content_encoding, runtime, rss, error)``.
+* ``("done", seq, status, body, content_type, content_encoding, runtime, rss, error,
+  retry)``; ``retry`` is the message of a retried task, or None.
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ import signal
 import sys
 import time
 import traceback
+from datetime import datetime, timedelta, timezone
 
 from setproctitle import setproctitle
 
 from .. import protocol, task as task_mod
-from ..exceptions import NotRegistered, SoftTimeLimitExceeded
+from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
 from . import framing
 
 log = logging.getLogger("taskd.child")
@@ -78,7 +81,8 @@ def main(index, read_fd, write_fd, imports, track_rss):
             framing.write_all(write_fd, framing.encode(
                 ("import-failed", message, traceback.format_exc())))
             os._exit(EXIT_IMPORT_FAILED)
-        framing.write_all(write_fd, framing.encode(("ready", os.getpid(), sorted(task_mod.registry))))
+        limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
+        framing.write_all(write_fd, framing.encode(("ready", os.getpid(), limits)))
         setproctitle(f"taskd: child {index} idle")
         _serve(index, read_fd, write_fd, track_rss)
     except BaseException:  # anything escaping is a bug: say so, then exit non-zero
@@ -102,19 +106,25 @@ def _serve(index, read_fd, write_fd, track_rss):
         seq, task_id, name, args, kwargs, meta = job
         setproctitle(f"taskd: child {index} {name}")
         started = time.monotonic()
-        status, body, content_type, encoding, error = run_job(task_id, name, args, kwargs, meta)
+        status, body, content_type, encoding, error, retry = run_job(
+            task_id, name, args, kwargs, meta)
         runtime = time.monotonic() - started
         rss = process.memory_info().rss if process is not None else 0
         framing.write_all(write_fd, framing.encode(
-            ("done", seq, status, body, content_type, encoding, runtime, rss, error)))
+            ("done", seq, status, body, content_type, encoding, runtime, rss, error, retry)))
         setproctitle(f"taskd: child {index} idle")
 
 
 def run_job(task_id, name, args, kwargs, meta):
-    """Run one task; returns ``(status, result_body, content_type, encoding, error)``."""
+    """Run one task; returns ``(status, result_body, content_type, encoding, error, retry)``.
+
+    ``retry`` is None, or the new message of a retried task as a dict
+    (``body``, ``content_type``, ``content_encoding``, ``headers``).
+    """
     serializer = meta.get("serializer", "json")
     task = task_mod.registry.get(name)
     soft = meta.get("soft_time_limit")
+    parent_id = meta.get("parent_id")
     try:
         if task is None:
             raise NotRegistered(f"task {name!r} is not registered in this worker "
@@ -125,17 +135,57 @@ def run_job(task_id, name, args, kwargs, meta):
             signal.setitimer(signal.ITIMER_REAL, soft)
         try:
             value = task.run(*args, **kwargs)
+        except Exception as exc:
+            if task.autoretry_for and isinstance(exc, tuple(task.autoretry_for)) \
+                    and not isinstance(exc, Retry):
+                raise task.retry(exc=exc, countdown=task.backoff_delay(task.request.retries))
+            raise
         finally:
             if soft:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+    except Retry as retry:
+        message = _retry_message(task, task_id, name, args, kwargs, meta, retry)
+        cause = retry.exc if retry.exc is not None else retry
+        log.info("task %s[%s] retrying (%d) in %s: %r", name, task_id,
+                 message["retries"], retry.when, cause)
+        status, body, ctype, enc = protocol.encode_result(
+            task_id, protocol.RETRY, cause, protocol.format_traceback(cause),
+            serializer=serializer, parent_id=parent_id)
+        return protocol.RETRY, body, ctype, enc, f"retry: {cause!r}", message
     except Exception as exc:
         log.error("task %s[%s] raised %s: %s", name, task_id, type(exc).__name__, exc)
         status, body, ctype, enc = protocol.encode_result(
             task_id, protocol.FAILURE, exc, protocol.format_traceback(exc),
-            serializer=serializer, parent_id=meta.get("parent_id"))
-        return status, body, ctype, enc, f"{type(exc).__name__}: {exc}"
+            serializer=serializer, parent_id=parent_id)
+        return status, body, ctype, enc, f"{type(exc).__name__}: {exc}", None
     finally:
         task_mod._request.value = None
     status, body, ctype, enc = protocol.encode_result(
-        task_id, protocol.SUCCESS, value, serializer=serializer, parent_id=meta.get("parent_id"))
-    return status, body, ctype, enc, None if status == protocol.SUCCESS else "result not encodable"
+        task_id, protocol.SUCCESS, value, serializer=serializer, parent_id=parent_id)
+    error = None if status == protocol.SUCCESS else "result not encodable"
+    return status, body, ctype, enc, error, None
+
+
+def _retry_message(task, task_id, name, args, kwargs, meta, retry):
+    """The copy of the message that carries a retry: retries + 1, a new ETA."""
+    req = meta.get("request", {})
+    when = retry.when
+    if isinstance(when, datetime):
+        eta = when
+    else:
+        eta = datetime.now(timezone.utc) + timedelta(seconds=float(when or 0))
+    retries = (req.get("retries") or 0) + 1
+    original = {k: v for k, v in (req.get("headers") or {}).items()
+                if not k.startswith("x-death") and k not in ("x-delivery-count",)}
+    message = protocol.encode_task(
+        task_id, name, retry.new_args if retry.new_args is not None else args,
+        retry.new_kwargs if retry.new_kwargs is not None else kwargs,
+        serializer=meta.get("serializer", "json"), eta=eta, expires=req.get("expires"),
+        retries=retries, time_limit=req.get("time_limit"),
+        soft_time_limit=req.get("soft_time_limit"), reply_to=req.get("reply_to"),
+        root_id=req.get("root_id"), parent_id=req.get("parent_id"),
+        extra_headers={k: v for k, v in original.items() if k.startswith("x-")
+                       and not k.startswith("x-taskd-")})
+    return {"body": message.body, "content_type": message.content_type,
+            "content_encoding": message.content_encoding, "headers": message.headers,
+            "retries": retries}

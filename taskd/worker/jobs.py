@@ -58,12 +58,12 @@ class Job:
     def describe(self):
         return f"{self.task_name}[{self.task_id}]"
 
-    def job_frame(self):
+    def job_frame(self, soft_time_limit=None):
         r = self.request
         meta = {
             "serializer": r.serializer,
             "parent_id": r.parent_id,
-            "soft_time_limit": r.soft_time_limit,
+            "soft_time_limit": soft_time_limit,
             "request": {"retries": r.retries, "eta": r.eta, "expires": r.expires,
                         "reply_to": r.reply_to, "delivery_count": self.delivery_count,
                         "root_id": r.root_id, "parent_id": r.parent_id,
@@ -94,6 +94,14 @@ def redelivery(job):
     headers = clean_headers(job.headers)
     headers[DELIVERY_COUNT] = job.delivery_count
     return _copy_properties(job.properties, headers)
+
+
+def retry_properties(job, message):
+    """Properties of the message that retries ``job`` (made by the child)."""
+    props = _copy_properties(job.properties, message["headers"])
+    props.content_type = message["content_type"]
+    props.content_encoding = message["content_encoding"]
+    return props
 
 
 def dead_letter(job, reason):

@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import signal
 import time
 from datetime import datetime, timezone
 
 from setproctitle import setproctitle
 
-from .. import config as config_mod
 from .. import protocol, serialization
 from ..broker import topology
 from ..exceptions import (ConfigError, ConnectionError as TaskdConnectionError, NotRegistered,
@@ -36,6 +34,7 @@ from ..exceptions import (ConfigError, ConnectionError as TaskdConnectionError, 
 from . import jobs
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost
+from .framing import encode as encode_frame
 from .pool import Pool
 from .schedule import Schedule
 from .systemd import Notifier
@@ -88,6 +87,7 @@ class Supervisor:
         self._flush_scheduled = False
         self._spawn_timer = None
         self.task_names = None
+        self.task_limits = {}
         self.consumer = self.publisher = None
         self.pool = Pool(self.loop, self.config["imports"],
                          track_rss=bool(self.config["worker.max_memory_per_child"]),
@@ -259,44 +259,52 @@ class Supervisor:
                 continue
             if self.revoke_if_expired(job):
                 continue
-            if self.pool.send(child, job, _encode(job)):
-                self._arm_time_limit(child, job)
+            hard, soft = self.limits_for(job.request)
+            if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
+                if hard:
+                    job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
         self.update_title()
 
-    def _arm_time_limit(self, child, job):
-        hard = job.request.time_limit or self.config["worker.time_limit"]
-        if hard:
-            job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job)
-
-    def _time_limit_hit(self, child, job):
+    def _time_limit_hit(self, child, job, limit):
         if child.job is job:
-            log.error("task %s exceeded its hard time limit: killing child %d (pid %d)",
-                      job.describe(), child.index, child.pid)
-            job.timed_out = True
+            log.error("task %s exceeded its hard time limit (%gs): killing child %d (pid %d)",
+                      job.describe(), limit, child.index, child.pid)
+            job.timed_out = limit
             self.pool.kill(child)
 
     # == outcomes ====================================================================
-    def on_child_ready(self, child, task_names):
-        self.task_names = frozenset(task_names)
+    def on_child_ready(self, child, task_limits):
+        self.task_names = frozenset(task_limits)
+        self.task_limits = task_limits
         self.dispatch()
 
+    def limits_for(self, request):
+        """(hard, soft) seconds: the call's, else the task's, else the config's."""
+        task_hard, task_soft = self.task_limits.get(request.name, (None, None))
+        return (request.time_limit or task_hard or self.config["worker.time_limit"],
+                request.soft_time_limit or task_soft or self.config["worker.soft_time_limit"])
+
     def on_outcome(self, child, job, frame):
-        _, _seq, status, body, ctype, encoding, runtime, rss, error = frame
+        _, _seq, status, body, ctype, encoding, runtime, rss, error, retry = frame
         if job.timer is not None:
             job.timer.cancel()
-        if status == protocol.SUCCESS:
+        request = job.request
+        wants_result = request.reply_to and not request.ignore_result
+        if status == protocol.RETRY:
+            self.counters["retried"] += 1
+            self.retry(job, retry)
+        elif status == protocol.SUCCESS:
             self.counters["succeeded"] += 1
             log.info("task %s succeeded in %.3fs", job.describe(), runtime)
         else:
             self.counters["failed"] += 1
             log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
-        request = job.request
-        if request.reply_to and not request.ignore_result:
+        if wants_result:
             self.publish(
                 "", request.reply_to, body,
                 jobs.result_properties(request.correlation_id, ctype, encoding),
-                lambda ok: self.complete(job))
-        else:
+                None if status == protocol.RETRY else (lambda ok: self.complete(job)))
+        elif status != protocol.RETRY:
             self.complete(job)
         self._check_recycle(child)
         self.manage_children()
@@ -320,8 +328,8 @@ class Supervisor:
                 job.timer.cancel()
             if job.timed_out:
                 self.counters["failed"] += 1
-                limit = job.request.time_limit or self.config["worker.time_limit"]
-                self.reply_failure(job, TimeLimitExceeded(f"hard time limit ({limit:g}s) exceeded"))
+                self.reply_failure(job, TimeLimitExceeded(
+                    f"hard time limit ({job.timed_out:g}s) exceeded"))
                 self.complete(job)
             else:
                 self.redeliver(job, reason)
@@ -329,6 +337,13 @@ class Supervisor:
             self.manage_children()
         self.dispatch()
         self._maybe_finish_stop()
+
+    def retry(self, job, message):
+        """Publish the retry's message to the task's queue (confirmed), then ack."""
+        log.info("task %s: retry %d published", job.describe(), message["retries"])
+        props = jobs.retry_properties(job, message)
+        self.publish("", job.queue, message["body"], props,
+                     lambda ok: self.complete(job) if ok else self.give_back(job))
 
     def redeliver(self, job, reason):
         """The child died mid-task: publish a copy (count + 1), or dead-letter it."""
@@ -546,6 +561,4 @@ class Supervisor:
         setproctitle(f"taskd: supervisor [{','.join(self.queues)}] {busy}/{self.concurrency} busy")
 
 
-def _encode(job):
-    from .framing import encode
-    return encode(job.job_frame())
+

@@ -117,7 +117,6 @@ def test_serializer_precedence_argument_task_config(topo, broker, app_for):
 
 def test_unknown_task_name_fails_instead_of_hanging(served):
     app, _ = served
-    from taskd.execute import send_task  # noqa: F401  (the seed's import path exists)
     result = app.send_task("tasks.does_not_exist", [1])
     with pytest.raises(NotRegistered, match="tasks.does_not_exist"):
         result.get(timeout=10)

@@ -73,3 +73,52 @@ def whoami(self):
 @app.task(name="ttasks.typed")
 def typed(value):
     return {"type": type(value).__name__, "value": value}
+
+
+@app.task(name="ttasks.flaky", bind=True, max_retries=5)
+def flaky(self, succeed_after, path=None):
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"attempt {self.request.retries} {time.time()}\n")
+    if self.request.retries < succeed_after:
+        raise self.retry(exc=IOError("not yet"), countdown=0.3)
+    return self.request.retries
+
+
+@app.task(name="ttasks.always_keyerror", autoretry_for=(KeyError,), retry_backoff=0.1,
+          retry_jitter=False, max_retries=2)
+def always_keyerror(path):
+    with open(path, "a") as fh:
+        fh.write(f"attempt {time.time()}\n")
+    raise KeyError("missing")
+
+
+@app.task(name="ttasks.soft_limited", soft_time_limit=0.5)
+def soft_limited():
+    from taskd.exceptions import SoftTimeLimitExceeded
+    try:
+        time.sleep(5)
+    except SoftTimeLimitExceeded:
+        return "caught the soft limit"
+    return "slept"
+
+
+@app.task(name="ttasks.allocate")
+def allocate(megabytes, token, path):
+    global _ballast
+    _ballast = bytearray(megabytes << 20)
+    with open(path, "a") as fh:
+        fh.write(f"{token} {os.getppid()} {os.getpid()}\n")
+    return token
+
+
+@app.task(name="ttasks.die_once")
+def die_once(path, token):
+    """Kill its own child the first time it runs for ``token``; succeed after."""
+    marker = f"{path}.{token}.died"
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    with open(path, "a") as fh:
+        fh.write(f"{token} {os.getppid()} {os.getpid()}\n")
+    return token
