@@ -173,6 +173,13 @@ ITEM_SETTINGS = {
         Setting("max_priority", _int(1), None,
                 "Enables priorities on this queue (`x-max-priority`, at most 255)."),
         Setting("durable", _bool, True, "Survives a broker restart."),
+        Setting("queue_type", _choice("classic", "quorum"), "classic",
+                "`quorum` for a replicated quorum queue (RabbitMQ cluster): the broker "
+                "counts redeliveries (`x-delivery-count`) and dead-letters to "
+                "`worker.dead_letter_queue` past `delivery_limit`. No `max_priority`."),
+        Setting("delivery_limit", _int(1), None,
+                "Quorum queues: the broker's own delivery limit (`x-delivery-limit`). "
+                "Keep it above `worker.max_deliveries` so taskd reports first."),
     ),
     "routes": (
         Setting("exchange", _str, None, "Exchange to publish to."),
@@ -199,10 +206,29 @@ class QueueSpec:
     binding_key: str
     max_priority: int | None = None
     durable: bool = True
+    queue_type: str = "classic"
+    delivery_limit: int | None = None
+
+    @property
+    def quorum(self):
+        return self.queue_type == "quorum"
+
+    def arguments_for(self, dead_letter_queue=DEAD_LETTER_QUEUE):
+        """The queue's ``x-`` arguments (None for a plain classic queue, as Celery declares)."""
+        args = {}
+        if self.max_priority:
+            args["x-max-priority"] = self.max_priority
+        if self.quorum:
+            args["x-queue-type"] = "quorum"
+            args["x-dead-letter-exchange"] = ""
+            args["x-dead-letter-routing-key"] = dead_letter_queue
+            if self.delivery_limit:
+                args["x-delivery-limit"] = self.delivery_limit
+        return args or None
 
     @property
     def arguments(self):
-        return {"x-max-priority": self.max_priority} if self.max_priority else None
+        return self.arguments_for()
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,10 +359,17 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
             chk.error(["queues", i, "exchange"], f"exchange {ex!r} is not listed under exchanges:")
         if q.get("max_priority") and q["max_priority"] > 255:
             chk.error(["queues", i, "max_priority"], "expected at most 255")
+        if q.get("queue_type") == "quorum":
+            if q.get("max_priority"):
+                chk.error(["queues", i, "max_priority"], "quorum queues have no priorities")
+            if q.get("durable") is False:
+                chk.error(["queues", i, "durable"], "quorum queues are always durable")
         queue_specs.append(QueueSpec(name=q["name"], exchange=ex,
                                      binding_key=q.get("binding_key") or q["name"],
                                      max_priority=q.get("max_priority"),
-                                     durable=q.get("durable", True)))
+                                     durable=q.get("durable", True),
+                                     queue_type=q.get("queue_type") or "classic",
+                                     delivery_limit=q.get("delivery_limit")))
     routes = _routes(chk, data.get("routes"), exchange_names, {q.name for q in queue_specs})
     _cross_checks(chk, values, queue_specs)
     _check_duplicates(chk, exchanges, "exchanges")

@@ -49,7 +49,8 @@ def plan_queues(config: Config, queues) -> list:
             ex = config.exchange(spec.exchange)
             ops.append(DeclareExchange(spec.exchange, ex.type if ex else "direct",
                                        ex.durable if ex else True))
-        args = tuple(sorted((spec.arguments or {}).items()))
+        args = tuple(sorted((spec.arguments_for(config["worker.dead_letter_queue"])
+                             or {}).items()))
         ops.append(DeclareQueue(spec.name, spec.durable, args))
         if spec.exchange:
             ops.append(Bind(spec.name, spec.exchange, spec.binding_key))

@@ -356,6 +356,10 @@ class Supervisor:
         log.warning("task %s: child %s; redelivering (delivery %d of %d)", job.describe(),
                     reason, job.delivery_count + 1, self.config["worker.max_deliveries"])
         self.counters["redelivered"] += 1
+        spec = self.config.queue(job.queue)
+        if spec is not None and spec.quorum:
+            self.give_back(job)      # the broker counts deliveries (x-delivery-count)
+            return
         self.publish("", job.queue, job.body, jobs.redelivery(job),
                      lambda ok: self.complete(job) if ok else self.give_back(job))
 

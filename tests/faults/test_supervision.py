@@ -9,8 +9,7 @@ import pika
 import pytest
 
 from conftest import wait_for
-from taskd.exceptions import (MaxRetriesExceededError, SoftTimeLimitExceeded,  # noqa: F401
-                              TimeLimitExceeded, WorkerLostError)
+from taskd.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 
 
 def tokens(path):
@@ -238,3 +237,19 @@ def test_dead_letters_can_be_listed_and_replayed(topo, workers, app_for, broker,
     props, body = broker.get_all(topo.name("celery"))[0]
     assert props.headers["task"] == "ttasks.later"
     assert "x-taskd-reason" not in props.headers and json.loads(body)[0] == [1]
+
+
+def test_quorum_queue_uses_the_brokers_delivery_count(topo, workers, app_for, broker, tmp_path):
+    path = topo.config({"queues": [{"name": "q", "queue_type": "quorum", "delivery_limit": 10}]},
+                       queues=["q"], max_deliveries=2)
+    w = workers(path).ready()
+    app = app_for(path)
+    out = tmp_path / "q.txt"
+    queue = topo.name("q")
+    assert app.send_task("ttasks.die_once", [str(out), "once"], queue=queue).get(timeout=20) == "once"
+    result = app.send_task("ttasks.die", queue=queue)
+    with pytest.raises(WorkerLostError, match="2 times"):
+        result.get(timeout=30)
+    dead = wait_for(lambda: broker.get_all(topo.dead), message="dead letter")
+    assert dead[0][0].headers["id"] == result.id
+    assert w.proc.poll() is None
