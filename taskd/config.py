@@ -149,6 +149,15 @@ SETTINGS = (
             "Attempts of a task whose child died before it is dead-lettered."),
     Setting("worker.shutdown_timeout", _number(), 60.0,
             "Seconds a warm shutdown (SIGTERM) waits for running tasks."),
+    Setting("worker.eta_horizon", _number(), 600.0,
+            "Tasks due within this many seconds are held in the worker; later ones are "
+            "parked in the broker's delay queues (keep it well below RabbitMQ's "
+            "consumer_timeout, 30 min by default)."),
+    Setting("worker.max_held", _int(0), 10000,
+            "At most this many ETA tasks held in the worker; beyond it they are parked "
+            "even when due soon (0: park everything due in a second or more)."),
+    Setting("worker.delay_queue_prefix", _str, "taskd.delay",
+            "Name prefix of the delay exchanges and queues that park ETA tasks."),
     Setting("worker.dead_letter_queue", _str, DEAD_LETTER_QUEUE,
             "Queue receiving messages that cannot be processed, with the reason in headers."),
     Setting("worker.max_message_size", parse_size, 16 * 1024**2,

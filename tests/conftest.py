@@ -106,6 +106,7 @@ class Topology:
         self.queues, self.exchanges = set(), set()
         self.dead = self.name("dead")
         self.queues.add(self.dead)
+        self.delay_prefix = self.name("delay")
 
     def name(self, base):
         return self.prefix + base
@@ -133,6 +134,7 @@ class Topology:
         w.update(worker)
         w.setdefault("concurrency", 2)
         w["dead_letter_queue"] = self.dead
+        w["delay_queue_prefix"] = self.delay_prefix
         if "queues" in w:
             w["queues"] = [self.name(q) for q in w["queues"]]
         data["worker"] = w
@@ -143,8 +145,13 @@ class Topology:
         path.write_text(yaml.safe_dump(data))
         return path
 
+    def delay_queue(self, seconds):
+        return f"{self.delay_prefix}.{seconds}s"
+
     def cleanup(self):
-        self.broker.delete(sorted(self.queues), sorted(self.exchanges))
+        from taskd.worker.parking import BUCKETS
+        delays = [self.delay_queue(b) for b in BUCKETS]
+        self.broker.delete(sorted(self.queues) + delays, sorted(self.exchanges) + delays)
 
 
 @pytest.fixture

@@ -89,10 +89,11 @@ def clean_headers(headers):
     return {k: v for k, v in (headers or {}).items() if k not in BROKER_HEADERS}
 
 
-def redelivery(job):
-    """Properties for a copy of ``job`` with its delivery count raised by one."""
+def redelivery(job, keep_count=False):
+    """Properties for a copy of ``job``: its delivery count raised by one (or kept,
+    for a parked copy), the broker's ``x-death`` history dropped."""
     headers = clean_headers(job.headers)
-    headers[DELIVERY_COUNT] = job.delivery_count
+    headers[DELIVERY_COUNT] = job.delivery_count - (1 if keep_count else 0)
     return _copy_properties(job.properties, headers)
 
 

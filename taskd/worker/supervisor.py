@@ -35,6 +35,7 @@ from . import jobs
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost
 from .framing import encode as encode_frame
+from . import parking
 from .pool import Pool
 from .schedule import Schedule
 from .systemd import Notifier
@@ -137,7 +138,9 @@ class Supervisor:
         self.consumer = self._channel("taskd-worker-consume")
         channel = await self.consumer.open()
         self.acks.reset()
-        ops = topology.plan(self.config, self.queues) + topology.dead_letter_plan(self.dead_letter_queue)
+        ops = (topology.plan(self.config, self.queues)
+               + topology.dead_letter_plan(self.dead_letter_queue)
+               + parking.plan(self.config["worker.delay_queue_prefix"]))
         await self._declare(ops)
         self._qos_extra = 0
         await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
@@ -209,12 +212,49 @@ class Supervisor:
         if eta is not None:
             delay = (eta - datetime.now(timezone.utc)).total_seconds()
             if delay > 0:
-                self.schedule.hold(time.monotonic() + delay, job)
-                self._update_qos()
-                self._arm_schedule_timer()
+                self.schedule_job(job, eta, delay)
                 return
         self.ready.append(job)
         self.dispatch()
+
+    def schedule_job(self, job, eta, delay):
+        """An ETA task: revoke it if it would expire first, else park or hold it."""
+        expires = job.request.expires
+        if expires is not None and expires < eta:
+            log.warning("task %s expires (%s) before its ETA (%s): not run", job.describe(),
+                        expires.isoformat(), eta.isoformat())
+            self.counters["revoked"] += 1
+            self.reply_failure(job, TaskRevokedError(
+                f"expires at {expires.isoformat()}, before its ETA {eta.isoformat()}"),
+                protocol.REVOKED)
+            self.complete(job)
+            return
+        cfg = self.config
+        if parking.should_park(delay, len(self.schedule), cfg["worker.eta_horizon"],
+                               cfg["worker.max_held"]):
+            self.park(job, delay)
+        else:
+            self.hold(job, delay)
+
+    def hold(self, job, delay):
+        self.schedule.hold(time.monotonic() + delay, job)
+        self._update_qos()
+        self._arm_schedule_timer()
+
+    def park(self, job, delay):
+        """Republish to the delay bucket that brings it back before it is due, then ack."""
+        bucket = parking.bucket_for(delay)
+        exchange = parking.exchange_name(self.config["worker.delay_queue_prefix"], bucket)
+        self.counters["parked"] += 1
+        log.debug("task %s parked in %s (due in %.0fs)", job.describe(), exchange, delay)
+
+        def confirmed(ok):
+            if ok:
+                self.complete(job)
+            elif job.channel is self.consumer.channel:    # could not park: hold it here
+                self.hold(job, max(0.0, delay))
+        self.publish(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
+                     confirmed)
 
     def revoke_if_expired(self, job):
         expires = job.request.expires
@@ -358,7 +398,7 @@ class Supervisor:
         self.counters["redelivered"] += 1
         spec = self.config.queue(job.queue)
         if spec is not None and spec.quorum:
-            self.give_back(job)      # the broker counts deliveries (x-delivery-count)
+            self.give_back(job, delay=0)   # the broker counts deliveries (x-delivery-count)
             return
         self.publish("", job.queue, job.body, jobs.redelivery(job),
                      lambda ok: self.complete(job) if ok else self.give_back(job))
@@ -395,11 +435,17 @@ class Supervisor:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_acks)
 
-    def give_back(self, job):
-        """A copy could not be confirmed: return the original to its queue."""
-        if job.channel is self.consumer.channel and self.consumer.is_open:
-            self.acks.forget(job.tag)
-            job.channel.basic_nack(job.tag, requeue=True)
+    def give_back(self, job, delay=1.0):
+        """A copy could not be confirmed: return the original to its queue (after
+        ``delay`` seconds, so that a publisher that keeps failing is no busy loop)."""
+        def nack():
+            if job.channel is self.consumer.channel and self.consumer.is_open:
+                self.acks.forget(job.tag)
+                job.channel.basic_nack(job.tag, requeue=True)
+        if delay:
+            self.loop.call_later(delay, nack)
+        else:
+            nack()
 
     def _flush_acks(self):
         self._flush_scheduled = False
