@@ -133,7 +133,8 @@ class App:
                   expires=None, serializer=None, exchange=None, routing_key=None, queue=None,
                   priority=None, mandatory=None, immediate=None, connect_timeout=None,
                   publisher=None, connection=None, task_id=None, headers=None,
-                  time_limit=None, soft_time_limit=None, ignore_result=None, retries=0):
+                  time_limit=None, soft_time_limit=None, ignore_result=None, retries=0,
+                  retry=True, retry_policy=None):
         """Send a task by name; the task's code is not needed here."""
         attr = (lambda key, value: value if value is not None else getattr(task, key, None))
         serializer = attr("serializer", serializer) or self.config["default_serializer"]
@@ -169,7 +170,8 @@ class App:
                 priority=routing.amqp_priority(attr("priority", priority)),
                 ignore_result=ignore_result, extra_headers=headers)
             options = dict(mandatory=bool(attr("mandatory", mandatory)),
-                           immediate=bool(attr("immediate", immediate)))
+                           immediate=bool(attr("immediate", immediate)),
+                           retry=retry, retry_policy=retry_policy)
             if publisher is not None:
                 publisher.publish(message, route, **options)
             elif connection is not None:

@@ -107,6 +107,15 @@ SETTINGS = (
             "Seconds to establish a connection (TCP and AMQP handshake) before giving up."),
     Setting("broker.heartbeat", _int(0), 60,
             "AMQP heartbeat interval in seconds (0 turns heartbeats off)."),
+    Setting("broker.retry_for", _number(), 300.0,
+            "Seconds the worker keeps trying to reach the broker, at start and after losing "
+            "it, before it exits with code 69."),
+    Setting("broker.retry_max_interval", _number(), 10.0,
+            "Longest pause between two connection attempts (exponential back-off with jitter)."),
+    Setting("broker.publish_retries", _int(0), 3,
+            "Client: how many times a send that failed for a connection reason is tried "
+            "again on a new connection before `apply_async` raises (`retry_policy` "
+            "overrides it per call)."),
     Setting("imports", _str_list, (),
             "Modules the worker's children import to find the tasks (e.g. `[tasks]`)."),
     Setting("serializer_modules", _str_list, (),

@@ -152,7 +152,8 @@ class Task:
                     serializer=None, exchange=None, routing_key=None, queue=None,
                     priority=None, mandatory=None, immediate=None, connect_timeout=None,
                     publisher=None, connection=None, task_id=None, headers=None,
-                    time_limit=None, soft_time_limit=None, ignore_result=None, retries=0):
+                    time_limit=None, soft_time_limit=None, ignore_result=None, retries=0,
+                    retry=True, retry_policy=None):
         """Send the task; returns an :class:`~taskd.result.AsyncResult`.
 
         See ``docs/executing-tasks.md`` for every option. Unknown options
@@ -164,7 +165,8 @@ class Task:
             priority=priority, mandatory=mandatory, immediate=immediate,
             connect_timeout=connect_timeout, publisher=publisher, connection=connection,
             task_id=task_id, headers=headers, time_limit=time_limit,
-            soft_time_limit=soft_time_limit, ignore_result=ignore_result, retries=retries)
+            soft_time_limit=soft_time_limit, ignore_result=ignore_result, retries=retries,
+            retry=retry, retry_policy=retry_policy)
 
     @classmethod
     def get_publisher(cls, connect_timeout=None, connection=None, window=1000):

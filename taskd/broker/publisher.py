@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 import pika
 import pika.exceptions
@@ -188,23 +189,43 @@ class Publisher:
         return frame.method.consumer_count
 
     # -- publishing -----------------------------------------------------------
-    def publish(self, message, route, *, mandatory=False, immediate=False, retry=True):
-        """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc)."""
-        attempts = 2 if retry and not self._unconfirmed else 1
+    def publish(self, message, route, *, mandatory=False, immediate=False, retry=True,
+                retry_policy=None):
+        """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc).
+
+        A publish that fails for a connection reason is tried again on a new
+        connection, as ``retry_policy`` says (Celery's keys: ``max_retries``,
+        ``interval_start``, ``interval_step``, ``interval_max``; default
+        ``broker.publish_retries`` tries at 0, 0.2, 0.4 ... s); then it raises
+        ``ConnectionError``. It never returns without the broker's confirm.
+        """
+        policy = dict(max_retries=self.app.config["broker.publish_retries"], interval_start=0.0,
+                      interval_step=0.2, interval_max=1.0)
+        policy.update(retry_policy or {})
+        attempts = 1 + (policy["max_retries"] if retry and self._owns_connection else 0)
         for attempt in range(attempts):
             try:
                 return self._publish_once(message, route, mandatory, immediate)
-            except CONNECTION_ERRORS as exc:
-                log.warning("publish of task %s failed (%s); %s", message.task_id, exc,
-                            "reconnecting" if attempt + 1 < attempts else "giving up")
+            except (*CONNECTION_ERRORS, TaskdConnectionError) as exc:
                 self._lost_unconfirmed(f"the connection failed ({exc})")
+                # this message is sent again below: forget its failure, keep the others'
+                self._failed = [(t, why) for t, why in self._failed if t != message.task_id]
                 self.channel = None
-                if self._owns_connection:
+                if self._owns_connection and self.connection is not None:
+                    try:
+                        self.connection.close()
+                    except Exception:
+                        pass
                     self.connection = None
                 if attempt + 1 >= attempts:
                     raise TaskdConnectionError(
-                        f"task {message.task_id} was not sent: the broker connection failed ({exc})"
+                        f"task {message.task_id} was not sent after {attempts} attempt(s): {exc}"
                     ) from None
+                pause = min(policy["interval_max"],
+                            policy["interval_start"] + attempt * policy["interval_step"])
+                log.warning("publish of task %s failed (%s); trying again in %.1fs",
+                            message.task_id, exc, pause)
+                time.sleep(pause)
 
     def _publish_once(self, message, route, mandatory, immediate):
         channel = self._ensure_open()

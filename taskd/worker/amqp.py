@@ -25,7 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class ChannelLost(TaskdConnectionError):
-    """The channel or connection closed while a call was pending."""
+    """The channel or connection closed while a call was pending.
+
+    ``reason`` is pika's exception for the close (``ChannelClosedByBroker`` with
+    a ``reply_code`` when the broker refused something).
+    """
+
+    def __init__(self, message, reason=None):
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def refused(self):
+        """True when the broker closed the channel over a precondition or access error."""
+        return getattr(self.reason, "reply_code", None) in (403, 405, 406)
 
 
 class AsyncChannel:
@@ -110,23 +123,23 @@ class AsyncChannel:
         return self.channel is not None and self.channel.is_open
 
     # -- closing ----------------------------------------------------------------
-    def _fail_pending(self, reason):
+    def _fail_pending(self, text, reason=None):
         for future in list(self._pending):
             if not future.done():
-                future.set_exception(ChannelLost(reason))
+                future.set_exception(ChannelLost(text, reason))
         self._pending.clear()
         confirms, self._confirms = self._confirms, {}
         for callback in confirms.values():
             callback(None)   # None: unknown, the connection went away
 
     def _on_channel_closed(self, channel, reason):
-        self._fail_pending(f"channel closed: {reason}")
+        self._fail_pending(f"channel closed: {reason}", reason)
         if self.connection is not None and self.connection.is_open and not self.closing:
             # A channel error (e.g. PRECONDITION_FAILED) closes only the channel.
             self.connection.close()
 
     def _on_closed(self, connection, reason):
-        self._fail_pending(f"connection closed: {reason}")
+        self._fail_pending(f"connection closed: {reason}", reason)
         self.channel = None
         if not self.closing:
             self.on_lost(reason)

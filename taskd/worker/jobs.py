@@ -6,9 +6,12 @@ drops a message dead-lettered into a queue already in that history.
 """
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 
 import pika
+
+from .recovery import COPY_HEADER
 
 from .. import protocol
 
@@ -74,6 +77,7 @@ class Job:
 
 
 def _copy_properties(properties, headers):
+    headers[COPY_HEADER] = uuid.uuid4().hex    # tells this copy from its original
     return pika.BasicProperties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,

@@ -29,13 +29,13 @@ from setproctitle import setproctitle
 
 from .. import protocol, serialization
 from ..broker import topology
-from ..exceptions import (ConfigError, ConnectionError as TaskdConnectionError, NotRegistered,
+from ..exceptions import (ConfigError, NotRegistered,
                           TaskdError, TaskRevokedError, TimeLimitExceeded, WorkerLostError)
 from . import jobs
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost
 from .framing import encode as encode_frame
-from . import parking
+from . import parking, recovery
 from .pool import Pool
 from .schedule import Schedule
 from .systemd import Notifier
@@ -94,21 +94,24 @@ class Supervisor:
                          track_rss=bool(self.config["worker.max_memory_per_child"]),
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
                          on_lost=self.on_child_lost)
+        self.recent = recovery.RecentlyDone()
+        self.unsent = []                      # results to publish again after a reconnect
+        self.twins = {}                       # delivery key -> redelivered copies of running tasks
+        self._reconnecting = True             # until the first connection is up
         self._install_signals()
         self.manage_children()
         try:
-            await self.connect()
-        except (TaskdConnectionError, ChannelLost) as exc:
-            log.error("%s", exc)
-            self.exit_code = EX_UNAVAILABLE
-            await self._stop_children(cold=True)
-            return
+            if not await self._connect_with_retry():
+                self.exit_code = EX_UNAVAILABLE
+                await self._stop_children(cold=True)
+                return
         except ConfigError as exc:
             for error in exc.errors:
                 log.error("%s", error)
             self.exit_code = EX_CONFIG
             await self._stop_children(cold=True)
             return
+        self._reconnecting = False
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
         self.notifier.ready(self.status_line())
         await self.stopped
@@ -163,7 +166,9 @@ class Supervisor:
                     await self.consumer.call(channel.queue_bind, op.queue, op.exchange,
                                              routing_key=op.routing_key)
             except ChannelLost as exc:
-                raise ConfigError([topology.explain_channel_error(op, exc)], "broker") from None
+                if exc.refused:
+                    raise ConfigError([topology.explain_channel_error(op, exc)], "broker") from None
+                raise
 
     def _prefetch(self):
         return self.concurrency * self.config["worker.prefetch_multiplier"] + self._qos_extra
@@ -177,22 +182,74 @@ class Supervisor:
             if self.consumer.is_open:
                 self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
 
+    async def _connect_with_retry(self):
+        cfg = self.config
+        return await recovery.connect_with_retry(self, cfg["broker.retry_for"],
+                                                 cfg["broker.retry_max_interval"])
+
+    async def close_connections(self):
+        for conn in (self.consumer, self.publisher):
+            if conn is not None:
+                await conn.close()
+
     def on_connection_lost(self, reason):
-        if self.stopping:
+        """A connection dropped: keep the children running, reconnect, resume."""
+        if self.stopping or self._reconnecting:
             return
-        log.error("lost the broker connection (%s); stopping so the service manager restarts "
-                  "the worker; unfinished tasks go back to their queues", reason)
-        self.exit_code = EX_UNAVAILABLE
-        self.loop.create_task(self._shutdown(cold=True))
+        self._reconnecting = True
+        self.counters["connection_lost"] += 1
+        dropped = len(self.ready) + len(self.schedule)
+        log.error("lost the broker connection (%s); %d running task(s) go on, %d unstarted "
+                  "go back to the broker; reconnecting", reason, len(self.pool.busy()), dropped)
+        self.ready.clear()
+        self.schedule.drain()
+        self.acks.reset()
+        self.loop.create_task(self._recover())
+
+    async def _recover(self):
+        await self.close_connections()
+        try:
+            ok = await self._connect_with_retry()
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("%s", error)
+            self.exit_code, ok = EX_CONFIG, False
+        self._reconnecting = False
+        if not ok:
+            if not self.stopping:
+                self.exit_code = self.exit_code or EX_UNAVAILABLE
+                await self._shutdown(cold=False)
+            return
+        log.info("reconnected; consuming %s again", ", ".join(self.queues))
+        unsent, self.unsent = self.unsent, []
+        for job, body, props in unsent:
+            self.publish_result(job, body, props)
+        self.notifier.ready(self.status_line())
 
     # == deliveries ==================================================================
     def on_delivery(self, channel, method, properties, body):
+        """pika calls this for each message; a bug here must not kill the connection."""
+        try:
+            self._on_delivery(channel, method, properties, body)
+        except Exception:
+            log.exception("internal error handling delivery %s; returning it to the queue "
+                          "in 1s", method.delivery_tag)
+            self.acks.forget(method.delivery_tag)
+
+            def nack():
+                if channel.is_open:
+                    channel.basic_nack(method.delivery_tag, requeue=True)
+            self.loop.call_later(1.0, nack)
+
+    def _on_delivery(self, channel, method, properties, body):
         self.counters["received"] += 1
         self.seq += 1
         job = jobs.Job(self.seq, method.delivery_tag, channel,
                        self.consumer_tags.get(method.consumer_tag, "?"), method.exchange,
                        method.routing_key, properties, body, method.redelivered)
         self.acks.received(method.delivery_tag)
+        if method.redelivered and (self.finish_duplicate(job) or self.twin_of_running(job)):
+            return
         limit = self.config["worker.max_message_size"]
         if limit and len(body) > limit:
             self.dead_letter(job, f"message of {len(body)} bytes exceeds "
@@ -250,11 +307,50 @@ class Supervisor:
 
         def confirmed(ok):
             if ok:
+                self.remember(job)
                 self.complete(job)
             elif job.channel is self.consumer.channel:    # could not park: hold it here
                 self.hold(job, max(0.0, delay))
         self.publish(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
                      confirmed)
+
+    def finish_duplicate(self, job):
+        """A redelivered message this worker already finished: ack it, do not run it."""
+        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        if key not in self.recent:
+            return False
+        self.counters["duplicates"] += 1
+        log.warning("task %s was finished before the connection dropped: acknowledging the "
+                    "redelivered copy without running it", job.describe())
+        result = self.recent.get(key)
+        if result is not None:
+            self.publish_result(job, *result)
+        else:
+            self.complete(job)
+        return True
+
+    def twin_of_running(self, job):
+        """A redelivered copy of a task still running here: settle it with the original."""
+        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        for child in self.pool.busy():
+            running = child.job
+            if recovery.delivery_key(running.headers, running.properties.correlation_id) == key:
+                log.warning("task %s is still running here: its redelivered copy will be "
+                            "acknowledged when it finishes", job.describe())
+                self.counters["duplicates"] += 1
+                self.twins.setdefault(key, []).append(job)
+                return True
+        return False
+
+    def remember(self, job, result=None):
+        """Record a finished delivery; settle any redelivered twin waiting for it."""
+        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        self.recent.add(key, result)
+        for twin in self.twins.pop(key, ()):
+            if result is not None:
+                self.publish_result(twin, *result)
+            else:
+                self.complete(twin)
 
     def revoke_if_expired(self, job):
         expires = job.request.expires
@@ -339,12 +435,15 @@ class Supervisor:
         else:
             self.counters["failed"] += 1
             log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
-        if wants_result:
-            self.publish(
-                "", request.reply_to, body,
-                jobs.result_properties(request.correlation_id, ctype, encoding),
-                None if status == protocol.RETRY else (lambda ok: self.complete(job)))
-        elif status != protocol.RETRY:
+        props = jobs.result_properties(request.correlation_id, ctype, encoding)
+        if status == protocol.RETRY:
+            if wants_result:
+                self.publish("", request.reply_to, body, props, None)
+        elif wants_result:
+            self.remember(job, (body, props))
+            self.publish_result(job, body, props)
+        else:
+            self.remember(job)
             self.complete(job)
         self._check_recycle(child)
         self.manage_children()
@@ -370,6 +469,7 @@ class Supervisor:
                 self.counters["failed"] += 1
                 self.reply_failure(job, TimeLimitExceeded(
                     f"hard time limit ({job.timed_out:g}s) exceeded"))
+                self.remember(job)
                 self.complete(job)
             else:
                 self.redeliver(job, reason)
@@ -378,12 +478,30 @@ class Supervisor:
         self.dispatch()
         self._maybe_finish_stop()
 
+    def publish_result(self, job, body, props):
+        """Publish a result (confirmed), then ack; kept for later if the broker is away."""
+        def confirmed(ok):
+            if ok:
+                self.complete(job)
+            else:
+                self.unsent.append((job, body, props))
+        self.publish("", job.properties.reply_to, body, props, confirmed)
+
     def retry(self, job, message):
         """Publish the retry's message to the task's queue (confirmed), then ack."""
         log.info("task %s: retry %d published", job.describe(), message["retries"])
         props = jobs.retry_properties(job, message)
-        self.publish("", job.queue, message["body"], props,
-                     lambda ok: self.complete(job) if ok else self.give_back(job))
+        self.publish("", job.queue, message["body"], props, self._then_complete(job))
+
+    def _then_complete(self, job):
+        """on_confirm for a copy that replaces ``job``: ack it, or give it back."""
+        def confirmed(ok):
+            if ok:
+                self.remember(job)
+                self.complete(job)
+            else:
+                self.give_back(job)
+        return confirmed
 
     def redeliver(self, job, reason):
         """The child died mid-task: publish a copy (count + 1), or dead-letter it."""
@@ -400,15 +518,14 @@ class Supervisor:
         if spec is not None and spec.quorum:
             self.give_back(job, delay=0)   # the broker counts deliveries (x-delivery-count)
             return
-        self.publish("", job.queue, job.body, jobs.redelivery(job),
-                     lambda ok: self.complete(job) if ok else self.give_back(job))
+        self.publish("", job.queue, job.body, jobs.redelivery(job), self._then_complete(job))
 
     def dead_letter(self, job, reason, exc=None):
         """Move the message to the dead-letter queue (confirmed), then ack it."""
         log.error("dead-lettering task %s from queue %s: %s", job.describe(), job.queue, reason)
         self.counters["dead_lettered"] += 1
         self.publish("", self.dead_letter_queue, job.body, jobs.dead_letter(job, reason),
-                     lambda ok: self.complete(job) if ok else self.give_back(job))
+                     self._then_complete(job))
         self.reply_failure(job, exc or TaskdError(reason))
 
     def reply_failure(self, job, exc, status=protocol.FAILURE):
@@ -571,9 +688,7 @@ class Supervisor:
                 self.exit_code = self.exit_code or EX_TASKS_CUT
                 cold = True
         await self._stop_children(cold)
-        for conn in (self.consumer, self.publisher):
-            if conn is not None:
-                await conn.close()
+        await self.close_connections()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
             self.stopped.set_result(None)

@@ -47,11 +47,13 @@ def test_unreachable_broker_exits_69_with_one_line(tmp_path):
     port = sock.getsockname()[1]
     sock.close()                                  # nothing listens there now
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"broker: {{url: 'amqp://guest:secret@127.0.0.1:{port}/', connect_timeout: 2}}\n"
+    cfg.write_text(f"broker: {{url: 'amqp://guest:secret@127.0.0.1:{port}/', connect_timeout: 2, "
+                   "retry_for: 1}\n"
                    "imports: [ttasks]\nworker: {concurrency: 1}\n")
     out = run("worker", "--config", str(cfg))
     assert out.returncode == 69
     assert f"cannot connect to the broker at 127.0.0.1:{port}" in out.stderr
+    assert "gave up after 1s (broker.retry_for)" in out.stderr
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
 
 
@@ -64,7 +66,8 @@ def test_silent_broker_times_out_within_connect_timeout(tmp_path):
     accepted = []
     threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"broker: {{url: 'amqp://guest:guest@127.0.0.1:{port}/', connect_timeout: 1}}\n"
+    cfg.write_text(f"broker: {{url: 'amqp://guest:guest@127.0.0.1:{port}/', connect_timeout: 1, "
+                   "retry_for: 0.5}\n"
                    "imports: [ttasks]\nworker: {concurrency: 1}\n")
     out = run("worker", "--config", str(cfg), timeout=20)
     server.close()
