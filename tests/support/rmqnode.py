@@ -1,0 +1,85 @@
+"""A private RabbitMQ node for fault tests: own name, ports and data directory.
+
+Started with ``rabbitmq-server -detached`` (as Debian's package runs it), stopped
+with ``rabbitmqctl -n NODE stop``; a restart keeps the data directory, so durable
+queues and persistent messages survive it as they would in production.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def amqp_answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.settimeout(2)
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            return s.recv(1) == b"\x01"
+    except OSError:
+        return False
+
+
+class RabbitNode:
+    def __init__(self, consumer_timeout_ms=None):
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.name = f"taskdtest{os.getpid()}x{self.port}@localhost"
+        self.dir = tempfile.mkdtemp(prefix="taskd-rmq-")
+        os.makedirs(f"{self.dir}/mnesia")
+        os.makedirs(f"{self.dir}/log")
+        conf = [f"listeners.tcp.default = {self.port}", "loopback_users = none"]
+        if consumer_timeout_ms:
+            conf.append(f"consumer_timeout = {consumer_timeout_ms}")
+        with open(f"{self.dir}/rabbitmq.conf", "w") as fh:
+            fh.write("\n".join(conf) + "\n")
+        with open(f"{self.dir}/enabled_plugins", "w") as fh:
+            fh.write("[].\n")
+        # the server runs as the package's user: it must own its directory
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", self.dir], check=False)
+        os.chmod(self.dir, 0o755)
+
+    @property
+    def url(self):
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def _env(self):
+        return dict(os.environ, RABBITMQ_NODENAME=self.name, RABBITMQ_NODE_PORT=str(self.port),
+                    RABBITMQ_DIST_PORT=str(self.dist_port),
+                    RABBITMQ_MNESIA_BASE=f"{self.dir}/mnesia",
+                    RABBITMQ_LOG_BASE=f"{self.dir}/log",
+                    RABBITMQ_CONFIG_FILE=f"{self.dir}/rabbitmq",
+                    RABBITMQ_ENABLED_PLUGINS_FILE=f"{self.dir}/enabled_plugins")
+
+    def start(self, timeout=60):
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True,
+                       capture_output=True, timeout=30)
+        deadline = time.monotonic() + timeout
+        while not amqp_answers(self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ node {self.name} did not start; logs in {self.dir}/log")
+            time.sleep(0.2)
+        return self
+
+    def stop(self, timeout=60):
+        subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], env=self._env(),
+                       capture_output=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while amqp_answers(self.port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def destroy(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def available():
+    return shutil.which("rabbitmq-server") is not None and os.geteuid() == 0
