@@ -15,6 +15,10 @@ children, and nothing else runs on its thread. Everything is an event:
 Acknowledgements are sent only after the task has finished and its result
 (or its dead-letter copy, or its redelivered copy) has been confirmed by the
 broker, and are batched by :class:`~taskd.worker.acks.AckTracker`.
+
+A task's path reads in order through :mod:`~taskd.worker.intake` (delivery to
+dispatch) and :mod:`~taskd.worker.outcomes` (outcome to ack); this module
+holds the loop, the connections, the children's numbers, signals and stopping.
 """
 from __future__ import annotations
 
@@ -23,19 +27,17 @@ import collections
 import logging
 import signal
 import time
-from datetime import datetime, timezone
 
 from setproctitle import setproctitle
 
-from .. import protocol, serialization
+from .. import serialization
 from ..broker import topology
-from ..exceptions import (ConfigError, NotRegistered,
-                          TaskdError, TaskRevokedError, TimeLimitExceeded, WorkerLostError)
-from . import jobs
+from ..exceptions import ConfigError
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost
-from .framing import encode as encode_frame
 from . import parking, recovery
+from .intake import Intake
+from .outcomes import Outcomes
 from .pool import Pool
 from .schedule import Schedule
 from .systemd import Notifier
@@ -45,7 +47,7 @@ log = logging.getLogger("taskd.supervisor")
 EX_OK, EX_TASKS_CUT, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
 
 
-class Supervisor:
+class Supervisor(Intake, Outcomes):
     def __init__(self, config, *, queues=None, concurrency=None, config_path=None):
         self.config = config
         self.config_path = config_path
@@ -225,353 +227,6 @@ class Supervisor:
         for job, body, props in unsent:
             self.publish_result(job, body, props)
         self.notifier.ready(self.status_line())
-
-    # == deliveries ==================================================================
-    def on_delivery(self, channel, method, properties, body):
-        """pika calls this for each message; a bug here must not kill the connection."""
-        try:
-            self._on_delivery(channel, method, properties, body)
-        except Exception:
-            log.exception("internal error handling delivery %s; returning it to the queue "
-                          "in 1s", method.delivery_tag)
-            self.acks.forget(method.delivery_tag)
-
-            def nack():
-                if channel.is_open:
-                    channel.basic_nack(method.delivery_tag, requeue=True)
-            self.loop.call_later(1.0, nack)
-
-    def _on_delivery(self, channel, method, properties, body):
-        self.counters["received"] += 1
-        self.seq += 1
-        job = jobs.Job(self.seq, method.delivery_tag, channel,
-                       self.consumer_tags.get(method.consumer_tag, "?"), method.exchange,
-                       method.routing_key, properties, body, method.redelivered)
-        self.acks.received(method.delivery_tag)
-        if method.redelivered and (self.finish_duplicate(job) or self.twin_of_running(job)):
-            return
-        limit = self.config["worker.max_message_size"]
-        if limit and len(body) > limit:
-            self.dead_letter(job, f"message of {len(body)} bytes exceeds "
-                                  f"worker.max_message_size ({limit} bytes)")
-            return
-        try:
-            job.request = protocol.decode_task(
-                properties.headers, body, properties.content_type, properties.content_encoding,
-                reply_to=properties.reply_to, correlation_id=properties.correlation_id,
-                accept=self.accept)
-        except TaskdError as exc:
-            self.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
-            return
-        if self.revoke_if_expired(job):
-            return
-        eta = job.request.eta
-        if eta is not None:
-            delay = (eta - datetime.now(timezone.utc)).total_seconds()
-            if delay > 0:
-                self.schedule_job(job, eta, delay)
-                return
-        self.ready.append(job)
-        self.dispatch()
-
-    def schedule_job(self, job, eta, delay):
-        """An ETA task: revoke it if it would expire first, else park or hold it."""
-        expires = job.request.expires
-        if expires is not None and expires < eta:
-            log.warning("task %s expires (%s) before its ETA (%s): not run", job.describe(),
-                        expires.isoformat(), eta.isoformat())
-            self.counters["revoked"] += 1
-            self.reply_failure(job, TaskRevokedError(
-                f"expires at {expires.isoformat()}, before its ETA {eta.isoformat()}"),
-                protocol.REVOKED)
-            self.complete(job)
-            return
-        cfg = self.config
-        if parking.should_park(delay, len(self.schedule), cfg["worker.eta_horizon"],
-                               cfg["worker.max_held"]):
-            self.park(job, delay)
-        else:
-            self.hold(job, delay)
-
-    def hold(self, job, delay):
-        self.schedule.hold(time.monotonic() + delay, job)
-        self._update_qos()
-        self._arm_schedule_timer()
-
-    def park(self, job, delay):
-        """Republish to the delay bucket that brings it back before it is due, then ack."""
-        bucket = parking.bucket_for(delay)
-        exchange = parking.exchange_name(self.config["worker.delay_queue_prefix"], bucket)
-        self.counters["parked"] += 1
-        log.debug("task %s parked in %s (due in %.0fs)", job.describe(), exchange, delay)
-
-        def confirmed(ok):
-            if ok:
-                self.remember(job)
-                self.complete(job)
-            elif job.channel is self.consumer.channel:    # could not park: hold it here
-                self.hold(job, max(0.0, delay))
-        self.publish(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
-                     confirmed)
-
-    def finish_duplicate(self, job):
-        """A redelivered message this worker already finished: ack it, do not run it."""
-        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
-        if key not in self.recent:
-            return False
-        self.counters["duplicates"] += 1
-        log.warning("task %s was finished before the connection dropped: acknowledging the "
-                    "redelivered copy without running it", job.describe())
-        result = self.recent.get(key)
-        if result is not None:
-            self.publish_result(job, *result)
-        else:
-            self.complete(job)
-        return True
-
-    def twin_of_running(self, job):
-        """A redelivered copy of a task still running here: settle it with the original."""
-        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
-        for child in self.pool.busy():
-            running = child.job
-            if recovery.delivery_key(running.headers, running.properties.correlation_id) == key:
-                log.warning("task %s is still running here: its redelivered copy will be "
-                            "acknowledged when it finishes", job.describe())
-                self.counters["duplicates"] += 1
-                self.twins.setdefault(key, []).append(job)
-                return True
-        return False
-
-    def remember(self, job, result=None):
-        """Record a finished delivery; settle any redelivered twin waiting for it."""
-        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
-        self.recent.add(key, result)
-        for twin in self.twins.pop(key, ()):
-            if result is not None:
-                self.publish_result(twin, *result)
-            else:
-                self.complete(twin)
-
-    def revoke_if_expired(self, job):
-        expires = job.request.expires
-        if expires is None or expires > datetime.now(timezone.utc):
-            return False
-        log.warning("task %s expired at %s: not run", job.describe(), expires.isoformat())
-        self.counters["revoked"] += 1
-        self.reply_failure(job, TaskRevokedError(f"expired at {expires.isoformat()}"),
-                           protocol.REVOKED)
-        self.complete(job)
-        return True
-
-    def _arm_schedule_timer(self):
-        due = self.schedule.next_due()
-        if due is None:
-            return
-        if self._timer is not None:
-            if self._timer.when() <= due:
-                return
-            self._timer.cancel()
-        self._timer = self.loop.call_at(due, self._release_due)
-
-    def _release_due(self):
-        self._timer = None
-        self.ready.extend(self.schedule.pop_due(time.monotonic()))
-        self._update_qos()
-        self._arm_schedule_timer()
-        self.dispatch()
-
-    def dispatch(self):
-        """Give ready jobs to idle children."""
-        if not self.ready:
-            return
-        for child in self.pool.idle():
-            if not self.ready:
-                break
-            job = self.ready.popleft()
-            if self.task_names is not None and job.request.name not in self.task_names:
-                self.dead_letter(job, f"NotRegistered: unknown task {job.request.name!r}",
-                                 NotRegistered(f"task {job.request.name!r} is not registered "
-                                               "in this worker"))
-                continue
-            if self.revoke_if_expired(job):
-                continue
-            hard, soft = self.limits_for(job.request)
-            if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
-                if hard:
-                    job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
-        self.update_title()
-
-    def _time_limit_hit(self, child, job, limit):
-        if child.job is job:
-            log.error("task %s exceeded its hard time limit (%gs): killing child %d (pid %d)",
-                      job.describe(), limit, child.index, child.pid)
-            job.timed_out = limit
-            self.pool.kill(child)
-
-    # == outcomes ====================================================================
-    def on_child_ready(self, child, task_limits):
-        self.task_names = frozenset(task_limits)
-        self.task_limits = task_limits
-        self.dispatch()
-
-    def limits_for(self, request):
-        """(hard, soft) seconds: the call's, else the task's, else the config's."""
-        task_hard, task_soft = self.task_limits.get(request.name, (None, None))
-        return (request.time_limit or task_hard or self.config["worker.time_limit"],
-                request.soft_time_limit or task_soft or self.config["worker.soft_time_limit"])
-
-    def on_outcome(self, child, job, frame):
-        _, _seq, status, body, ctype, encoding, runtime, rss, error, retry = frame
-        if job.timer is not None:
-            job.timer.cancel()
-        request = job.request
-        wants_result = request.reply_to and not request.ignore_result
-        if status == protocol.RETRY:
-            self.counters["retried"] += 1
-            self.retry(job, retry)
-        elif status == protocol.SUCCESS:
-            self.counters["succeeded"] += 1
-            log.info("task %s succeeded in %.3fs", job.describe(), runtime)
-        else:
-            self.counters["failed"] += 1
-            log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
-        props = jobs.result_properties(request.correlation_id, ctype, encoding)
-        if status == protocol.RETRY:
-            if wants_result:
-                self.publish("", request.reply_to, body, props, None)
-        elif wants_result:
-            self.remember(job, (body, props))
-            self.publish_result(job, body, props)
-        else:
-            self.remember(job)
-            self.complete(job)
-        self._check_recycle(child)
-        self.manage_children()
-        self.dispatch()
-        self.update_title()
-
-    def _check_recycle(self, child):
-        cfg = self.config
-        max_tasks, max_memory = cfg["worker.max_tasks_per_child"], cfg["worker.max_memory_per_child"]
-        if max_tasks and child.tasks_done >= max_tasks:
-            log.info("child %d ran %d tasks: replacing it", child.index, child.tasks_done)
-            self.pool.retire(child)
-        elif max_memory and child.rss > max_memory:
-            log.info("child %d uses %d MiB (limit %d MiB): replacing it",
-                     child.index, child.rss >> 20, max_memory >> 20)
-            self.pool.retire(child)
-
-    def on_child_lost(self, child, job, reason):
-        if job is not None:
-            if job.timer is not None:
-                job.timer.cancel()
-            if job.timed_out:
-                self.counters["failed"] += 1
-                self.reply_failure(job, TimeLimitExceeded(
-                    f"hard time limit ({job.timed_out:g}s) exceeded"))
-                self.remember(job)
-                self.complete(job)
-            else:
-                self.redeliver(job, reason)
-        if not self.stopping:
-            self.manage_children()
-        self.dispatch()
-        self._maybe_finish_stop()
-
-    def publish_result(self, job, body, props):
-        """Publish a result (confirmed), then ack; kept for later if the broker is away."""
-        def confirmed(ok):
-            if ok:
-                self.complete(job)
-            else:
-                self.unsent.append((job, body, props))
-        self.publish("", job.properties.reply_to, body, props, confirmed)
-
-    def retry(self, job, message):
-        """Publish the retry's message to the task's queue (confirmed), then ack."""
-        log.info("task %s: retry %d published", job.describe(), message["retries"])
-        props = jobs.retry_properties(job, message)
-        self.publish("", job.queue, message["body"], props, self._then_complete(job))
-
-    def _then_complete(self, job):
-        """on_confirm for a copy that replaces ``job``: ack it, or give it back."""
-        def confirmed(ok):
-            if ok:
-                self.remember(job)
-                self.complete(job)
-            else:
-                self.give_back(job)
-        return confirmed
-
-    def redeliver(self, job, reason):
-        """The child died mid-task: publish a copy (count + 1), or dead-letter it."""
-        if job.delivery_count >= self.config["worker.max_deliveries"]:
-            exc = WorkerLostError(f"the child running it {reason}, "
-                                  f"{job.delivery_count} times (worker.max_deliveries)")
-            self.counters["failed"] += 1
-            self.dead_letter(job, f"WorkerLostError: {exc}", exc)
-            return
-        log.warning("task %s: child %s; redelivering (delivery %d of %d)", job.describe(),
-                    reason, job.delivery_count + 1, self.config["worker.max_deliveries"])
-        self.counters["redelivered"] += 1
-        spec = self.config.queue(job.queue)
-        if spec is not None and spec.quorum:
-            self.give_back(job, delay=0)   # the broker counts deliveries (x-delivery-count)
-            return
-        self.publish("", job.queue, job.body, jobs.redelivery(job), self._then_complete(job))
-
-    def dead_letter(self, job, reason, exc=None):
-        """Move the message to the dead-letter queue (confirmed), then ack it."""
-        log.error("dead-lettering task %s from queue %s: %s", job.describe(), job.queue, reason)
-        self.counters["dead_lettered"] += 1
-        self.publish("", self.dead_letter_queue, job.body, jobs.dead_letter(job, reason),
-                     self._then_complete(job))
-        self.reply_failure(job, exc or TaskdError(reason))
-
-    def reply_failure(self, job, exc, status=protocol.FAILURE):
-        reply_to = job.properties.reply_to
-        if reply_to:
-            body, props = jobs.failure_reply(job, exc, status)
-            self.publish("", reply_to, body, props, None)
-
-    def publish(self, exchange, routing_key, body, properties, on_confirm):
-        if self.publisher is None or not self.publisher.is_open:
-            if on_confirm is not None:
-                on_confirm(None)
-            return
-        self.publisher.publish(exchange, routing_key, body, properties,
-                               on_confirm or (lambda ok: None))
-
-    # == acks ===========================================================================
-    def complete(self, job):
-        """The job is finished for good: ack its delivery (batched)."""
-        if job.channel is not self.consumer.channel:
-            return      # from a channel that is gone: the broker has requeued it
-        self.acks.completed(job.tag)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_acks)
-
-    def give_back(self, job, delay=1.0):
-        """A copy could not be confirmed: return the original to its queue (after
-        ``delay`` seconds, so that a publisher that keeps failing is no busy loop)."""
-        def nack():
-            if job.channel is self.consumer.channel and self.consumer.is_open:
-                self.acks.forget(job.tag)
-                job.channel.basic_nack(job.tag, requeue=True)
-        if delay:
-            self.loop.call_later(delay, nack)
-        else:
-            nack()
-
-    def _flush_acks(self):
-        self._flush_scheduled = False
-        if not self.consumer.is_open:
-            return
-        channel = self.consumer.channel
-        for tag, multiple in self.acks.flush():
-            channel.basic_ack(tag, multiple=multiple)
-        self._maybe_finish_stop()
 
     # == children ========================================================================
     def manage_children(self):

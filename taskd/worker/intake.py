@@ -1,0 +1,208 @@
+"""Deliveries into the supervisor: validate, deduplicate, schedule, dispatch.
+
+The first half of a task's path through the worker (the second is
+:mod:`taskd.worker.outcomes`). A delivery is decoded and validated here; bad
+input is dead-lettered before any child sees it; a redelivered copy of work
+already done (after a connection drop) is settled without running; a task
+with an ETA is held or parked (:mod:`taskd.worker.parking`); the rest wait in
+``ready`` until :meth:`Intake.dispatch` hands them to idle children.
+
+A mixin of :class:`~taskd.worker.supervisor.Supervisor`: it uses the
+supervisor's tables (``ready``, ``schedule``, ``pool``, ``recent``, ``twins``)
+and its publishing and acknowledging methods.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+from .. import protocol
+from ..exceptions import NotRegistered, TaskdError, TaskRevokedError
+from . import jobs, parking, recovery
+from .framing import encode as encode_frame
+
+log = logging.getLogger("taskd.supervisor")
+
+
+class Intake:
+    def on_delivery(self, channel, method, properties, body):
+        """pika calls this for each message; a bug here must not kill the connection."""
+        try:
+            self._on_delivery(channel, method, properties, body)
+        except Exception:
+            log.exception("internal error handling delivery %s; returning it to the queue "
+                          "in 1s", method.delivery_tag)
+            self.acks.forget(method.delivery_tag)
+
+            def nack():
+                if channel.is_open:
+                    channel.basic_nack(method.delivery_tag, requeue=True)
+            self.loop.call_later(1.0, nack)
+
+    def _on_delivery(self, channel, method, properties, body):
+        self.counters["received"] += 1
+        self.seq += 1
+        job = jobs.Job(self.seq, method.delivery_tag, channel,
+                       self.consumer_tags.get(method.consumer_tag, "?"), method.exchange,
+                       method.routing_key, properties, body, method.redelivered)
+        self.acks.received(method.delivery_tag)
+        if method.redelivered and (self.finish_duplicate(job) or self.twin_of_running(job)):
+            return
+        limit = self.config["worker.max_message_size"]
+        if limit and len(body) > limit:
+            self.dead_letter(job, f"message of {len(body)} bytes exceeds "
+                                  f"worker.max_message_size ({limit} bytes)")
+            return
+        try:
+            job.request = protocol.decode_task(
+                properties.headers, body, properties.content_type, properties.content_encoding,
+                reply_to=properties.reply_to, correlation_id=properties.correlation_id,
+                accept=self.accept)
+        except TaskdError as exc:
+            self.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
+            return
+        if self.revoke_if_expired(job):
+            return
+        eta = job.request.eta
+        if eta is not None:
+            delay = (eta - datetime.now(timezone.utc)).total_seconds()
+            if delay > 0:
+                self.schedule_job(job, eta, delay)
+                return
+        self.ready.append(job)
+        self.dispatch()
+
+    def schedule_job(self, job, eta, delay):
+        """An ETA task: revoke it if it would expire first, else park or hold it."""
+        expires = job.request.expires
+        if expires is not None and expires < eta:
+            log.warning("task %s expires (%s) before its ETA (%s): not run", job.describe(),
+                        expires.isoformat(), eta.isoformat())
+            self.counters["revoked"] += 1
+            self.reply_failure(job, TaskRevokedError(
+                f"expires at {expires.isoformat()}, before its ETA {eta.isoformat()}"),
+                protocol.REVOKED)
+            self.complete(job)
+            return
+        cfg = self.config
+        if parking.should_park(delay, len(self.schedule), cfg["worker.eta_horizon"],
+                               cfg["worker.max_held"]):
+            self.park(job, delay)
+        else:
+            self.hold(job, delay)
+
+    def hold(self, job, delay):
+        self.schedule.hold(time.monotonic() + delay, job)
+        self._update_qos()
+        self._arm_schedule_timer()
+
+    def park(self, job, delay):
+        """Republish to the delay bucket that brings it back before it is due, then ack."""
+        bucket = parking.bucket_for(delay)
+        exchange = parking.exchange_name(self.config["worker.delay_queue_prefix"], bucket)
+        self.counters["parked"] += 1
+        log.debug("task %s parked in %s (due in %.0fs)", job.describe(), exchange, delay)
+
+        def confirmed(ok):
+            if ok:
+                self.remember(job)
+                self.complete(job)
+            elif job.channel is self.consumer.channel:    # could not park: hold it here
+                self.hold(job, max(0.0, delay))
+        self.publish(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
+                     confirmed)
+
+    def finish_duplicate(self, job):
+        """A redelivered message this worker already finished: ack it, do not run it."""
+        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        if key not in self.recent:
+            return False
+        self.counters["duplicates"] += 1
+        log.warning("task %s was finished before the connection dropped: acknowledging the "
+                    "redelivered copy without running it", job.describe())
+        result = self.recent.get(key)
+        if result is not None:
+            self.publish_result(job, *result)
+        else:
+            self.complete(job)
+        return True
+
+    def twin_of_running(self, job):
+        """A redelivered copy of a task still running here: settle it with the original."""
+        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        for child in self.pool.busy():
+            running = child.job
+            if recovery.delivery_key(running.headers, running.properties.correlation_id) == key:
+                log.warning("task %s is still running here: its redelivered copy will be "
+                            "acknowledged when it finishes", job.describe())
+                self.counters["duplicates"] += 1
+                self.twins.setdefault(key, []).append(job)
+                return True
+        return False
+
+    def remember(self, job, result=None):
+        """Record a finished delivery; settle any redelivered twin waiting for it."""
+        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        self.recent.add(key, result)
+        for twin in self.twins.pop(key, ()):
+            if result is not None:
+                self.publish_result(twin, *result)
+            else:
+                self.complete(twin)
+
+    def revoke_if_expired(self, job):
+        expires = job.request.expires
+        if expires is None or expires > datetime.now(timezone.utc):
+            return False
+        log.warning("task %s expired at %s: not run", job.describe(), expires.isoformat())
+        self.counters["revoked"] += 1
+        self.reply_failure(job, TaskRevokedError(f"expired at {expires.isoformat()}"),
+                           protocol.REVOKED)
+        self.complete(job)
+        return True
+
+    def _arm_schedule_timer(self):
+        due = self.schedule.next_due()
+        if due is None:
+            return
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        self._timer = self.loop.call_at(due, self._release_due)
+
+    def _release_due(self):
+        self._timer = None
+        self.ready.extend(self.schedule.pop_due(time.monotonic()))
+        self._update_qos()
+        self._arm_schedule_timer()
+        self.dispatch()
+
+    def dispatch(self):
+        """Give ready jobs to idle children."""
+        if not self.ready:
+            return
+        for child in self.pool.idle():
+            if not self.ready:
+                break
+            job = self.ready.popleft()
+            if self.task_names is not None and job.request.name not in self.task_names:
+                self.dead_letter(job, f"NotRegistered: unknown task {job.request.name!r}",
+                                 NotRegistered(f"task {job.request.name!r} is not registered "
+                                               "in this worker"))
+                continue
+            if self.revoke_if_expired(job):
+                continue
+            hard, soft = self.limits_for(job.request)
+            if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
+                if hard:
+                    job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
+        self.update_title()
+
+    def _time_limit_hit(self, child, job, limit):
+        if child.job is job:
+            log.error("task %s exceeded its hard time limit (%gs): killing child %d (pid %d)",
+                      job.describe(), limit, child.index, child.pid)
+            job.timed_out = limit
+            self.pool.kill(child)
