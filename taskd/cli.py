@@ -99,6 +99,14 @@ def build_parser():
     d.add_argument("--limit", type=_positive_int, help="at most this many messages")
     d.add_argument("--json", action="store_true", help="list as JSON lines")
 
+    st = sub.add_parser("status", help="show the state of the running worker",
+                        description="Ask the running worker, over its control socket "
+                        "(worker.control_socket), for its PID, uptime, configuration, queues, "
+                        "children and their tasks, held ETA tasks and counters.")
+    _config_arg(st)
+    st.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
+    st.add_argument("--json", action="store_true", help="print the state as JSON")
+
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -224,6 +232,24 @@ def cmd_call(args):
     return 1
 
 
+def cmd_status(args):
+    from .worker import control
+    path = args.socket
+    if path is None:
+        config, code = _load(args)
+        if config is None:
+            return code
+        path = config["worker.control_socket"]
+    try:
+        state = control.query(path)
+    except OSError as exc:
+        print(f"taskd status: no worker answers on {path} ({exc.strerror or exc}); is it "
+              "running, and is worker.control_socket the same for both?", file=sys.stderr)
+        return EX_UNAVAILABLE
+    print(json.dumps(state, indent=2, default=str) if args.json else control.format_status(state))
+    return 0
+
+
 def cmd_dead_letters(args):
     config, code = _load(args)
     if config is None:
@@ -266,5 +292,5 @@ def main(argv=None):
         sys.stdout.write(config_mod.reference_markdown())
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
-               "dead-letters": cmd_dead_letters}
+               "dead-letters": cmd_dead_letters, "status": cmd_status}
     sys.exit(handler[args.command](args))

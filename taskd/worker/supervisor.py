@@ -36,6 +36,7 @@ from ..exceptions import ConfigError
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost
 from . import parking, recovery
+from .control import ControlServer
 from .intake import Intake
 from .outcomes import Outcomes
 from .pool import Pool
@@ -115,8 +116,22 @@ class Supervisor(Intake, Outcomes):
             return
         self._reconnecting = False
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
+        self.control = ControlServer(self, self.config["worker.control_socket"])
+        await self.control.start()
         self.notifier.ready(self.status_line())
+        self._tick()
         await self.stopped
+        self.control.close()
+
+    def _tick(self):
+        """Every few seconds: STATUS= and, under a systemd watchdog, WATCHDOG=1. Sent from
+        the loop itself, so a loop that stalls stops the pings and systemd notices."""
+        if self.stopping:
+            return
+        self.notifier.status(self.status_line())
+        if self.notifier.watchdog_interval:
+            self.notifier.watchdog()
+        self.loop.call_later(min(5.0, self.notifier.watchdog_interval or 5.0), self._tick)
 
     def _install_signals(self):
         handlers = {
@@ -373,8 +388,13 @@ class Supervisor(Intake, Outcomes):
     def status_line(self):
         busy = len(self.pool.busy())
         total = len(self.pool.serving())
-        return (f"{busy}/{total} busy, {self.counters['succeeded']} ok, "
+        line = (f"{busy}/{total} busy, {self.counters['succeeded']} ok, "
                 f"{self.counters['failed']} failed, {len(self.schedule)} held")
+        if self._reconnecting:
+            line += ", broker: reconnecting"
+        if self.last_reload and not self.last_reload["ok"]:
+            line += f", last reload failed: {self.last_reload['errors'][0]}"
+        return line
 
     def update_title(self):
         busy = len(self.pool.busy())

@@ -1,0 +1,153 @@
+"""The control socket: ``taskd status`` asks the running supervisor for its state.
+
+A Unix stream socket (``worker.control_socket``, mode 0600, so only the
+worker's own user and root can read it) served by the supervisor's event
+loop. A client connects, writes one line (``status``) and reads one JSON
+document; the supervisor closes the connection. If the socket cannot be
+created (its directory is missing or not writable) the worker logs a warning
+and runs without it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+
+log = logging.getLogger("taskd.supervisor")
+
+
+def snapshot(sup):
+    """The supervisor's state as plain data."""
+    now = time.monotonic()
+    children = []
+    for c in sorted(sup.pool.children.values(), key=lambda c: (c.generation, c.index)):
+        job = c.job
+        children.append({
+            "index": c.index, "pid": c.pid, "generation": c.generation, "state": c.state,
+            "task": job.task_name if job else None, "task_id": job.task_id if job else None,
+            "running_for": round(now - c.job_started, 3) if job and c.job_started else None,
+            "tasks_done": c.tasks_done, "rss": c.rss,
+        })
+    return {
+        "pid": os.getpid(),
+        "started_at": sup.started_at,
+        "uptime": round(time.time() - sup.started_at, 1),
+        "config": sup.config.source,
+        "config_loaded_at": sup.config_loaded_at,
+        "last_reload": sup.last_reload,
+        "queues": list(sup.queues),
+        "concurrency": sup.concurrency,
+        "connected": bool(sup.consumer and sup.consumer.is_open and not sup._reconnecting),
+        "publishing_blocked": bool(sup.publisher and sup.publisher.blocked),
+        "children": children,
+        "ready": len(sup.ready),
+        "held": len(sup.schedule),
+        "counters": dict(sup.counters),
+        "stopping": sup.stopping,
+    }
+
+
+class ControlServer:
+    def __init__(self, sup, path):
+        self.sup, self.path = sup, path
+        self.server = None
+
+    async def start(self):
+        if _in_use(self.path):
+            log.warning("control socket %s is in use by another worker: `taskd status` will "
+                        "not reach this one", self.path)
+            return False
+        try:
+            if os.path.exists(self.path):
+                os.unlink(self.path)          # left over from a worker that died
+            old = os.umask(0o177)
+            try:
+                self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+            finally:
+                os.umask(old)
+        except OSError as exc:
+            log.warning("no control socket at %s (%s): `taskd status` is unavailable; set "
+                        "worker.control_socket to a writable path", self.path, exc.strerror)
+            return False
+        return True
+
+    async def _serve(self, reader, writer):
+        try:
+            await asyncio.wait_for(reader.readline(), 2)
+            writer.write(json.dumps(snapshot(self.sup), default=str).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self):
+        if self.server is not None:
+            self.server.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _in_use(path):
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def query(path, timeout=5.0):
+    """Ask the worker listening on ``path`` for its state (client side)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"status\n")
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return json.loads(b"".join(chunks))
+
+
+def format_status(state):
+    """Human-readable ``taskd status`` output."""
+    def when(ts):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    c = state["counters"]
+    lines = [
+        f"pid:        {state['pid']}",
+        f"uptime:     {state['uptime']:.0f}s (since {when(state['started_at'])})",
+        f"config:     {state['config']} (loaded {when(state['config_loaded_at'])})",
+    ]
+    reload = state.get("last_reload")
+    if reload:
+        outcome = "ok" if reload["ok"] else "FAILED: " + "; ".join(reload["errors"])
+        lines.append(f"reload:     {when(reload['at'])} {outcome}")
+    lines += [
+        f"broker:     {'connected' if state['connected'] else 'NOT CONNECTED'}"
+        + (" (publishing blocked by the broker)" if state["publishing_blocked"] else ""),
+        f"queues:     {', '.join(state['queues'])}",
+        f"tasks:      {state['ready']} ready, {state['held']} held (ETA), "
+        f"{c.get('parked', 0)} parked so far",
+        "counters:   " + ", ".join(f"{k} {c.get(k, 0)}" for k in (
+            "received", "succeeded", "failed", "retried", "redelivered", "dead_lettered",
+            "revoked", "duplicates")),
+        f"children:   {len(state['children'])} (target {state['concurrency']})",
+    ]
+    for ch in state["children"]:
+        task = (f"{ch['task']}[{ch['task_id']}] for {ch['running_for']:.1f}s"
+                if ch["task"] else "-")
+        lines.append(f"  {ch['index']:>3} pid {ch['pid']:<7} gen {ch['generation']} "
+                     f"{ch['state']:<9} done {ch['tasks_done']:<6} {task}")
+    return "\n".join(lines)
