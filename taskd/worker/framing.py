@@ -6,6 +6,7 @@ pickle is safe here (it never carries bytes from the broker undecoded).
 """
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 
@@ -74,9 +75,10 @@ def _read_exactly(fd, n, read):
     return b"".join(chunks)
 
 
-def write_all(fd, data):
-    import os
-    view = memoryview(data)
+def write_all(fd, data, _write=os.write):
+    written = _write(fd, data)
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
     while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        view = view[_write(fd, view):]

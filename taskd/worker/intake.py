@@ -198,7 +198,6 @@ class Intake:
             if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
                 if hard:
                     job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
-        self.update_title()
 
     def _time_limit_hit(self, child, job, limit):
         if child.job is job:

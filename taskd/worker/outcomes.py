@@ -60,7 +60,6 @@ class Outcomes:
         self._check_recycle(child)
         self.manage_children()
         self.dispatch()
-        self.update_title()
 
     def _check_recycle(self, child):
         cfg = self.config
