@@ -36,13 +36,21 @@ def delivery_key(headers, correlation_id=None):
 
 
 class RecentlyDone:
-    """The last ``size`` finished deliveries and, when there was one, their result."""
+    """The last ``size`` finished deliveries and, when there was one, their result.
 
-    def __init__(self, size=10000):
+    Results larger than ``max_result`` bytes are not kept (memory stays bounded at
+    about ``size * max_result``): a redelivered copy of such a task is still not run
+    again, but its caller gets no second copy of the result.
+    """
+
+    def __init__(self, size=10000, max_result=64 * 1024):
         self.size = size
+        self.max_result = max_result
         self._done = collections.OrderedDict()
 
     def add(self, key, result=None):
+        if result is not None and len(result[0]) > self.max_result:
+            result = None
         self._done[key] = result
         self._done.move_to_end(key)
         while len(self._done) > self.size:

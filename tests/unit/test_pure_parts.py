@@ -116,3 +116,30 @@ def test_priority_maps_zero_to_the_highest():
     assert routing.amqp_priority(None) is None
     with pytest.raises(ValueError, match="0 \\(highest\\) to 9"):
         routing.amqp_priority(10)
+
+
+def test_recently_done_is_bounded_in_entries_and_bytes():
+    from taskd.worker.recovery import RecentlyDone, backoff, delivery_key
+    done = RecentlyDone(size=3, max_result=10)
+    for i in range(5):
+        done.add(("id", i, None), (b"x" * 5, "props"))
+    assert len(done) == 3 and ("id", 0, None) not in done and ("id", 4, None) in done
+    done.add(("big", 0, None), (b"x" * 11, "props"))
+    assert ("big", 0, None) in done and done.get(("big", 0, None)) is None
+    assert delivery_key({"id": "a", "retries": 2, "x-taskd-copy": "c"}) == ("a", 2, "c")
+    assert delivery_key({}, "corr") == ("corr", 0, None)
+    delays = [backoff(n, base=0.5, cap=10, rng=lambda: 1.0) for n in range(8)]
+    assert delays[:3] == [0.5, 1.0, 2.0] and max(delays) == 10.0
+    assert backoff(3, rng=lambda: 0.0) == 2.0          # jitter keeps at least half
+
+
+def test_parking_buckets():
+    from taskd.worker import parking
+    assert parking.bucket_for(0.5) is None
+    assert parking.bucket_for(5.5) == 4
+    assert parking.bucket_for(86400) == 65536
+    assert parking.bucket_for(10 ** 9) == 2 ** 22
+    assert parking.should_park(700, held=0, horizon=600, max_held=10) is True
+    assert parking.should_park(60, held=0, horizon=600, max_held=10) is False
+    assert parking.should_park(60, held=10, horizon=600, max_held=10) is True
+    assert parking.should_park(0.5, held=10, horizon=600, max_held=10) is False
