@@ -184,20 +184,25 @@ class Intake:
         if not self.ready:
             return
         for child in self.pool.idle():
-            if not self.ready:
+            job = self._next_runnable()
+            if job is None:
                 break
+            hard, soft = self.limits_for(job.request)
+            if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
+                if hard:
+                    job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
+
+    def _next_runnable(self):
+        """The next ready job a child may run; unknown or expired ones are settled here."""
+        while self.ready:
             job = self.ready.popleft()
             if self.task_names is not None and job.request.name not in self.task_names:
                 self.dead_letter(job, f"NotRegistered: unknown task {job.request.name!r}",
                                  NotRegistered(f"task {job.request.name!r} is not registered "
                                                "in this worker"))
-                continue
-            if self.revoke_if_expired(job):
-                continue
-            hard, soft = self.limits_for(job.request)
-            if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
-                if hard:
-                    job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
+            elif not self.revoke_if_expired(job):
+                return job
+        return None
 
     def _time_limit_hit(self, child, job, limit):
         if child.job is job:
