@@ -47,14 +47,14 @@ class Outcomes:
         else:
             self.counters["failed"] += 1
             log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
-        props = jobs.result_properties(request.correlation_id, ctype, encoding)
-        if status == protocol.RETRY:
-            if wants_result:
+        if wants_result:
+            props = jobs.result_properties(request.correlation_id, ctype, encoding)
+            if status == protocol.RETRY:       # the state, for a caller that looks
                 self.publish("", request.reply_to, body, props, None)
-        elif wants_result:
-            self.remember(job, (body, props))
-            self.publish_result(job, body, props)
-        else:
+            else:
+                self.remember(job, (body, props))
+                self.publish_result(job, body, props)
+        elif status != protocol.RETRY:
             self.remember(job)
             self.complete(job)
         self._check_recycle(child)
