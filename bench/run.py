@@ -127,11 +127,12 @@ class Run:
 
 
 class Taskd:
-    key, name = "taskd", "taskd"
-
-    def __init__(self):
+    def __init__(self, child_prefetch=1):
         from taskd import App
         self.app = App("bench", broker=BROKER)
+        self.child_prefetch = child_prefetch
+        self.key = "taskd" if child_prefetch == 1 else f"taskd_cp{child_prefetch}"
+        self.name = "taskd" if child_prefetch == 1 else f"taskd child_prefetch={child_prefetch}"
 
     def command(self, run):
         cfg = os.path.join(tempfile.gettempdir(), f"{run.queue}.yaml")
@@ -139,6 +140,7 @@ class Taskd:
             fh.write(f"broker: {{url: '{BROKER}'}}\nimports: [tasks_taskd]\n"
                      f"queues: [{{name: {run.queue}}}]\n"
                      f"worker: {{concurrency: 2, queues: [{run.queue}], "
+                     f"child_prefetch: {self.child_prefetch}, control_socket: {cfg}.sock, "
                      f"delay_queue_prefix: {run.queue}.delay}}\nlogging: {{level: warning}}\n")
         run.cfg = cfg
         return [PY, "-m", "taskd", "worker", "--config", cfg]
@@ -340,8 +342,8 @@ MEASURES = {
     "eta10k": (m_eta, 10000, 1000), "memory": (m_memory, 0, 0), "publish": (m_publish, 5000, 500),
 }
 WHO = {
-    "drain": ["taskd", "celery", "celery_late", "dramatiq1", "dramatiq8"],
-    "stream": ["taskd", "celery", "dramatiq1", "dramatiq8"],
+    "drain": ["taskd", "taskd_cp2", "celery", "celery_late", "dramatiq1", "dramatiq8"],
+    "stream": ["taskd", "taskd_cp2", "celery", "dramatiq1", "dramatiq8"],
     "latency": ["taskd", "celery"],
     "eta1k": ["taskd", "celery", "dramatiq8"], "eta10k": ["taskd", "celery", "dramatiq8"],
     "memory": ["taskd", "celery", "dramatiq1"],
@@ -362,8 +364,8 @@ def main():
     parser.add_argument("--write", metavar="FILE", help="write the Markdown table into FILE")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
-    systems = {s.key: s for s in (Taskd(), Celery(), Celery(acks_late=True), Dramatiq(1),
-                                  Dramatiq(8))}
+    systems = {s.key: s for s in (Taskd(), Taskd(child_prefetch=2), Celery(),
+                                  Celery(acks_late=True), Dramatiq(1), Dramatiq(8))}
     only = args.only.split(",") if args.only else list(MEASURES)
     results = {m: {k: [] for k in WHO[m]} for m in only}
     for r in range(rounds):
@@ -393,24 +395,27 @@ def render(results, systems, rounds, args):
            f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}, "
            f"celery {celery.__version__}, dramatiq {dramatiq.__version__}, pika {pika_mod.__version__}, "
            f"{rounds} round(s), medians.", ""]
-    out += ["| measure | system | median | ratio taskd/this |", "|---|---|---|---|"]
+    out += ["| measure | system | median | ratio taskd/this | ratio taskd child_prefetch=2/this |",
+            "|---|---|---|---|---|"]
     spec = {"drain": ("rate", "tasks/s", True), "stream": ("rate", "tasks/s", True),
             "publish": ("rate", "msgs/s", True)}
     for m, per in results.items():
         if m in spec:
             key, unit, higher = spec[m]
             base = median_of(per["taskd"], key)
+            cp2 = median_of(per["taskd_cp2"], key) if "taskd_cp2" in per else None
             for who, rs in per.items():
                 v = median_of(rs, key)
                 ratio = "" if who == "taskd" or not v else f"{base / v:.2f}×"
-                out.append(f"| {m} | {systems[who].name} | {fmt(v)} {unit} | {ratio} |")
+                ratio2 = "" if not cp2 or who.startswith("taskd") or not v else f"{cp2 / v:.2f}×"
+                out.append(f"| {m} | {systems[who].name} | {fmt(v)} {unit} | {ratio} | {ratio2} |")
         elif m == "latency":
             for who, rs in per.items():
                 vals = {k: median_of(rs, k) for k in ("p50", "p90", "p99")}
                 ratio = "" if who == "taskd" else \
                     f"p50 {median_of(per['taskd'], 'p50') / vals['p50']:.2f}×"
                 out.append(f"| round trip | {systems[who].name} | p50 {vals['p50']:.2f} / p90 "
-                           f"{vals['p90']:.2f} / p99 {vals['p99']:.2f} ms | {ratio} |")
+                           f"{vals['p90']:.2f} / p99 {vals['p99']:.2f} ms | {ratio} | |")
         elif m.startswith("eta"):
             for who, rs in per.items():
                 vals = {k: median_of(rs, k) for k in ("p50", "p99", "max", "min", "peak_rss")}
@@ -418,14 +423,14 @@ def render(results, systems, rounds, args):
                     f"p99 {median_of(per['taskd'], 'p99') / vals['p99']:.2f}×"
                 out.append(f"| {m} countdown=2 lateness | {systems[who].name} | p50 {vals['p50']:.0f} / "
                            f"p99 {vals['p99']:.0f} / max {vals['max']:.0f} ms (min {vals['min']:.0f}); "
-                           f"peak RSS {vals['peak_rss']:.0f} MiB | {ratio} |")
+                           f"peak RSS {vals['peak_rss']:.0f} MiB | {ratio} | |")
         elif m == "memory":
             base = median_of(per["taskd"], "pss")
             for who, rs in per.items():
                 pss, rss = median_of(rs, "pss"), median_of(rs, "rss")
                 ratio = "" if who == "taskd" else f"PSS {base / pss:.2f}×"
                 out.append(f"| idle worker tree | {systems[who].name} | PSS {pss:.0f} MiB "
-                           f"(RSS {rss:.0f} MiB) | {ratio} |")
+                           f"(RSS {rss:.0f} MiB) | {ratio} | |")
     return "\n".join(out) + "\n"
 
 

@@ -146,6 +146,11 @@ SETTINGS = (
             "Number of child processes (`-c` overrides). Default: the number of CPUs."),
     Setting("worker.prefetch_multiplier", _int(1), 4,
             "Unacknowledged messages held per child: QoS = concurrency x this."),
+    Setting("worker.child_prefetch", _int(1), 1,
+            "Tasks a child holds at once. 1: only the one it runs. 2: one more waits in its "
+            "pipe, so the child never waits for the supervisor between tasks (more throughput "
+            "for short tasks); but that task may wait behind a long one, and a warm shutdown "
+            "runs it too."),
     Setting("worker.max_tasks_per_child", _int(0), 0,
             "Replace a child after this many tasks (0: never)."),
     Setting("worker.max_memory_per_child", parse_size, 0,

@@ -132,13 +132,14 @@ class Intake:
         """A redelivered copy of a task still running here: settle it with the original."""
         key = recovery.delivery_key(job.headers, job.properties.correlation_id)
         for child in self.pool.busy():
-            running = child.job
-            if recovery.delivery_key(running.headers, running.properties.correlation_id) == key:
-                log.warning("task %s is still running here: its redelivered copy will be "
-                            "acknowledged when it finishes", job.describe())
-                self.counters["duplicates"] += 1
-                self.twins.setdefault(key, []).append(job)
-                return True
+            for running in (child.job, *child.queued):
+                if recovery.delivery_key(running.headers,
+                                         running.properties.correlation_id) == key:
+                    log.warning("task %s is still running here: its redelivered copy will be "
+                                "acknowledged when it finishes", job.describe())
+                    self.counters["duplicates"] += 1
+                    self.twins.setdefault(key, []).append(job)
+                    return True
         return False
 
     def remember(self, job, result=None):
@@ -180,17 +181,27 @@ class Intake:
         self.dispatch()
 
     def dispatch(self):
-        """Give ready jobs to idle children."""
+        """Give ready jobs to idle children, then (``worker.child_prefetch`` > 1) one more
+        in advance to busy ones, so that they never wait for the supervisor."""
         if not self.ready:
             return
-        for child in self.pool.idle():
+        depth = self.config["worker.child_prefetch"]
+        targets = self.pool.idle()
+        if depth > 1:
+            targets += self.pool.with_room(depth)
+        for child in targets:
             job = self._next_runnable()
             if job is None:
                 break
-            hard, soft = self.limits_for(job.request)
+            job.hard_limit, soft = self.limits_for(job.request)
             if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
-                if hard:
-                    job.timer = self.loop.call_later(hard, self._time_limit_hit, child, job, hard)
+                self.on_started(child, job)
+
+    def on_started(self, child, job):
+        """A child starts ``job``: arm its hard time limit."""
+        if job.hard_limit:
+            job.timer = self.loop.call_later(job.hard_limit, self._time_limit_hit, child, job,
+                                             job.hard_limit)
 
     def _next_runnable(self):
         """The next ready job a child may run; unknown or expired ones are settled here."""

@@ -24,7 +24,7 @@ class Job:
     """One delivery: its AMQP coordinates, the decoded request, and its fate."""
 
     __slots__ = ("seq", "tag", "channel", "queue", "exchange", "routing_key", "properties",
-                 "body", "request", "timer", "timed_out", "redelivered")
+                 "body", "request", "timer", "timed_out", "redelivered", "hard_limit")
 
     def __init__(self, seq, tag, channel, queue, exchange, routing_key, properties, body,
                  redelivered=False):
@@ -35,6 +35,7 @@ class Job:
         self.timer = None
         self.timed_out = False
         self.redelivered = redelivered
+        self.hard_limit = None
 
     @property
     def headers(self):

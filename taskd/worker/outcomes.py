@@ -72,7 +72,9 @@ class Outcomes:
                      child.index, child.rss >> 20, max_memory >> 20)
             self.pool.retire(child)
 
-    def on_child_lost(self, child, job, reason):
+    def on_child_lost(self, child, job, reason, unstarted=()):
+        if unstarted:       # sent in advance, never started: first in line again
+            self.ready.extendleft(reversed(unstarted))
         if job is not None:
             if job.timer is not None:
                 job.timer.cancel()

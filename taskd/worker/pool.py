@@ -8,6 +8,7 @@ delay (1 s, 2 s, 4 s ... 60 s), so a broken deployment does not fork-bomb.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -25,7 +26,7 @@ BACKOFF_MAX = 60.0
 
 class Child:
     __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "state",
-                 "job", "tasks_done", "started_at", "job_started", "rss", "exit_status",
+                 "job", "queued", "tasks_done", "started_at", "job_started", "rss", "exit_status",
                  "retire_after_job")
 
     def __init__(self, index, pid, generation, to_child, from_child):
@@ -33,7 +34,8 @@ class Child:
         self.to_child, self.from_child = to_child, from_child
         self.reader = framing.FrameReader()
         self.state = STARTING
-        self.job = None
+        self.job = None                    # the job it is running
+        self.queued = collections.deque()  # jobs sent in advance (worker.child_prefetch)
         self.tasks_done = 0
         self.started_at = time.monotonic()
         self.job_started = None
@@ -62,14 +64,18 @@ class Pool:
     """Children and their pipes. Callbacks go to the supervisor:
 
     ``on_ready(child, task_names)``, ``on_outcome(child, job, frame)``,
-    ``on_lost(child, job, reason)`` (a child died; ``job`` is what it was running).
+    ``on_started(child, job)`` (a job sent in advance starts),
+    ``on_lost(child, job, reason, unstarted)`` (a child died; ``job`` is what it was
+    running, ``unstarted`` the jobs it had been sent in advance).
     """
 
-    def __init__(self, loop, imports, *, track_rss, on_ready, on_outcome, on_lost):
+    def __init__(self, loop, imports, *, track_rss, on_ready, on_outcome, on_lost,
+                 on_started=None):
         self.loop = loop
         self.imports = tuple(imports)
         self.track_rss = track_rss
         self.on_ready, self.on_outcome, self.on_lost = on_ready, on_outcome, on_lost
+        self.on_started = on_started or (lambda child, job: None)
         self.children = {}          # pid -> Child
         self.generation = 1
         self.failures = 0           # consecutive start-up failures
@@ -85,6 +91,12 @@ class Pool:
 
     def busy(self):
         return [c for c in self.children.values() if c.state in (BUSY, RETIRING) and c.job]
+
+    def with_room(self, depth):
+        """Busy children of the current generation that may be sent a job in advance."""
+        return [c for c in self.children.values()
+                if c.state == BUSY and c.generation == self.generation
+                and not c.retire_after_job and 1 + len(c.queued) < depth]
 
     def serving(self):
         """Children of the current generation that are not retiring."""
@@ -123,17 +135,22 @@ class Pool:
 
     # -- dispatch -------------------------------------------------------------
     def send(self, child, job, frame):
-        """Give ``job`` to an idle child; False if the child turned out to be gone."""
-        child.state, child.job, child.job_started = BUSY, job, time.monotonic()
+        """Give ``job`` to a child: it runs it now if idle, else after its current one.
+        Returns whether the job started now; a child found gone is reported lost."""
         try:
             framing.write_all(child.to_child, frame)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.EBADF):
                 raise
-            child.state, child.job = DEAD, None
-            self._gone(child, None, job)
+            child.state = DEAD
+            self._gone(child, None, None, [*child.queued, job])   # none of them started
+            child.queued.clear()
             return False
-        return True
+        if child.job is None:
+            child.state, child.job, child.job_started = BUSY, job, time.monotonic()
+            return True
+        child.queued.append(job)
+        return False
 
     def _on_readable(self, child):
         try:
@@ -151,13 +168,20 @@ class Pool:
     def _on_frame(self, child, frame):
         kind = frame[0]
         if kind == "done":
-            job, child.job, child.job_started = child.job, None, None
+            job, started = child.job, None
             child.tasks_done += 1
             child.rss = frame[7]
-            child.state = RETIRING if child.state == RETIRING else IDLE
+            if child.queued:
+                child.job = started = child.queued.popleft()
+                child.job_started = time.monotonic()
+            else:
+                child.job = child.job_started = None
+                child.state = RETIRING if child.state == RETIRING else IDLE
             if child.state == RETIRING or child.retire_after_job:
                 self.retire(child)
             self.on_outcome(child, job, frame)
+            if started is not None:
+                self.on_started(child, started)
         elif kind == "ready":
             child.state = IDLE
             self.failures = 0
@@ -235,8 +259,9 @@ class Pool:
         del self.children[child.pid]
         child.exit_status = status
         was_starting = child.state == STARTING
-        job = child.job
+        job, unstarted = child.job, list(child.queued)
         child.state, child.job = DEAD, None
+        child.queued.clear()
         if child.from_child is not None:
             try:
                 self.loop.remove_reader(child.from_child)
@@ -258,7 +283,7 @@ class Pool:
                       getattr(job, "describe", lambda: job)())
         else:
             log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
-        self._gone(child, reason, job)
+        self._gone(child, reason, job, unstarted)
 
-    def _gone(self, child, reason, job):
-        self.on_lost(child, job, reason or "pipe closed")
+    def _gone(self, child, reason, job, unstarted=()):
+        self.on_lost(child, job, reason or "pipe closed", list(unstarted))

@@ -98,7 +98,7 @@ class Supervisor(Intake, Outcomes):
         self.pool = Pool(self.loop, self.config["imports"],
                          track_rss=bool(self.config["worker.max_memory_per_child"]),
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                         on_lost=self.on_child_lost)
+                         on_lost=self.on_child_lost, on_started=self.on_started)
         self.recent = recovery.RecentlyDone()
         self.unsent = []                      # results to publish again after a reconnect
         self.twins = {}                       # delivery key -> redelivered copies of running tasks

@@ -253,3 +253,39 @@ def test_quorum_queue_uses_the_brokers_delivery_count(topo, workers, app_for, br
     dead = wait_for(lambda: broker.get_all(topo.dead), message="dead letter")
     assert dead[0][0].headers["id"] == result.id
     assert w.proc.poll() is None
+
+
+def test_child_prefetch_jobs_sent_in_advance_survive_a_dying_child(topo, workers, app_for,
+                                                                   tmp_path):
+    path = topo.config(concurrency=1, child_prefetch=2, time_limit=20)
+    w = workers(path).ready()
+    app = app_for(path)
+    log = tmp_path / "log.txt"
+    running = app.send_task("ttasks.sleep", [1.0, str(log), "a"])
+    waiting = app.send_task("ttasks.whoami")             # sent to the same child in advance
+    wait_for(lambda: log.exists() and "start a" in log.read_text(), message="a to start")
+    (victim,) = w.children()
+    os.kill(victim, signal.SIGKILL)
+    assert waiting.get(timeout=20)["delivery_count"] == 1   # never started: not a delivery
+    assert running.get(timeout=20) == 1.0
+    assert [line.split()[0] for line in log.read_text().splitlines()].count("end") == 1
+
+
+def test_child_prefetch_keeps_every_task_with_recycling(topo, workers, app_for, tmp_path):
+    path = topo.config(concurrency=2, child_prefetch=2, max_tasks_per_child=7)
+    workers(path).ready()
+    app = app_for(path)
+    out = tmp_path / "rec.txt"
+    results = [app.send_task("ttasks.record", [str(out), f"t{i}"]) for i in range(60)]
+    assert [r.get(timeout=30) for r in results] == [f"t{i}" for i in range(60)]
+    assert sorted(tokens(out)) == sorted(f"t{i}" for i in range(60))
+
+
+def test_child_prefetch_time_limit_counts_from_the_start(topo, workers, app_for):
+    path = topo.config(concurrency=1, child_prefetch=2)
+    workers(path).ready()
+    app = app_for(path)
+    first = app.send_task("ttasks.sleep", [1.5])
+    second = app.send_task("ttasks.sleep", [1.0], time_limit=2)   # waits 1.5 s, runs 1 s
+    assert first.get(timeout=15) == 1.5
+    assert second.get(timeout=15) == 1.0                          # not killed at 2 s after send
