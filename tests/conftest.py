@@ -1,4 +1,5 @@
 """Shared fixtures: the real broker, uniquely named topology, real worker processes."""
+import collections
 import os
 import pathlib
 import signal
@@ -28,6 +29,13 @@ def wait_for(predicate, timeout=20.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def executions(path):
+    """How many times each token was recorded in ``path`` (by ``ttasks.record``)."""
+    if not path.exists():
+        return collections.Counter()
+    return collections.Counter(line.split()[0] for line in path.read_text().splitlines())
 
 
 class Broker:

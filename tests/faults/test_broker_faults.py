@@ -2,12 +2,11 @@
 
 The worker talks to RabbitMQ through a TCP proxy the test controls; the client
 talks to RabbitMQ directly. Executions are counted by token in a file."""
-import collections
 import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import executions, wait_for
 from tcpproxy import Proxy
 
 
@@ -17,11 +16,6 @@ def proxy():
     yield p
     p.stop()
 
-
-def executions(path):
-    if not path.exists():
-        return collections.Counter()
-    return collections.Counter(line.split()[0] for line in path.read_text().splitlines())
 
 
 def test_cutting_the_workers_connection_mid_stream_loses_nothing(topo, workers, app_for,

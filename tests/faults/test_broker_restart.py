@@ -1,12 +1,11 @@
 """A private RabbitMQ node, stopped and started again under a running worker and client."""
-import collections
 import threading
 import time
 
 import pytest
 
 import rmqnode
-from conftest import wait_for
+from conftest import executions, wait_for
 
 pytestmark = pytest.mark.skipif(not rmqnode.available(),
                                 reason="needs rabbitmq-server on this machine and root "
@@ -20,11 +19,6 @@ def node():
     n.destroy()
 
 
-def runs(path):
-    if not path.exists():
-        return collections.Counter()
-    return collections.Counter(line.split()[0] for line in path.read_text().splitlines())
-
 
 def test_broker_restart_mid_stream_loses_nothing_and_runs_nothing_twice(topo, workers, app_for,
                                                                        node, tmp_path):
@@ -36,14 +30,14 @@ def test_broker_restart_mid_stream_loses_nothing_and_runs_nothing_twice(topo, wo
     for i in range(n):
         app.send_task("ttasks.record", [str(out), f"t{i}", 0.005], ignore_result=True)
     app.close()
-    wait_for(lambda: sum(runs(out).values()) >= n // 4, timeout=30, message="a quarter done")
+    wait_for(lambda: sum(executions(out).values()) >= n // 4, timeout=30, message="a quarter done")
     node.stop()
     w.wait_log("waiting for the broker", timeout=30)
     node.start()
     w.wait_log("reconnected", timeout=60)
-    wait_for(lambda: len(runs(out)) == n, timeout=60, message="every task done")
+    wait_for(lambda: len(executions(out)) == n, timeout=60, message="every task done")
     time.sleep(1.0)          # a late duplicate would show up by now
-    counts = runs(out)
+    counts = executions(out)
     assert set(counts) == {f"t{i}" for i in range(n)}
     assert {t: c for t, c in counts.items() if c > 1} == {}
     assert w.proc.poll() is None
@@ -76,7 +70,7 @@ def test_every_send_during_a_restart_was_confirmed_or_raised(topo, workers, app_
     assert failed, "the restart should have made some sends fail"
     assert {name for _, name in failed} <= {"ConnectionError", "PublishError"}
     workers(path).ready()
-    wait_for(lambda: set(sent) <= set(runs(out)), timeout=60,
+    wait_for(lambda: set(sent) <= set(executions(out)), timeout=60,
              message="every confirmed send executed")
     print(f"confirmed {len(sent)}, raised {len(failed)}")
 
