@@ -1,4 +1,5 @@
 """A private RabbitMQ node, stopped and started again under a running worker and client."""
+import os
 import threading
 import time
 
@@ -92,3 +93,45 @@ def test_parked_tasks_outlive_the_consumer_timeout(topo, workers, app_for, tmp_p
         assert w.log.count("consuming") == 1      # never had to reconnect
     finally:
         node.destroy()
+
+
+def test_memory_alarm_blocks_results_until_it_clears_and_loses_nothing(topo, workers, app_for,
+                                                                       node, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from conftest import PYTHONPATH, ROOT
+    sock = tmp_path / "ctl.sock"
+    path = topo.config({"broker": {"url": node.url}}, control_socket=str(sock))
+    w = workers(path).ready()
+    app = app_for(path)
+    out = tmp_path / "runs.txt"
+    results = [app.send_task("ttasks.record", [str(out), f"t{i}"]) for i in range(20)]
+    wait_for(lambda: len(executions(out)) == 20, message="the tasks to run")   # warm up
+    assert [r.get(timeout=10) for r in results] == [f"t{i}" for i in range(20)]
+
+    def watermark(value):
+        subprocess.run(["rabbitmqctl", "-n", node.name, "set_vm_memory_high_watermark",
+                        str(value)], env=node._env(), check=True, capture_output=True, timeout=30)
+
+    def status():
+        out = subprocess.run([sys.executable, "-m", "taskd", "status", "--json", "--socket",
+                              str(sock)], capture_output=True, text=True, cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=PYTHONPATH), timeout=30)
+        return json.loads(out.stdout)
+
+    # due in 2 s: they run, and want to publish their results, during the alarm
+    late = [app.send_task("ttasks.record", [str(out), f"u{i}"], countdown=2) for i in range(5)]
+    watermark(0)            # memory alarm: the broker blocks every publishing connection
+    try:
+        wait_for(lambda: len(executions(out)) == 25, message="tasks to run during the alarm")
+        w.wait_log("the broker blocked this connection", timeout=30)
+        assert wait_for(lambda: status()["publishing_blocked"], message="status shows it")
+        assert w.proc.poll() is None
+    finally:
+        watermark(0.4)
+    w.wait_log("the broker unblocked this connection", timeout=30)
+    # the results held back by the alarm arrive, and nothing ran twice
+    assert [r.get(timeout=20) for r in late] == [f"u{i}" for i in range(5)]
+    counts = executions(out)
+    assert len(counts) == 25 and max(counts.values()) == 1
