@@ -231,3 +231,16 @@ def test_units_keep_warm_shutdown_and_config_errors_final():
                     if line.startswith("TimeoutStopSec=")))
     assert stop > sample["worker"]["shutdown_timeout"]
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+
+
+def test_taskd_call_sends_by_name_and_prints_the_result(topo, workers):
+    path = topo.config()
+    workers(path).ready()
+    ok = taskd("call", "ttasks.add", "[2, 3]", "--config", str(path))
+    assert ok.returncode == 0 and ok.stdout.strip() == "5", ok.stderr
+    failed = taskd("call", "ttasks.fail", '["nope"]', "--config", str(path))
+    assert failed.returncode == 1 and "FAILURE: ValueError: nope" in failed.stderr
+    bad = taskd("call", "ttasks.add", "[2, ", "--config", str(path))
+    assert bad.returncode == 64 and "not valid JSON" in bad.stderr
+    queued = taskd("call", "ttasks.add", "[1, 1]", "--no-wait", "--config", str(path))
+    assert queued.returncode == 0 and len(queued.stdout.strip()) == 36      # the task id
