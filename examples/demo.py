@@ -78,7 +78,7 @@ def main():
     show("add.apply_async(args=[1, 2], mandatory=True).get()",
          add.apply_async(args=[1, 2], mandatory=True).get(timeout=10))
     try:
-        add.apply_async(args=[1, 3], exchange="tasks", routing_key="nowhere.at.all", mandatory=True)
+        add.apply_async(args=[1, 3], routing_key="nowhere.at.all", mandatory=True)
     except UnroutableError as exc:
         show('apply_async(routing_key="nowhere.at.all", mandatory=True)', f"UnroutableError: {exc}")
     show("add.apply_async(args=[1, 4], immediate=True).get()",

@@ -64,6 +64,7 @@ class Publisher:
         self._failed = []               # (task id, reason) not taken by the broker
         self._returned = {}             # task id -> reply text of its basic.return
         self._seq = 0
+        self._close_reason = None      # why the broker closed our channel, when it did
         #: Called with the new connection each time this publisher (re)connects.
         self.on_connect = []
 
@@ -81,6 +82,8 @@ class Publisher:
         if self.channel is None or not self.channel.is_open:
             self._lost_unconfirmed("its channel closed")
             self.channel = self.connection.channel()
+            self._close_reason = None
+            self.channel._impl.add_on_close_callback(self._on_channel_closed)
             self._enable_confirms(self.channel)
             self._declared = set()
         return self.channel
@@ -96,15 +99,31 @@ class Publisher:
         self._pump_until(lambda: selected, "confirm.select")
 
     def _pump_until(self, predicate, what):
-        """Run the connection's I/O until ``predicate()`` is true (bounded)."""
+        """Run the connection's I/O until ``predicate()`` is true (bounded). If the
+        broker closes the channel meanwhile, every unconfirmed publish fails with why."""
         if predicate():
             return
         timer = _IoloopTimerContext(self.CONFIRM_TIMEOUT, self.connection._impl)
         with timer:
-            self.connection._flush_output(timer.is_ready, predicate)
+            self.connection._flush_output(timer.is_ready, predicate,
+                                          lambda: self._close_reason is not None)
+        if self._close_reason is not None:
+            self._lost_unconfirmed(self._close_reason)
+            self.channel = None
+            if not predicate():
+                raise PublishError(f"no answer from the broker to {what}: {self._close_reason}")
         if not predicate():
             raise PublishError(f"no answer from the broker to {what} within "
                                f"{self.CONFIRM_TIMEOUT:g}s")
+
+    def _on_channel_closed(self, _channel, reason):
+        code = getattr(reason, "reply_code", None)
+        text = getattr(reason, "reply_text", str(reason))
+        if code == 404 and "no exchange" in text:
+            self._close_reason = (f"the broker closed the channel: {text} (declare the exchange "
+                                  "under exchanges: in the configuration)")
+        else:
+            self._close_reason = f"the broker closed the channel: ({code}) {text}"
 
     def _on_confirm(self, frame):
         method = frame.method
@@ -277,6 +296,9 @@ class Publisher:
         why = mine[0]
         if why.startswith("reached no queue"):
             raise UnroutableError(f"task {message.task_name}[{message.task_id}] {why}")
+        if "NOT_FOUND - no exchange" in why:
+            why = why.removeprefix("no confirm: the broker closed the channel: ")
+            raise UnroutableError(f"task {message.task_name}[{message.task_id}] not sent: {why}")
         raise PublishError(f"task {message.task_id} was not sent: {why}", [message.task_id])
 
     def _check_consumers(self, message, route):

@@ -143,6 +143,18 @@ def test_mandatory_raises_when_nothing_is_bound(served, topo):
                       mandatory=True)
 
 
+def test_publishing_to_a_missing_exchange_fails_at_once_and_names_it(served, topo):
+    app, _ = served
+    missing = topo.name("no-such-exchange")
+    started = time.monotonic()
+    for mandatory in (True, False):
+        with pytest.raises(UnroutableError, match=f"no exchange '{missing}'.*declare the exchange"):
+            app.send_task("ttasks.add", [1, 2], exchange=missing, routing_key="x",
+                          mandatory=mandatory)
+    assert time.monotonic() - started < 10     # not the 30 s confirm timeout
+    assert app.send_task("ttasks.add", [1, 2]).get(timeout=10) == 3   # the client recovers
+
+
 def test_immediate_both_outcomes(served, topo, broker):
     app, _ = served
     assert app.send_task("ttasks.add", [2, 2], immediate=True).get(timeout=10) == 4

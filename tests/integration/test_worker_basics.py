@@ -128,5 +128,7 @@ def test_demo_examples_run_against_a_worker(topo, workers):
     assert "add.delay(2, 2).get(timeout=30)" in text and "-> 4" in text
     assert "add.apply_async(args=[10, 10]).get()" in text and "-> 20" in text
     assert "'compressed f.mp4'" in text and "'recommendations updated'" in text
+    assert "UnroutableError: task tasks.add" in text and "no binding for routing key " \
+        "'nowhere.at.all'" in text
     assert "UnroutableError" in text and "NotDeliveredError" in text
     assert "taskd: supervisor" in text and "taskd: child 1" in text
