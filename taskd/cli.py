@@ -125,7 +125,10 @@ def setup_logging(level):
     logging.basicConfig(
         level=getattr(logging, level.upper()), stream=sys.stderr,
         format="[%(asctime)s] %(levelname)s %(name)s[%(process)d]: %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs each failed connection attempt as seven ERROR lines; taskd says the same
+    # in one line ("waiting for the broker: ..."), so pika speaks only at DEBUG.
+    logging.getLogger("pika").setLevel(logging.DEBUG if level.lower() == "debug"
+                                       else logging.CRITICAL)
 
 
 def _load(args):

@@ -64,6 +64,7 @@ class Supervisor(Intake, Outcomes):
         self.notifier = Notifier()
         self._title = None
         self._ticks = 0
+        self._signals = ()
 
     def _apply_settings(self, config):
         self.queues = tuple(self.queue_override or config.worker_queues()
@@ -83,6 +84,15 @@ class Supervisor(Intake, Outcomes):
         return self.exit_code
 
     async def _main(self):
+        try:
+            await self._serve()
+        finally:
+            # Before the loop closes its wake-up pipe: a signal arriving in between
+            # (a child's SIGCHLD) would hit a closed fd and print a traceback.
+            for sig in self._signals:
+                self.loop.remove_signal_handler(sig)
+
+    async def _serve(self):
         self.loop = asyncio.get_running_loop()
         self.stopped = self.loop.create_future()
         self.ready = collections.deque()      # decoded jobs waiting for a child
@@ -90,7 +100,8 @@ class Supervisor(Intake, Outcomes):
         self.acks = AckTracker()
         self.seq = 0
         self._timer = None
-        self._flush_scheduled = False
+        self._ack_timer = None
+        self._dispatch_handle = None
         self._spawn_timer = None
         self.task_names = None
         self.task_limits = {}
@@ -147,6 +158,7 @@ class Supervisor(Intake, Outcomes):
         }
         for sig, handler in handlers.items():
             self.loop.add_signal_handler(sig, handler)
+        self._signals = tuple(handlers)
 
     # == broker ======================================================================
     def _channel(self, name):
@@ -191,6 +203,11 @@ class Supervisor(Intake, Outcomes):
                 if exc.refused:
                     raise ConfigError([topology.explain_channel_error(op, exc)], "broker") from None
                 raise
+
+    @property
+    def ack_batch(self):
+        """Completed deliveries that are acked at once, without waiting for ACK_DELAY."""
+        return max(1, self.concurrency * self.config["worker.prefetch_multiplier"] // 4)
 
     def _prefetch(self):
         return self.concurrency * self.config["worker.prefetch_multiplier"] + self._qos_extra
@@ -372,7 +389,7 @@ class Supervisor(Intake, Outcomes):
         done = getattr(self, "_drain_done", None)
         if done is None or done.done() or not self.stopping:
             return
-        if not self.pool.busy() and not self._flush_scheduled and \
+        if not self.pool.busy() and self._ack_timer is None and \
                 not (self.publisher and self.publisher._confirms):
             done.set_result(None)
 

@@ -55,6 +55,7 @@ def test_unreachable_broker_exits_69_with_one_line(tmp_path):
     assert f"cannot connect to the broker at 127.0.0.1:{port}" in out.stderr
     assert "gave up after 1s (broker.retry_for)" in out.stderr
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
+    assert "pika" not in out.stderr       # taskd's own lines only, not pika's per attempt
 
 
 def test_silent_broker_times_out_within_connect_timeout(tmp_path):
