@@ -145,7 +145,9 @@ SETTINGS = (
     Setting("worker.concurrency", _int(1), os.cpu_count() or 1,
             "Number of child processes (`-c` overrides). Default: the number of CPUs."),
     Setting("worker.prefetch_multiplier", _int(1), 4,
-            "Unacknowledged messages held per child: QoS = concurrency x this."),
+            "Unacknowledged messages held per child: QoS = concurrency x this. Running "
+            "tasks count (acks come after completion): raise it (e.g. 16) for many short "
+            "tasks, lower it to 1 for long tasks shared by several workers."),
     Setting("worker.child_prefetch", _int(1), 1,
             "Tasks a child holds at once. 1: only the one it runs. 2: one more waits in its "
             "pipe, so the child never waits for the supervisor between tasks (more throughput "

@@ -54,6 +54,11 @@ class AckTracker:
         self._completed.clear()
         return acks
 
+    @property
+    def pending(self):
+        """Completed deliveries not yet acknowledged."""
+        return len(self._completed)
+
     def __len__(self):
         return len(self._outstanding)
 

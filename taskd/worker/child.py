@@ -99,10 +99,7 @@ def _serve(index, read_fd, write_fd, track_rss):
     if track_rss:
         import psutil
         process = psutil.Process()
-    while True:
-        job = framing.read_frame(read_fd)
-        if job is None:       # the supervisor closed our pipe: retire
-            return
+    for job in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
         seq, task_id, name, args, kwargs, meta = job
         setproctitle(f"taskd: child {index} {name}")
         started = time.monotonic()

@@ -50,29 +50,15 @@ class FrameReader:
         return len(self._buf)
 
 
-def read_frame(fd, read=None):
-    """Blocking read of one frame from ``fd``; ``None`` at end of file."""
-    import os
-    read = read or os.read
-    header = _read_exactly(fd, HEADER.size, read)
-    if header is None:
-        return None
-    (size,) = HEADER.unpack(header)
-    payload = _read_exactly(fd, size, read)
-    if payload is None:
-        return None
-    return pickle.loads(payload)
-
-
-def _read_exactly(fd, n, read):
-    chunks, remaining = [], n
-    while remaining:
-        chunk = read(fd, min(remaining, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+def iter_frames(fd, read=os.read, chunk=1 << 16):
+    """Blocking: yield each frame read from ``fd`` until end of file. Reads
+    ``chunk`` bytes at a time, so frames written together cost one read."""
+    reader = FrameReader()
+    while True:
+        data = read(fd, chunk)
+        if not data:
+            return
+        yield from reader.feed(data)
 
 
 def write_all(fd, data, _write=os.write):

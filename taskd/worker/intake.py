@@ -71,7 +71,7 @@ class Intake:
                 self.schedule_job(job, eta, delay)
                 return
         self.ready.append(job)
-        self.dispatch()
+        self.dispatch_soon()
 
     def schedule_job(self, job, eta, delay):
         """An ETA task: revoke it if it would expire first, else park or hold it."""
@@ -180,22 +180,39 @@ class Intake:
         self._arm_schedule_timer()
         self.dispatch()
 
+    def dispatch_soon(self):
+        """Dispatch once the deliveries that arrived together are all decoded, so that
+        a child given several jobs gets them in one write."""
+        if not self._dispatch_handle:
+            self._dispatch_handle = self.loop.call_soon(self.dispatch)
+
     def dispatch(self):
-        """Give ready jobs to idle children, then (``worker.child_prefetch`` > 1) one more
-        in advance to busy ones, so that they never wait for the supervisor."""
+        """Give ready jobs to idle children, then (``worker.child_prefetch`` > 1) more
+        in advance to busy ones, so that they never wait for the supervisor. Jobs go
+        round the children one at a time; each child's share is written at once."""
+        self._dispatch_handle = None
         if not self.ready:
             return
-        depth = self.config["worker.child_prefetch"]
-        targets = self.pool.idle()
-        if depth > 1:
-            targets += self.pool.with_room(depth)
-        for child in targets:
-            job = self._next_runnable()
-            if job is None:
-                break
-            job.hard_limit, soft = self.limits_for(job.request)
-            if self.pool.send(child, job, encode_frame(job.job_frame(soft))):
-                self.on_started(child, job)
+        rooms = self.pool.room(self.config["worker.child_prefetch"])
+        batches = {}
+        while rooms and self.ready:
+            for child in list(rooms):
+                job = self._next_runnable()
+                if job is None:
+                    break
+                batches.setdefault(child, []).append(job)
+                if rooms[child] == 1:
+                    del rooms[child]
+                else:
+                    rooms[child] -= 1
+        for child, batch in batches.items():
+            data = []
+            for job in batch:
+                job.hard_limit, soft = self.limits_for(job.request)
+                data.append(encode_frame(job.job_frame(soft)))
+            started = self.pool.send(child, batch, b"".join(data) if len(data) > 1 else data[0])
+            if started is not None:
+                self.on_started(child, started)
 
     def on_started(self, child, job):
         """A child starts ``job``: arm its hard time limit."""

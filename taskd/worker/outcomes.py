@@ -19,6 +19,11 @@ from . import jobs
 
 log = logging.getLogger("taskd.supervisor")
 
+# Longest time a completed delivery waits for its ack, so that the acks of tasks
+# finishing close together go out as one ``basic.ack(multiple=True)``: each ack
+# frame costs the supervisor and the broker about as much as a delivery.
+ACK_DELAY = 0.001
+
 
 class Outcomes:
     def on_child_ready(self, child, task_limits):
@@ -157,13 +162,15 @@ class Outcomes:
 
     # == acks ===========================================================================
     def complete(self, job):
-        """The job is finished for good: ack its delivery (batched)."""
+        """The job is finished for good: ack its delivery. Acks are coalesced: sent
+        once half the prefetch window has completed, else ``ACK_DELAY`` later."""
         if job.channel is not self.consumer.channel:
             return      # from a channel that is gone: the broker has requeued it
         self.acks.completed(job.tag)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_acks)
+        if self.acks.pending >= self.ack_batch:
+            self._flush_acks()
+        elif self._ack_timer is None:
+            self._ack_timer = self.loop.call_later(ACK_DELAY, self._flush_acks)
 
     def give_back(self, job, delay=1.0):
         """A copy could not be confirmed: return the original to its queue (after
@@ -178,7 +185,9 @@ class Outcomes:
             nack()
 
     def _flush_acks(self):
-        self._flush_scheduled = False
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         if not self.consumer.is_open:
             return
         channel = self.consumer.channel

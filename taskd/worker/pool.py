@@ -92,11 +92,18 @@ class Pool:
     def busy(self):
         return [c for c in self.children.values() if c.state in (BUSY, RETIRING) and c.job]
 
-    def with_room(self, depth):
-        """Busy children of the current generation that may be sent a job in advance."""
-        return [c for c in self.children.values()
-                if c.state == BUSY and c.generation == self.generation
-                and not c.retire_after_job and 1 + len(c.queued) < depth]
+    def room(self, depth):
+        """``{child: free slots}`` for children of the current generation that may be given
+        jobs: an idle child takes up to ``depth``, a busy one ``depth`` minus what it holds."""
+        rooms = {}
+        for c in self.children.values():
+            if c.generation != self.generation or c.retire_after_job:
+                continue
+            if c.state == IDLE:
+                rooms[c] = depth
+            elif c.state == BUSY and 1 + len(c.queued) < depth:
+                rooms[c] = depth - 1 - len(c.queued)
+        return rooms
 
     def serving(self):
         """Children of the current generation that are not retiring."""
@@ -134,23 +141,26 @@ class Pool:
         return max(0.0, self.next_spawn_at - now)
 
     # -- dispatch -------------------------------------------------------------
-    def send(self, child, job, frame):
-        """Give ``job`` to a child: it runs it now if idle, else after its current one.
-        Returns whether the job started now; a child found gone is reported lost."""
+    def send(self, child, batch, data):
+        """Give a child the jobs of ``batch`` (``data``: their frames, written at once).
+        It runs the first now if idle, the rest after. Returns the job that started
+        now, or None; a child found gone is reported lost with every job it held."""
         try:
-            framing.write_all(child.to_child, frame)
+            framing.write_all(child.to_child, data)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.EBADF):
                 raise
             child.state = DEAD
-            self._gone(child, None, None, [*child.queued, job])   # none of them started
+            self._gone(child, None, None, [*child.queued, *batch])   # none of them started
             child.queued.clear()
-            return False
+            return None
+        started = None
         if child.job is None:
-            child.state, child.job, child.job_started = BUSY, job, time.monotonic()
-            return True
-        child.queued.append(job)
-        return False
+            started = batch[0]
+            child.state, child.job, child.job_started = BUSY, started, time.monotonic()
+            batch = batch[1:]
+        child.queued.extend(batch)
+        return started
 
     def _on_readable(self, child):
         try:

@@ -22,10 +22,21 @@ def test_blocking_frame_read_over_a_real_pipe():
     r, w = os.pipe()
     framing.write_all(w, framing.encode({"a": 1}) + framing.encode([2]))
     os.close(w)
-    assert framing.read_frame(r) == {"a": 1}
-    assert framing.read_frame(r) == [2]
-    assert framing.read_frame(r) is None
+    assert list(framing.iter_frames(r)) == [{"a": 1}, [2]]     # ends at end of file
     os.close(r)
+
+
+def test_frame_reads_take_whatever_the_pipe_holds_and_wait_for_the_rest():
+    frames = [("job", i, "x" * 100) for i in range(5)]
+    data = b"".join(framing.encode(f) for f in frames)
+    chunks = [data[:3], data[3:250], data[250:], b""]       # what successive reads return
+    reads = []
+
+    def read(fd, n):
+        reads.append(n)
+        return chunks.pop(0)
+    assert list(framing.iter_frames(0, read=read)) == frames
+    assert len(reads) == 4          # one read per chunk, however many frames it holds
 
 
 def test_acks_batch_the_contiguous_run():
@@ -34,8 +45,9 @@ def test_acks_batch_the_contiguous_run():
         t.received(tag)
     for tag in (1, 2, 3):
         t.completed(tag)
+    assert t.pending == 3
     assert t.flush() == [(3, True)]
-    assert len(t) == 2
+    assert len(t) == 2 and t.pending == 0
 
 
 def test_acks_do_not_hold_completed_tags_behind_a_running_one():
@@ -143,3 +155,35 @@ def test_parking_buckets():
     assert parking.should_park(60, held=0, horizon=600, max_held=10) is False
     assert parking.should_park(60, held=10, horizon=600, max_held=10) is True
     assert parking.should_park(0.5, held=10, horizon=600, max_held=10) is False
+
+
+def test_pool_room_and_a_batch_written_at_once():
+    from taskd.worker import pool as pool_mod
+    p = pool_mod.Pool(None, (), track_rss=False, on_ready=None, on_outcome=None, on_lost=None)
+    pipes = []
+
+    def child(index, state, generation=1, queued=0):
+        r, w = os.pipe()
+        pipes.append((r, w))
+        c = pool_mod.Child(index, 1000 + index, generation, w, None)
+        c.state = state
+        if state == pool_mod.BUSY:
+            c.job = f"running-{index}"
+        c.queued.extend(f"q{index}-{i}" for i in range(queued))
+        p.children[c.pid] = c
+        return c
+    idle, busy, full = child(1, pool_mod.IDLE), child(2, pool_mod.BUSY), child(3, pool_mod.BUSY, queued=2)
+    child(4, pool_mod.RETIRING)
+    child(5, pool_mod.IDLE, generation=0)          # from before a reload
+    assert p.room(3) == {idle: 3, busy: 2}
+    assert p.room(1) == {idle: 1}
+
+    frames = [framing.encode(("job", i)) for i in range(3)]
+    started = p.send(idle, ["a", "b", "c"], b"".join(frames))
+    assert started == "a" and idle.job == "a" and list(idle.queued) == ["b", "c"]
+    assert idle.state == pool_mod.BUSY
+    assert framing.FrameReader().feed(os.read(pipes[0][0], 1 << 16)) == [("job", i) for i in range(3)]
+    assert p.send(busy, ["d"], frames[0]) is None and list(busy.queued) == ["d"]
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)

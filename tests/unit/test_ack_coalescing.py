@@ -1,0 +1,80 @@
+"""How the supervisor coalesces acks: the policy of Outcomes.complete, run on a real
+event loop against a channel that records what it is asked to send."""
+import asyncio
+
+from taskd.worker.acks import AckTracker
+from taskd.worker.outcomes import ACK_DELAY, Outcomes
+
+
+class RecordingChannel:
+    def __init__(self):
+        self.acks = []
+
+    def basic_ack(self, tag, multiple=False):
+        self.acks.append((tag, multiple))
+
+
+class Consumer:
+    is_open = True
+
+    def __init__(self):
+        self.channel = RecordingChannel()
+
+
+class Job:
+    def __init__(self, tag, channel):
+        self.tag, self.channel = tag, channel
+
+
+class Sup(Outcomes):
+    def __init__(self, loop, ack_batch):
+        self.loop, self.ack_batch = loop, ack_batch
+        self.acks, self.consumer, self._ack_timer = AckTracker(), Consumer(), None
+
+    def _maybe_finish_stop(self):
+        pass
+
+
+def _deliver(sup, tags):
+    jobs = [Job(t, sup.consumer.channel) for t in tags]
+    for j in jobs:
+        sup.acks.received(j.tag)
+    return jobs
+
+
+def test_acks_of_tasks_finishing_together_go_out_as_one():
+    async def main():
+        sup = Sup(asyncio.get_running_loop(), ack_batch=4)
+        jobs = _deliver(sup, range(1, 9))
+        for j in jobs[:4]:
+            sup.complete(j)
+        assert sup.consumer.channel.acks == [(4, True)]         # the batch was full: at once
+        for j in jobs[4:7]:
+            sup.complete(j)
+        assert sup.consumer.channel.acks == [(4, True)]         # 3 < 4: waiting
+        await asyncio.sleep(ACK_DELAY * 5)
+        assert sup.consumer.channel.acks == [(4, True), (7, True)]   # the timer sent them
+        assert sup._ack_timer is None
+    asyncio.run(main())
+
+
+def test_a_lone_completion_is_acked_after_the_delay_not_held_for_a_batch():
+    async def main():
+        sup = Sup(asyncio.get_running_loop(), ack_batch=16)
+        (job,) = _deliver(sup, [1])
+        sup.complete(job)
+        assert sup.consumer.channel.acks == []
+        await asyncio.sleep(ACK_DELAY * 5)
+        assert sup.consumer.channel.acks == [(1, True)]
+    asyncio.run(main())
+
+
+def test_a_completion_from_a_closed_channel_is_never_acked():
+    async def main():
+        sup = Sup(asyncio.get_running_loop(), ack_batch=1)
+        (job,) = _deliver(sup, [1])
+        sup.consumer = Consumer()            # reconnected: a new channel
+        sup.complete(job)
+        await asyncio.sleep(ACK_DELAY * 5)
+        assert sup.consumer.channel.acks == [] and job.channel.acks == []
+    asyncio.run(main())
