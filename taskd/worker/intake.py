@@ -71,7 +71,10 @@ class Intake:
                 self.schedule_job(job, eta, delay)
                 return
         self.ready.append(job)
-        self.dispatch_soon()
+        if self.config["worker.child_prefetch"] > 1:
+            self.dispatch_soon()        # batch the burst: several jobs per child per write
+        else:
+            self.dispatch()
 
     def schedule_job(self, job, eta, delay):
         """An ETA task: revoke it if it would expire first, else park or hold it."""

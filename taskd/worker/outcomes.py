@@ -162,12 +162,14 @@ class Outcomes:
 
     # == acks ===========================================================================
     def complete(self, job):
-        """The job is finished for good: ack its delivery. Acks are coalesced: sent
-        once half the prefetch window has completed, else ``ACK_DELAY`` later."""
+        """The job is finished for good: ack its delivery. Under load acks are
+        coalesced: sent once a quarter of the prefetch window has completed, else
+        ``ACK_DELAY`` later. With nothing else in hand, at once: a client waiting for
+        its publisher confirm of a persistent message waits for this ack."""
         if job.channel is not self.consumer.channel:
             return      # from a channel that is gone: the broker has requeued it
         self.acks.completed(job.tag)
-        if self.acks.pending >= self.ack_batch:
+        if self.acks.pending >= self.ack_batch or not (self.ready or self.pool.busy()):
             self._flush_acks()
         elif self._ack_timer is None:
             self._ack_timer = self.loop.call_later(ACK_DELAY, self._flush_acks)

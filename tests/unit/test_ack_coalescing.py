@@ -26,10 +26,19 @@ class Job:
         self.tag, self.channel = tag, channel
 
 
+class Pool:
+    def __init__(self):
+        self.running = ["a task"]
+
+    def busy(self):
+        return self.running
+
+
 class Sup(Outcomes):
     def __init__(self, loop, ack_batch):
         self.loop, self.ack_batch = loop, ack_batch
         self.acks, self.consumer, self._ack_timer = AckTracker(), Consumer(), None
+        self.ready, self.pool = [], Pool()      # other work in hand: acks may wait
 
     def _maybe_finish_stop(self):
         pass
@@ -77,4 +86,14 @@ def test_a_completion_from_a_closed_channel_is_never_acked():
         sup.complete(job)
         await asyncio.sleep(ACK_DELAY * 5)
         assert sup.consumer.channel.acks == [] and job.channel.acks == []
+    asyncio.run(main())
+
+
+def test_with_nothing_else_in_hand_a_completion_is_acked_at_once():
+    async def main():
+        sup = Sup(asyncio.get_running_loop(), ack_batch=16)
+        sup.pool.running = []
+        (job,) = _deliver(sup, [1])
+        sup.complete(job)
+        assert sup.consumer.channel.acks == [(1, True)] and sup._ack_timer is None
     asyncio.run(main())
