@@ -131,16 +131,20 @@ class Taskd:
     task in advance (``worker.child_prefetch: 2``) and the supervisor reserves more
     messages (``worker.prefetch_multiplier: 16``). Both are documented trade-offs."""
 
-    def __init__(self, tuned=False):
+    TUNED = {"child_prefetch": 2, "prefetch_multiplier": 16}
+
+    def __init__(self, tuned=False, settings=None):
         from taskd import App
         self.app = App("bench", broker=BROKER)
-        self.tuned = tuned
+        self.settings = dict(self.TUNED if tuned else {}, **(settings or {}))
         self.key = "taskd_tuned" if tuned else "taskd"
         self.name = "taskd tuned" if tuned else "taskd"
+        if settings:
+            self.name += " " + " ".join(f"{k}={v}" for k, v in settings.items())
 
     def command(self, run):
         cfg = os.path.join(tempfile.gettempdir(), f"{run.queue}.yaml")
-        tuning = "child_prefetch: 2, prefetch_multiplier: 16, " if self.tuned else ""
+        tuning = "".join(f"{k}: {v}, " for k, v in self.settings.items())
         with open(cfg, "w") as fh:
             fh.write(f"broker: {{url: '{BROKER}'}}\nimports: [tasks_taskd]\n"
                      f"queues: [{{name: {run.queue}}}]\n"
