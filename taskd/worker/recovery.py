@@ -98,5 +98,8 @@ async def connect_with_retry(sup, retry_for, cap):
                 log.warning("%s", message)
             sup.notifier.status(message)
             attempt += 1
-            await asyncio.sleep(delay)
+            try:        # a shutdown cuts the pause short
+                await asyncio.wait_for(sup.stop_requested.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
     return False

@@ -95,6 +95,7 @@ class Supervisor(Intake, Outcomes):
     async def _serve(self):
         self.loop = asyncio.get_running_loop()
         self.stopped = self.loop.create_future()
+        self.stop_requested = asyncio.Event()   # set when a shutdown starts
         self.ready = collections.deque()      # decoded jobs waiting for a child
         self.schedule = Schedule()            # jobs waiting for their ETA
         self.acks = AckTracker()
@@ -118,6 +119,9 @@ class Supervisor(Intake, Outcomes):
         self.manage_children()
         try:
             if not await self._connect_with_retry():
+                if self.stopping:       # a signal came while connecting: _shutdown ends it
+                    await self.stopped
+                    return
                 self.exit_code = EX_UNAVAILABLE
                 await self._stop_children(cold=True)
                 return
@@ -354,6 +358,7 @@ class Supervisor(Intake, Outcomes):
     async def _shutdown(self, cold):
         first = not self.stopping
         self.stopping = True
+        self.stop_requested.set()
         self.notifier.stopping()
         if first and self.consumer is not None and self.consumer.is_open:
             for tag in list(self.consumer_tags):

@@ -81,3 +81,35 @@ def test_help_documents_signals_and_exit_codes():
     assert out.returncode == 0
     for word in ("TERM", "HUP", "QUIT", "TTIN", "USR1", "78 configuration error"):
         assert word in out.stdout
+
+
+def test_sigterm_while_waiting_for_the_broker_stops_at_once_with_exit_0(tmp_path):
+    import os
+    import signal
+    import time
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"broker: {{url: 'amqp://guest:guest@127.0.0.1:{port}/', retry_for: 120, "
+                   "retry_max_interval: 30}\nimports: [ttasks]\nworker: {concurrency: 1}\n")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*TASKD, "worker", "--config", str(cfg)], stderr=out,
+                                env=dict(os.environ, PYTHONPATH=PYTHONPATH), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while log.read_text().count("cannot connect") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "waiting for the broker" in log.read_text()
+        time.sleep(1.5)                 # well into a back-off pause
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - sent < 2.0    # not at the end of the pause or of retry_for
+        assert "stopped (exit code 0)" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
