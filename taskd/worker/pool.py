@@ -193,9 +193,12 @@ class Pool:
             if started is not None:
                 self.on_started(child, started)
         elif kind == "ready":
-            child.state = IDLE
             self.failures = 0
-            self.on_ready(child, frame[2])
+            if child.state == STARTING:
+                child.state = IDLE
+                self.on_ready(child, frame[2])
+            # else retired while importing (a reload): its job pipe is closed, so it
+            # reads end of file now and exits; it must not be given work.
         elif kind == "import-failed":
             self.last_failure = frame[1]
             log.error("child %d could not start: %s\n%s", child.index, frame[1], frame[2])

@@ -187,3 +187,24 @@ def test_pool_room_and_a_batch_written_at_once():
     for r, w in pipes:
         os.close(r)
         os.close(w)
+
+
+def test_a_child_retired_while_importing_gets_no_work_when_it_is_ready():
+    from taskd.worker import pool as pool_mod
+    ready = []
+    p = pool_mod.Pool(None, (), track_rss=False, on_ready=lambda c, names: ready.append(c),
+                      on_outcome=None, on_lost=None)
+    r, w = os.pipe()
+    old = pool_mod.Child(1, 1001, 1, w, None)
+    p.children[old.pid] = old
+    p.retire(old)                       # a reload while it was still importing
+    assert old.state == pool_mod.RETIRING and old.to_child is None
+    p.generation += 1
+    new = pool_mod.Child(1, 1002, 2, None, None)
+    p.children[new.pid] = new
+    p._on_frame(old, ("ready", old.pid, {"old.task": (None, None)}))
+    p._on_frame(new, ("ready", new.pid, {"new.task": (None, None)}))
+    assert old.state == pool_mod.RETIRING and new.state == pool_mod.IDLE
+    assert ready == [new]                       # the old one's task list is not taken
+    assert p.room(1) == {new: 1}
+    os.close(r)
