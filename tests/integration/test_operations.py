@@ -222,14 +222,22 @@ def test_systemd_analyze_verify_accepts_the_units(unit, tmp_path):
     assert "Failed to parse" in bad.stderr or bad.returncode != 0
 
 
-def test_units_keep_warm_shutdown_and_config_errors_final():
-    unit = (ROOT / "systemd" / "taskd.service").read_text()
+@pytest.mark.parametrize("name", UNITS)
+def test_units_keep_warm_shutdown_and_config_errors_final(name):
+    from taskd.config import SETTINGS
+    unit = (ROOT / "systemd" / name).read_text()
     sample = yaml.safe_load((ROOT / "etc" / "taskd.yaml").read_text())
     assert "KillMode=mixed" in unit and "Type=notify" in unit
     assert "RestartPreventExitStatus=78" in unit and "Restart=on-failure" in unit
-    stop = int(next(line.split("=")[1] for line in unit.splitlines()
-                    if line.startswith("TimeoutStopSec=")))
-    assert stop > sample["worker"]["shutdown_timeout"]
+    # a failing ExecStartPre is restarted despite RestartPreventExitStatus (main process only)
+    assert "\nExecStartPre=" not in unit
+
+    def seconds(key):
+        return int(next(line.split("=")[1] for line in unit.splitlines()
+                        if line.startswith(key + "=")))
+    assert seconds("TimeoutStopSec") > sample["worker"]["shutdown_timeout"]
+    retry_for = next(s.default for s in SETTINGS if s.key == "broker.retry_for")
+    assert seconds("TimeoutStartSec") > retry_for     # READY=1 waits for the broker
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
 
 
