@@ -71,6 +71,8 @@ def main(index, read_fd, write_fd, imports, track_rss):
     code = 0
     try:
         _reset_signals()
+        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(key, None)       # only the supervisor speaks to systemd
         close_inherited_fds({read_fd, write_fd})
         setproctitle(f"taskd: child {index} importing")
         try:

@@ -29,6 +29,7 @@ class Outcomes:
     def on_child_ready(self, child, task_limits):
         self.task_names = frozenset(task_limits)
         self.task_limits = task_limits
+        self.announce_ready()
         self.dispatch()
 
     def limits_for(self, request):

@@ -39,7 +39,7 @@ from . import parking, recovery
 from .control import ControlServer
 from .intake import Intake
 from .outcomes import Outcomes
-from .pool import Pool
+from .pool import BUSY, IDLE, Pool
 from .schedule import Schedule
 from .systemd import Notifier
 
@@ -116,6 +116,17 @@ class Supervisor(Intake, Outcomes):
         self.twins = {}                       # delivery key -> redelivered copies of running tasks
         self._reconnecting = True             # until the first connection is up
         self._install_signals()
+        self._announced = False
+        # Served from the start, so that `taskd status` answers while the worker waits
+        # for the broker ("connected": false).
+        self.control = ControlServer(self, self.config["worker.control_socket"])
+        await self.control.start()
+        try:
+            await self._start()
+        finally:
+            self.control.close()
+
+    async def _start(self):
         self.manage_children()
         try:
             if not await self._connect_with_retry():
@@ -133,12 +144,20 @@ class Supervisor(Intake, Outcomes):
             return
         self._reconnecting = False
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
-        self.control = ControlServer(self, self.config["worker.control_socket"])
-        await self.control.start()
-        self.notifier.ready(self.status_line())
+        self.announce_ready()
         self._tick()
         await self.stopped
-        self.control.close()
+
+    def announce_ready(self):
+        """READY=1 to systemd, once: connected, and a child has imported the task modules
+        (a deployment whose modules do not import never reports ready)."""
+        if self._announced or self._reconnecting or self.stopping:
+            return
+        if not any(c.state in (IDLE, BUSY) for c in self.pool.serving()):
+            return
+        self._announced = True
+        log.info("ready")
+        self.notifier.ready(self.status_line())
 
     def _tick(self):
         """Every few seconds: STATUS= and, under a systemd watchdog, WATCHDOG=1. Sent from

@@ -195,6 +195,23 @@ def test_sd_notify_messages_arrive_in_order(topo, workers, tmp_path):
     assert any(m.startswith("STATUS=") and "busy" in m for m in messages)
 
 
+def test_ready_is_sent_only_once_the_children_have_imported_the_tasks(topo, workers, tmp_path):
+    addr = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(addr)
+    server.settimeout(20)
+    path = topo.config({"imports": ["ttasks", "slowimport"]})
+    w = workers(path, env={"NOTIFY_SOCKET": addr, "TASKD_TEST_IMPORT_DELAY": "2"})
+    while not server.recv(4096).decode().startswith("READY=1"):
+        pass
+    titles = subprocess.run(["ps", "-o", "args=", "--ppid", str(w.pid)], capture_output=True,
+                            text=True).stdout.splitlines()
+    server.close()
+    assert "consuming" in w.log                     # connected first, then ready
+    assert titles and not any("importing" in t for t in titles), titles
+    assert any(t.endswith(" idle") for t in titles), titles
+
+
 UNITS = ["taskd.service", "taskd@.service"]
 
 

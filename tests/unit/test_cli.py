@@ -83,7 +83,7 @@ def test_help_documents_signals_and_exit_codes():
         assert word in out.stdout
 
 
-def test_sigterm_while_waiting_for_the_broker_stops_at_once_with_exit_0(tmp_path):
+def test_waiting_for_the_broker_status_answers_and_sigterm_stops_at_once(tmp_path):
     import os
     import signal
     import time
@@ -92,8 +92,10 @@ def test_sigterm_while_waiting_for_the_broker_stops_at_once_with_exit_0(tmp_path
     port = sock.getsockname()[1]
     sock.close()
     cfg = tmp_path / "c.yaml"
+    control = tmp_path / "control.sock"
     cfg.write_text(f"broker: {{url: 'amqp://guest:guest@127.0.0.1:{port}/', retry_for: 120, "
-                   "retry_max_interval: 30}\nimports: [ttasks]\nworker: {concurrency: 1}\n")
+                   "retry_max_interval: 30}\nimports: [ttasks]\n"
+                   f"worker: {{concurrency: 1, control_socket: '{control}'}}\n")
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([*TASKD, "worker", "--config", str(cfg)], stderr=out,
@@ -103,6 +105,9 @@ def test_sigterm_while_waiting_for_the_broker_stops_at_once_with_exit_0(tmp_path
         while log.read_text().count("cannot connect") < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "waiting for the broker" in log.read_text()
+        status = run("status", "--socket", str(control), "--json")   # answers meanwhile
+        assert status.returncode == 0, status.stderr
+        assert '"connected": false' in status.stdout
         time.sleep(1.5)                 # well into a back-off pause
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
