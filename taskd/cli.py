@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from . import config as config_mod
+from . import config as config_mod, serialization
 from .exceptions import ConfigError, TaskdError
 
 EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 64, 69, 78
@@ -146,7 +146,7 @@ def cmd_worker(args):
         return code
     setup_logging(args.loglevel or config["logging.level"])
     from .worker.supervisor import Supervisor
-    errors = check_serializers(config)
+    errors = serialization.check_config(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)
@@ -160,35 +160,11 @@ def cmd_worker(args):
     return supervisor.run()
 
 
-def check_serializers(config):
-    """Import ``serializer_modules``; check the serializer names the config uses."""
-    import importlib
-    from . import serialization
-    errors = []
-    for module in config["serializer_modules"]:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            errors.append(f"serializer_modules: cannot import {module!r}: "
-                          f"{type(exc).__name__}: {exc}")
-    if errors:
-        return errors
-    known = serialization.names()
-    for name in config["accept_content"]:
-        if "/" not in name and name not in known:
-            errors.append(f"accept_content: no serializer named {name!r} "
-                          f"(known: {', '.join(known)}; custom ones via serializer_modules)")
-    if config["default_serializer"] not in known:
-        errors.append(f"default_serializer: no serializer named "
-                      f"{config['default_serializer']!r} (known: {', '.join(known)})")
-    return errors
-
-
 def cmd_check_config(args):
     config, code = _load(args)
     if config is None:
         return code
-    errors = check_serializers(config)
+    errors = serialization.check_config(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)

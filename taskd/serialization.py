@@ -236,3 +236,27 @@ def accept_set(accept_content):
             else:
                 raise
     return result
+
+
+def check_config(config):
+    """Import ``serializer_modules`` and check the serializer names ``config`` uses;
+    returns a list of errors (empty when all is well)."""
+    import importlib
+    errors = []
+    for module in config["serializer_modules"]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            errors.append(f"serializer_modules: cannot import {module!r}: "
+                          f"{type(exc).__name__}: {exc}")
+    if errors:
+        return errors
+    known = names()
+    for name in config["accept_content"]:
+        if "/" not in name and name not in known:
+            errors.append(f"accept_content: no serializer named {name!r} "
+                          f"(known: {', '.join(known)}; custom ones via serializer_modules)")
+    if config["default_serializer"] not in known:
+        errors.append(f"default_serializer: no serializer named "
+                      f"{config['default_serializer']!r} (known: {', '.join(known)})")
+    return errors

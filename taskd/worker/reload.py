@@ -1,38 +1,100 @@
 """SIGHUP: re-read the configuration and apply it without losing a task.
 
-An invalid file is logged (every error) and reported; the worker keeps
-running exactly as before. A valid one is applied: queues added to the
-worker are declared and consumed, removed ones are cancelled (their
-unstarted deliveries go back to the broker when the consumer is cancelled),
-limits and the pool size take effect, and every child is replaced by a new
-generation that imports the task modules afresh: idle children leave at
-once, busy ones after their current task. The supervisor's PID does not
-change.
+The new configuration is checked whole before anything changes: the file
+(every error with its line), its serializers, and its exchanges and queues
+against the broker, declared on a connection of their own so that a
+conflicting declaration (PRECONDITION_FAILED) cannot close the channel the
+worker consumes on. If any check fails the error is logged and reported
+(``taskd status``) and the worker keeps running exactly as before. A valid one
+is applied: queues added to the worker are consumed, removed ones are
+cancelled (their unstarted deliveries go back to the broker), limits and the
+pool size take effect, and every child is replaced by a new generation that
+imports the task modules afresh: idle children leave at once, busy ones after
+their current task. The supervisor's PID does not change. Reloads run one at
+a time: a SIGHUP during a reload runs another once it is done. systemd hears
+RELOADING=1 at the start and READY=1 at the end, whatever the outcome.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
-from .. import config as config_mod
-from ..exceptions import ConfigError
+import pika
+
+from .. import config as config_mod, serialization
+from ..broker import topology
+from ..broker.connection import connect_blocking
+from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 
 log = logging.getLogger("taskd.supervisor")
 
 
 def reload(sup):
-    sup.notifier.reloading()
+    """Start a reload, or queue one after the reload under way."""
+    task = getattr(sup, "_reload_task", None)
+    if task is not None and not task.done():
+        sup._reload_again = True
+        log.info("SIGHUP: a reload is under way; another will follow it")
+        return
+    sup._reload_again = False
+    sup._reload_task = sup.loop.create_task(_reload_loop(sup))
+
+
+async def _reload_loop(sup):
+    while True:
+        sup.notifier.reloading()
+        try:
+            await _reload(sup)
+        except Exception:       # a bug: say so, keep the worker as it was
+            log.exception("SIGHUP: internal error during the reload")
+        finally:
+            sup.notifier.ready(sup.status_line())
+        if not sup._reload_again or sup.stopping:
+            return
+        sup._reload_again = False
+
+
+async def _reload(sup):
     try:
         new = config_mod.load(sup.config_path)
-    except ConfigError as exc:
-        for error in exc.errors:
+        errors = serialization.check_config(new)
+        if errors:
+            raise ConfigError(errors, new.source)
+        queues = sup.queues_for(new)
+        ops = (topology.plan(new, queues)
+               + topology.dead_letter_plan(new["worker.dead_letter_queue"]))
+        await sup.loop.run_in_executor(None, _declare_aside, new, ops)
+    except (ConfigError, TaskdConnectionError) as exc:
+        errors = getattr(exc, "errors", None) or [str(exc)]
+        for error in errors:
             log.error("SIGHUP: %s", error)
         log.error("SIGHUP: configuration not reloaded; still running with the one loaded "
                   "before")
-        sup.last_reload = {"at": time.time(), "ok": False, "errors": exc.errors}
-        sup.notifier.ready(f"reload failed: {exc.errors[0]}")
+        sup.last_reload = {"at": time.time(), "ok": False, "errors": list(errors)}
         return
-    old_queues = sup.queues
+    if sup.stopping:
+        return
+    _apply(sup, new)
+    await _rebind(sup, ops)
+
+
+def _declare_aside(config, ops):
+    """Declare ``ops`` on a connection of their own (runs in a thread)."""
+    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0,
+                            name="taskd-reload-check")
+    try:
+        topology.execute_blocking(conn.channel(), ops)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise ConfigError([f"the broker refused a declaration of the new configuration: "
+                           f"({exc.reply_code}) {exc.reply_text}"], "broker") from None
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _apply(sup, new):
+    sup._old_queues = sup.queues
     sup.config = new
     sup._apply_settings(new)
     sup.last_reload = {"at": time.time(), "ok": True, "errors": []}
@@ -46,17 +108,17 @@ def reload(sup):
     for child in list(pool.children.values()):
         if child.generation < pool.generation:
             pool.retire(child)     # ... then the old one leaves as it goes idle
-    sup.loop.create_task(_rebind(sup, old_queues))
     log.info("SIGHUP: configuration reloaded from %s; generation %d, queues %s, %d children",
              new.source, pool.generation, ", ".join(sup.queues), sup.concurrency)
 
 
-async def _rebind(sup, old_queues):
-    from ..broker import topology
+async def _rebind(sup, ops):
     from .amqp import ChannelLost
+    if sup.consumer is None or not sup.consumer.is_open:
+        return          # reconnecting: the new connection declares and consumes the new set
+    old_queues = sup._old_queues
     try:
-        await sup._declare(topology.plan(sup.config, sup.queues)
-                           + topology.dead_letter_plan(sup.dead_letter_queue))
+        await sup._declare(ops)
         channel = sup.consumer.channel
         for tag, queue in list(sup.consumer_tags.items()):
             if queue not in sup.queues:
@@ -69,6 +131,5 @@ async def _rebind(sup, old_queues):
                 sup.consumer_tags[tag] = queue
                 log.info("SIGHUP: now consuming %s", queue)
         sup._update_qos_base()
-        sup.notifier.ready(sup.status_line())
     except (ConfigError, ChannelLost) as exc:
         log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)

@@ -66,9 +66,12 @@ class Supervisor(Intake, Outcomes):
         self._ticks = 0
         self._signals = ()
 
+    def queues_for(self, config):
+        """The queues this worker consumes under ``config`` (``-Q`` wins)."""
+        return tuple(self.queue_override or config.worker_queues() or (config["default_queue"],))
+
     def _apply_settings(self, config):
-        self.queues = tuple(self.queue_override or config.worker_queues()
-                            or (config["default_queue"],))
+        self.queues = self.queues_for(config)
         self.concurrency = self.concurrency_override or config["worker.concurrency"]
         self.accept = serialization.accept_set(config["accept_content"])
         self.dead_letter_queue = config["worker.dead_letter_queue"]

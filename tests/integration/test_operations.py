@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import pika
 import pytest
 import yaml
 
-from conftest import PYTHONPATH, ROOT, wait_for
+from conftest import BROKER_URL, PYTHONPATH, ROOT, wait_for
 
 
 def runs(path):
@@ -74,6 +75,47 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(topo, workers, app_for, t
     out = taskd("status", "--socket", str(sock))
     assert out.returncode == 0, out.stderr
     assert "reload:" in out.stdout and "FAILED: worker_typo" in out.stdout
+
+
+def test_sighup_with_a_declaration_the_broker_refuses_keeps_consuming(topo, workers, app_for,
+                                                                     tmp_path, broker):
+    sock = tmp_path / "ctl.sock"
+    path = topo.config(control_socket=str(sock))
+    w = workers(path).ready()
+    app = app_for(path)
+    clash = topo.name("clash")
+    topo.queues.add(clash)
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    conn.channel().queue_declare(clash, durable=True, arguments={"x-max-priority": 5})
+    conn.close()
+    running = app.send_task("ttasks.sleep", [1.5, str(tmp_path / "log.txt"), "long"])
+    wait_for(lambda: (tmp_path / "log.txt").exists(), message="the long task started")
+    data = yaml.safe_load(path.read_text())
+    data["queues"].append({"name": clash, "max_priority": 9})       # the broker has 5
+    data["worker"]["queues"] = [q["name"] for q in data["queues"]]
+    path.write_text(yaml.safe_dump(data))
+    w.signal(signal.SIGHUP)
+    w.wait_log("configuration not reloaded")
+    assert "PRECONDITION_FAILED" in w.log or "x-max-priority" in w.log, w.log
+    assert running.get(timeout=10) is not None          # the running task was not cut
+    assert app.send_task("ttasks.add", [2, 2]).get(timeout=10) == 4    # still consuming
+    assert "lost the broker" not in w.log
+    assert [r[0] for r in runs(tmp_path / "log.txt")].count("start") == 1   # ran once
+    state = json.loads(taskd("status", "--socket", str(sock), "--json").stdout)
+    assert state["last_reload"]["ok"] is False and clash not in state["queues"]
+
+
+def test_sighup_with_an_unknown_serializer_keeps_the_old_config(topo, workers, app_for):
+    path = topo.config()
+    w = workers(path).ready()
+    app = app_for(path)
+    data = yaml.safe_load(path.read_text())
+    data["accept_content"] = ["json", "nosuch"]
+    path.write_text(yaml.safe_dump(data))
+    w.signal(signal.SIGHUP)
+    w.wait_log("configuration not reloaded")
+    assert "no serializer named 'nosuch'" in w.log
+    assert app.send_task("ttasks.add", [1, 2]).get(timeout=10) == 3
 
 
 def test_sigterm_lets_running_tasks_finish_and_gives_the_rest_back(topo, workers, app_for,

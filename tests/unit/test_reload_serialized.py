@@ -1,0 +1,50 @@
+"""SIGHUP handling runs reloads one at a time and always answers systemd."""
+import asyncio
+
+from taskd.worker import reload as reload_mod
+
+
+class Notifier:
+    def __init__(self):
+        self.sent = []
+
+    def reloading(self):
+        self.sent.append("RELOADING")
+
+    def ready(self, status=None):
+        self.sent.append("READY")
+
+
+class Sup:
+    stopping = False
+
+    def __init__(self, loop):
+        self.loop, self.notifier = loop, Notifier()
+
+    def status_line(self):
+        return "ok"
+
+
+def test_a_sighup_during_a_reload_runs_one_more_after_it(monkeypatch):
+    async def main():
+        sup = Sup(asyncio.get_running_loop())
+        started, release = [], asyncio.Event()
+
+        async def fake_reload(s):
+            started.append(len(started) + 1)
+            await release.wait()
+            if len(started) == 2:
+                raise RuntimeError("a bug in the second reload")
+        monkeypatch.setattr(reload_mod, "_reload", fake_reload)
+        reload_mod.reload(sup)
+        await asyncio.sleep(0)
+        reload_mod.reload(sup)          # during the first: queued, not interleaved
+        reload_mod.reload(sup)          # coalesced with the queued one
+        await asyncio.sleep(0.01)
+        assert started == [1]
+        release.set()
+        await sup._reload_task
+        assert started == [1, 2]
+        # READY follows every RELOADING, also after the reload that failed
+        assert sup.notifier.sent == ["RELOADING", "READY", "RELOADING", "READY"]
+    asyncio.run(main())
