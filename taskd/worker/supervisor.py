@@ -406,11 +406,27 @@ class Supervisor(Intake, Outcomes):
                           "the queue: %s", ", ".join(cut))
                 self.exit_code = self.exit_code or EX_TASKS_CUT
                 cold = True
+        elif self.pool.busy():
+            cut = [c.job.describe() for c in self.pool.busy()]
+            log.warning("cold shutdown: these tasks are cut and go back to the queue: %s",
+                        ", ".join(cut))
+            self.exit_code = self.exit_code or EX_TASKS_CUT
         await self._stop_children(cold)
+        await self._settle(timeout=5.0)
         await self.close_connections()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
             self.stopped.set_result(None)
+
+    async def _settle(self, timeout):
+        """Before closing: wait (bounded) for the confirms of copies just published for
+        cut tasks, so that their originals are acked rather than delivered twice."""
+        deadline = time.monotonic() + timeout
+        while self.publisher is not None and self.publisher.is_open and \
+                self.publisher._confirms and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._ack_timer is not None:
+            self._flush_acks()
 
     def _maybe_finish_stop(self):
         done = getattr(self, "_drain_done", None)

@@ -146,6 +146,11 @@ def test_sigterm_past_shutdown_timeout_cuts_and_exits_1(topo, workers, app_for, 
     assert w.proc.wait(30) == 1
     assert "shutdown_timeout reached" in w.log and "ttasks.sleep" in w.log
     assert broker.queue_state(topo.name("celery"))[0] == 1           # redelivered, not lost
+    # the one left is the confirmed copy: the original was acked, not requeued
+    conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
+    method, props, _ = conn.channel().basic_get(topo.name("celery"), auto_ack=False)
+    conn.close()
+    assert "x-taskd-copy" in props.headers and not method.redelivered, props.headers
 
 
 def test_sigquit_is_a_cold_shutdown(topo, workers, app_for, tmp_path, broker):
@@ -158,12 +163,18 @@ def test_sigquit_is_a_cold_shutdown(topo, workers, app_for, tmp_path, broker):
     children = w.children()
     started = time.monotonic()
     w.signal(signal.SIGQUIT)
-    w.proc.wait(20)
+    assert w.proc.wait(20) == 1             # a task was cut: not a clean stop
     assert time.monotonic() - started < 10
-    assert "cold shutdown" in w.log
+    assert "cold shutdown" in w.log and "ttasks.sleep" in w.log
     for pid in children:
         assert subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode != 0
     wait_for(lambda: broker.queue_state(topo.name("celery"))[0] == 1, message="task requeued")
+
+
+def test_sigquit_with_nothing_running_exits_0(topo, workers):
+    w = workers(topo.config(concurrency=1)).ready()
+    w.signal(signal.SIGQUIT)
+    assert w.proc.wait(20) == 0
 
 
 def test_ttin_and_ttou_change_the_number_of_children(topo, workers):
