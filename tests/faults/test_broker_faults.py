@@ -26,11 +26,11 @@ def test_cutting_the_workers_connection_mid_stream_loses_nothing(topo, workers, 
     app = app_for(direct)
     out = tmp_path / "runs.txt"
     n, cuts = 1000, 3
-    results = [app.send_task("ttasks.record", [str(out), f"t{i}", 0.001]) for i in range(n)]
+    results = [app.send_task("ttasks.record", [str(out), f"t{i}", 0.002]) for i in range(n)]
     for cut in range(cuts):
-        done = sum(executions(out).values())
+        milestone = (cut + 1) * n // (cuts + 1)      # cut at 250, 500, 750 executions
         try:
-            wait_for(lambda: sum(executions(out).values()) >= done + n // (cuts + 1),
+            wait_for(lambda: sum(executions(out).values()) >= milestone,
                      timeout=30, message="progress before a cut")
         except AssertionError:
             raise AssertionError(f"no progress after cut {cut}; worker log:\n{w.log[-5000:]}")
