@@ -43,6 +43,7 @@ def snapshot(sup):
         "connected": bool(sup.consumer and sup.consumer.is_open and not sup._reconnecting),
         "publishing_blocked": bool(sup.publisher and sup.publisher.blocked),
         "children": children,
+        "child_start_failure": sup.pool.last_failure if sup.pool.failures else None,
         "ready": len(sup.ready),
         "held": len(sup.schedule),
         "counters": dict(sup.counters),
@@ -145,6 +146,8 @@ def format_status(state):
             "revoked", "duplicates")),
         f"children:   {len(state['children'])} (target {state['concurrency']})",
     ]
+    if state.get("child_start_failure"):
+        lines.append(f"            FAILING TO START: {state['child_start_failure']}")
     for ch in state["children"]:
         task = (f"{ch['task']}[{ch['task_id']}] for {ch['running_for']:.1f}s"
                 if ch["task"] else "-")

@@ -200,7 +200,8 @@ def test_bad_input_is_dead_lettered_while_good_tasks_keep_completing(topo, worke
 def test_crash_loop_backs_off_and_the_supervisor_stays_up(topo, workers, tmp_path):
     broken = tmp_path / "broken_tasks.py"
     broken.write_text("raise RuntimeError('deliberately broken module')\n")
-    path = topo.config({"imports": ["broken_tasks"]})
+    sock = tmp_path / "ctl.sock"
+    path = topo.config({"imports": ["broken_tasks"]}, control_socket=str(sock))
     w = workers(path, env={"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"})
     w.wait_log("next attempt in 2s", timeout=20)
     assert "RuntimeError: deliberately broken module" in w.log
@@ -208,6 +209,14 @@ def test_crash_loop_backs_off_and_the_supervisor_stays_up(topo, workers, tmp_pat
     assert w.proc.poll() is None
     forks = w.log.count("could not start")
     assert forks <= 4                             # backing off, not fork-bombing
+    import subprocess
+    import sys
+    from conftest import PYTHONPATH, ROOT
+    status = subprocess.run([sys.executable, "-m", "taskd", "status", "--socket", str(sock)],
+                            capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=PYTHONPATH), timeout=30)
+    assert status.returncode == 0, status.stderr        # answers, though never ready
+    assert "FAILING TO START" in status.stdout and "deliberately broken" in status.stdout
 
 
 def test_dead_letters_can_be_listed_and_replayed(topo, workers, app_for, broker, tmp_path):
