@@ -88,6 +88,9 @@ def _declare_aside(config, ops):
     except pika.exceptions.ChannelClosedByBroker as exc:
         raise ConfigError([f"the broker refused a declaration of the new configuration: "
                            f"({exc.reply_code}) {exc.reply_text}"], "broker") from None
+    except pika.exceptions.AMQPError as exc:
+        raise TaskdConnectionError(f"lost the broker while checking the new configuration: "
+                                   f"{type(exc).__name__}: {exc}") from None
     finally:
         if conn.is_open:
             conn.close()
