@@ -169,6 +169,14 @@ class Outcomes:
                                      attempt + 1)
         self.publish("", reply_to, body, props, confirmed)
 
+    def report_unsent(self):
+        """At exit: name the tasks whose results never reached the broker. Their deliveries
+        went back to the queue when the connection dropped; they will run again."""
+        if self.unsent:
+            log.warning("stopping while the broker is away: %d finished task(s) could not "
+                        "report their result and will run again: %s", len(self.unsent),
+                        ", ".join(job.describe() for job, *_ in self.unsent))
+
     def _within_limit(self, job, body, props):
         """The reply, or a FAILURE saying it is larger than the broker takes."""
         limit = self.result_limit()

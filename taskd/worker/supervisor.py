@@ -442,6 +442,7 @@ class Supervisor(Intake, Outcomes):
         self.cutting = cold
         await self._stop_children(cold)
         await self._settle(timeout=5.0)
+        self.report_unsent()
         await self.close_connections()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
