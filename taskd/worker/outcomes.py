@@ -155,9 +155,9 @@ class Outcomes:
             if ok:
                 self.complete(job)
             elif attempt >= RESULT_ATTEMPTS:
-                log.error("task %s: the broker %s its result %d times; the result is lost",
-                          job.describe(), "refused" if ok is False else "lost the connection "
-                          "while publishing", attempt)
+                why = "the broker refused it" if ok is False else "the connection was lost"
+                log.error("task %s: result not published in %d attempts (%s); the result is "
+                          "lost, the delivery is acknowledged", job.describe(), attempt, why)
                 self.counters["results_lost"] += 1
                 self.complete(job)
             elif ok is None:        # the connection went away: again after reconnecting

@@ -1,13 +1,17 @@
 """Pure parts of the worker's publishing path: header values and sizes, broker limits,
 the pause between short-lived connections."""
+import collections
 import decimal
+import re
+import types
 from datetime import datetime
 
 import pika
 from pika import data as amqp_data
 
-from taskd import protocol
-from taskd.worker import headers
+from taskd import config, protocol
+from taskd.worker import headers, jobs
+from taskd.worker.outcomes import RESULT_ATTEMPTS, Outcomes
 from taskd.worker.amqp import max_message_size
 from taskd.worker.recovery import ReconnectPacer
 
@@ -91,3 +95,77 @@ def test_connections_that_die_young_are_paced_and_a_lasting_one_resets_the_pace(
     pacer.connected()
     now[0] += 6
     assert pacer.lost() == 0.0
+
+
+class _Publisher:
+    is_open = True
+
+    def __init__(self):
+        self.confirms, self.bodies = [], []
+
+    def publish(self, exchange, routing_key, body, properties, on_confirm):
+        self.confirms.append(on_confirm)
+        self.bodies.append((routing_key, body, properties))
+
+
+class _Replies(Outcomes):
+    """Just the reply path of the supervisor, over a publisher whose confirms the test
+    gives; ``call_later`` is run by the test too."""
+
+    def __init__(self, max_result_size=0):
+        self.config = {"worker.max_result_size": max_result_size}
+        self.broker_max_size = 0
+        self.reply_to_pattern = re.compile(config.REPLY_TO_PATTERN)
+        self.publisher = _Publisher()
+        self.unsent, self.later, self.completed = [], [], []
+        self.counters = collections.Counter()
+        self.loop = types.SimpleNamespace(
+            call_later=lambda delay, fn, *args: self.later.append((fn, args)))
+
+    def complete(self, job):
+        self.completed.append(job)
+
+
+def _job(reply_to="taskd.reply.1"):
+    props = pika.BasicProperties(reply_to=reply_to, correlation_id="t1",
+                                 headers={"task": "t", "id": "t1"})
+    return jobs.Job(1, 1, None, "q", "", "q", props, b"")
+
+
+def test_a_refused_result_is_tried_again_then_given_up_and_its_delivery_acked():
+    sup, job = _Replies(), _job()
+    sup.publish_result(job, b"result", pika.BasicProperties())
+    for attempt in range(1, RESULT_ATTEMPTS):
+        sup.publisher.confirms[-1](False)                 # nack
+        assert sup.completed == [] and sup.unsent == []
+        fn, args = sup.later.pop()
+        fn(*args)
+    sup.publisher.confirms[-1](False)
+    assert sup.completed == [job] and sup.counters["results_lost"] == 1
+    assert len(sup.publisher.confirms) == RESULT_ATTEMPTS
+
+
+def test_a_result_lost_with_the_connection_waits_for_the_reconnect_a_bounded_number_of_times():
+    sup, job = _Replies(), _job()
+    sup.publish_result(job, b"result", pika.BasicProperties())
+    for attempt in range(1, RESULT_ATTEMPTS):
+        sup.publisher.confirms[-1](None)                  # connection lost
+        [(_, _, _, again)] = sup.unsent
+        assert again == attempt + 1 and sup.completed == []
+        sup.unsent.clear()
+        sup.publish_result(job, b"result", pika.BasicProperties(), again)    # reconnected
+    sup.publisher.confirms[-1](None)
+    assert sup.unsent == [] and sup.completed == [job]
+
+
+def test_a_result_too_large_becomes_a_failure_and_other_reply_queues_get_nothing():
+    sup = _Replies(max_result_size=10)
+    sup.publish_result(_job(), b"x" * 11, pika.BasicProperties())
+    [confirm] = sup.publisher.confirms
+    [(routing_key, body, props)] = sup.publisher.bodies
+    meta = protocol.decode_result(body, props.content_type, props.content_encoding)
+    assert routing_key == "taskd.reply.1" and meta["status"] == "FAILURE"
+    assert "result too large: 11 bytes, broker limit 10" in str(meta["result"])
+    foreign = _job(reply_to="someone-elses-queue")
+    sup.publish_result(foreign, b"result", pika.BasicProperties())
+    assert sup.publisher.confirms == [confirm] and sup.completed == [foreign]
