@@ -108,9 +108,10 @@ class Intake:
 
         def confirmed(ok):
             if ok:
-                self.remember(job)
-                self.complete(job)
-            elif job.channel is self.consumer.channel:    # could not park: hold it here
+                self.settle(job)
+            elif ok is False:   # refused, or no queue took it: back to its queue, to be
+                self.give_back(job)     # parked again once the topology is declared again
+            elif job.channel is self.consumer.channel:    # no publisher: hold it here
                 self.hold(job, max(0.0, delay))
         self.publish_copy(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
                           confirmed)
