@@ -77,9 +77,8 @@ class AsyncChannel:
         self.closing = False
         self.blocked = False
         self._pending = set()
-        self._confirms = {}             # publish seq -> callback(ok)
-        self._mandatory = {}            # message_id -> publish seq, until confirmed
-        self._returned = set()          # publish seqs the broker returned
+        self._confirms = {}             # publish seq -> (callback(ok), message_id or None)
+        self._returned = set()          # message_ids of mandatory publishes returned
         self._publish_seq = 0
         self._close_reason = None       # why the broker closed the channel, if it did
 
@@ -115,7 +114,6 @@ class AsyncChannel:
         await self.call(self.channel.confirm_delivery, ack_nack_callback=self._on_confirm)
         self._publish_seq = 0
         self._confirms.clear()
-        self._mandatory.clear()
         self._returned.clear()
 
     # -- calls ----------------------------------------------------------------
@@ -140,20 +138,18 @@ class AsyncChannel:
     def publish(self, exchange, routing_key, body, properties, on_confirm=None, mandatory=False):
         """Publish; ``on_confirm(ok)`` runs when the broker confirms (needs confirms on):
         True, False (nacked, or ``mandatory`` and returned) or None (connection lost).
-        A ``mandatory`` message needs a ``message_id`` of its own."""
-        if mandatory and not properties.message_id:
-            raise ValueError("a mandatory publish needs a message_id to match its return")
+        A ``mandatory`` message needs ``on_confirm`` and a ``message_id`` of its own."""
+        if mandatory and not (on_confirm and properties.message_id):
+            raise ValueError("a mandatory publish needs on_confirm, and a message_id to "
+                             "match its return")
         self.channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         self._publish_seq += 1
         if on_confirm is not None:
-            self._confirms[self._publish_seq] = on_confirm
-        if mandatory:
-            self._mandatory[properties.message_id] = self._publish_seq
+            self._confirms[self._publish_seq] = (on_confirm,
+                                                 properties.message_id if mandatory else None)
 
     def _on_return(self, channel, method, properties, body):
-        seq = self._mandatory.pop(properties.message_id, None)
-        if seq is not None:
-            self._returned.add(seq)
+        self._returned.add(properties.message_id)    # before its ack, on the same channel
         if self.on_return is not None:
             self.on_return(method, properties)
 
@@ -165,14 +161,10 @@ class AsyncChannel:
             done = [seq for seq in self._confirms if seq <= tag]
         else:
             done = [tag] if tag in self._confirms else []
-        if self._mandatory:
-            for message_id, seq in list(self._mandatory.items()):
-                if seq <= tag if method.multiple else seq == tag:
-                    del self._mandatory[message_id]
         for seq in done:
-            callback = self._confirms.pop(seq)
-            returned = seq in self._returned
-            self._returned.discard(seq)
+            callback, message_id = self._confirms.pop(seq)
+            returned = message_id is not None and message_id in self._returned
+            self._returned.discard(message_id)
             callback(ok and not returned)
 
     @property
@@ -186,9 +178,8 @@ class AsyncChannel:
                 future.set_exception(ChannelLost(text, reason))
         self._pending.clear()
         confirms, self._confirms = self._confirms, {}
-        self._mandatory.clear()
         self._returned.clear()
-        for callback in confirms.values():
+        for callback, _ in confirms.values():
             callback(None)   # None: unknown, the connection went away
 
     def _on_channel_closed(self, channel, reason):
