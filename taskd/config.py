@@ -26,6 +26,11 @@ DEFAULT_PATH = "/etc/taskd.yaml"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_QUEUE = "celery"   # Celery's default queue, exchange and routing key
 DEAD_LETTER_QUEUE = "taskd.dead"
+# Reply queues a worker publishes results to: taskd's (taskd.reply.<uuid>), Celery's
+# rpc backend (a bare uuid, kombu's oid) and RabbitMQ's direct reply-to.
+REPLY_TO_PATTERN = (r"taskd\.reply\.[0-9A-Za-z._-]+"
+                    r"|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+                    r"|amq\.rabbitmq\.reply-to(\..+)?")
 EXCHANGE_TYPES = ("direct", "topic", "fanout")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -62,6 +67,16 @@ def _choice(*choices):
     def check(v):
         return (v, None) if v in choices else (None, "one of " + ", ".join(choices))
     return check
+
+
+def _regex(v):
+    if not isinstance(v, str) or not v:
+        return None, "a regular expression"
+    try:
+        re.compile(v)
+    except re.error as exc:
+        return None, f"a regular expression ({exc})"
+    return v, None
 
 
 def _str_list(v):
@@ -178,6 +193,16 @@ SETTINGS = (
             "Queue receiving messages that cannot be processed, with the reason in headers."),
     Setting("worker.max_message_size", parse_size, 16 * 1024**2,
             "Larger task messages are dead-lettered without being decoded (0: no limit)."),
+    Setting("worker.max_result_size", parse_size, 16 * 1024**2,
+            "Larger results are not sent: the caller gets a FAILURE \"result too large\" "
+            "instead (0: no limit). Keep it at or below the broker's `max_message_size` "
+            "(16 MiB by default from RabbitMQ 4.0); a lower limit the broker reports when it "
+            "refuses a result is used from then on."),
+    Setting("worker.reply_to_pattern", _regex, REPLY_TO_PATTERN,
+            "Regular expression a task's `reply_to` must match (whole) for the worker to "
+            "publish its result there; results for any other queue are not sent (logged). "
+            "The default matches taskd's and Celery's reply queues and RabbitMQ's direct "
+            "reply-to."),
     Setting("worker.control_socket", _str, "/run/taskd/taskd.sock",
             "Unix socket `taskd status` talks to (mode 0600)."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
@@ -529,7 +554,8 @@ def reference_markdown():
         default = s.default
         if s.key == "worker.concurrency":
             default = "number of CPUs"
-        out.append(f"| `{s.key}` | `{_fmt(default)}` | {s.doc} |")
+        cell = _fmt(default).replace("|", "\\|")     # a pipe in a table cell: escaped
+        out.append(f"| `{s.key}` | `{cell}` | {s.doc} |")
     for section, table in ITEM_SETTINGS.items():
         out += ["", f"## Entries of `{section}:`", "", "| key | default | meaning |", "|---|---|---|"]
         for s in table:

@@ -26,6 +26,7 @@ import sys
 import traceback as tb_module
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import Decimal
 from reprlib import Repr
 
 from . import serialization
@@ -191,11 +192,15 @@ def parse_datetime(value, what):
 
 
 def _limit(value, what):
+    """A time limit in seconds. An integral one stays an int (pika cannot encode a float
+    header, and the limit goes back out in the headers of a retry); a Decimal is what a
+    worker's copy carries for a fractional one."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)) or \
+            not value > 0 or value == float("inf"):
         raise InvalidTaskMessage(f"timelimit {what} must be a positive number, got {value!r}")
-    return float(value)
+    return int(value) if value == int(value) else float(value)
 
 
 def peek_task_id(headers, correlation_id=None):

@@ -9,11 +9,22 @@ The supervisor uses two of these: one to consume (and ack) and one to
 publish results and dead letters with confirms. RabbitMQ blocks a
 publishing connection under a resource alarm; if the same connection also
 consumed, acks would stall too.
+
+A copy that replaces a delivery is published ``mandatory``: a message that
+reaches no queue comes back as ``basic.return`` before the broker acks it, and
+an ack alone would take a dropped copy for delivered. Returns are matched to
+their publish by ``message_id`` (each copy has its own), and the confirm of a
+returned message reports ``ok=False``; ``on_return`` hears of it.
+
+When the broker closes the channel (a refused publish, an unknown delivery
+tag), the connection is closed too, and ``on_lost`` receives the channel's
+reason, not the "normal shutdown" of that close.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -41,18 +52,35 @@ class ChannelLost(TaskdConnectionError):
         return getattr(self.reason, "reply_code", None) in (403, 405, 406)
 
 
+_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
+
+
+def max_message_size(reason):
+    """The broker's ``max_message_size`` when ``reason`` is its refusal of a larger
+    message (``406 PRECONDITION_FAILED - message size N is larger than configured
+    max size M``); else None."""
+    if getattr(reason, "reply_code", None) != 406:
+        return None
+    match = _MAX_SIZE.search(str(getattr(reason, "reply_text", "")))
+    return int(match.group(1)) if match else None
+
+
 class AsyncChannel:
-    def __init__(self, loop, url, *, connect_timeout, heartbeat, name, on_lost):
+    def __init__(self, loop, url, *, connect_timeout, heartbeat, name, on_lost,
+                 on_return=None):
         self.loop, self.url = loop, url
         self.connect_timeout, self.heartbeat, self.name = connect_timeout, heartbeat, name
         self.on_lost = on_lost          # called with (reason) on an unexpected close
+        self.on_return = on_return      # called with (method, properties) of a returned copy
         self.connection = None
         self.channel = None
         self.closing = False
         self.blocked = False
         self._pending = set()
-        self._confirms = {}             # publish seq -> callback(ok)
+        self._confirms = {}             # publish seq -> (callback(ok), message_id or None)
+        self._returned = set()          # message_ids of mandatory publishes returned
         self._publish_seq = 0
+        self._close_reason = None       # why the broker closed the channel, if it did
 
     # -- opening ------------------------------------------------------------
     async def open(self):
@@ -69,6 +97,7 @@ class AsyncChannel:
                     describe_failure(self.url, exc, self.connect_timeout)))
 
         self.closing = False
+        self._close_reason = None
         self.connection = AsyncioConnection(params, on_open, on_open_error, self._on_closed,
                                             custom_ioloop=self.loop)
         await opened
@@ -78,12 +107,14 @@ class AsyncChannel:
         self.connection.channel(on_open_callback=channel_ready.set_result)
         self.channel = await channel_ready
         self.channel.add_on_close_callback(self._on_channel_closed)
+        self.channel.add_on_return_callback(self._on_return)
         return self.channel
 
     async def enable_confirms(self):
         await self.call(self.channel.confirm_delivery, ack_nack_callback=self._on_confirm)
         self._publish_seq = 0
         self._confirms.clear()
+        self._returned.clear()
 
     # -- calls ----------------------------------------------------------------
     def call(self, method, *args, **kwargs):
@@ -99,12 +130,28 @@ class AsyncChannel:
         method(*args, callback=done, **kwargs)
         return future
 
+    @property
+    def frame_max(self):
+        """The frame size negotiated with the broker (0: no limit)."""
+        return self.connection.params.frame_max if self.connection is not None else 0
+
     def publish(self, exchange, routing_key, body, properties, on_confirm=None, mandatory=False):
-        """Publish; ``on_confirm(ok)`` runs when the broker confirms (needs confirms on)."""
+        """Publish; ``on_confirm(ok)`` runs when the broker confirms (needs confirms on):
+        True, False (nacked, or ``mandatory`` and returned) or None (connection lost).
+        A ``mandatory`` message needs ``on_confirm`` and a ``message_id`` of its own."""
+        if mandatory and not (on_confirm and properties.message_id):
+            raise ValueError("a mandatory publish needs on_confirm, and a message_id to "
+                             "match its return")
         self.channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         self._publish_seq += 1
         if on_confirm is not None:
-            self._confirms[self._publish_seq] = on_confirm
+            self._confirms[self._publish_seq] = (on_confirm,
+                                                 properties.message_id if mandatory else None)
+
+    def _on_return(self, channel, method, properties, body):
+        self._returned.add(properties.message_id)    # before its ack, on the same channel
+        if self.on_return is not None:
+            self.on_return(method, properties)
 
     def _on_confirm(self, frame):
         method = frame.method
@@ -115,8 +162,10 @@ class AsyncChannel:
         else:
             done = [tag] if tag in self._confirms else []
         for seq in done:
-            callback = self._confirms.pop(seq)
-            callback(ok)
+            callback, message_id = self._confirms.pop(seq)
+            returned = message_id is not None and message_id in self._returned
+            self._returned.discard(message_id)
+            callback(ok and not returned)
 
     @property
     def is_open(self):
@@ -129,10 +178,13 @@ class AsyncChannel:
                 future.set_exception(ChannelLost(text, reason))
         self._pending.clear()
         confirms, self._confirms = self._confirms, {}
-        for callback in confirms.values():
+        self._returned.clear()
+        for callback, _ in confirms.values():
             callback(None)   # None: unknown, the connection went away
 
     def _on_channel_closed(self, channel, reason):
+        if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
+            self._close_reason = reason
         self._fail_pending(f"channel closed: {reason}", reason)
         if self.connection is not None and self.connection.is_open and not self.closing:
             # A channel error (e.g. PRECONDITION_FAILED) closes only the channel.
@@ -142,7 +194,7 @@ class AsyncChannel:
         self._fail_pending(f"connection closed: {reason}", reason)
         self.channel = None
         if not self.closing:
-            self.on_lost(reason)
+            self.on_lost(self._close_reason or reason)
 
     def _on_blocked(self, connection, frame):
         self.blocked = True

@@ -83,10 +83,9 @@ class Intake:
             log.warning("task %s expires (%s) before its ETA (%s): not run", job.describe(),
                         expires.isoformat(), eta.isoformat())
             self.counters["revoked"] += 1
-            self.reply_failure(job, TaskRevokedError(
+            self.fail(job, TaskRevokedError(
                 f"expires at {expires.isoformat()}, before its ETA {eta.isoformat()}"),
                 protocol.REVOKED)
-            self.complete(job)
             return
         cfg = self.config
         if parking.should_park(delay, len(self.schedule), cfg["worker.eta_horizon"],
@@ -109,12 +108,13 @@ class Intake:
 
         def confirmed(ok):
             if ok:
-                self.remember(job)
-                self.complete(job)
-            elif job.channel is self.consumer.channel:    # could not park: hold it here
+                self.settle(job)
+            elif ok is False:   # refused, or no queue took it: back to its queue, to be
+                self.give_back(job)     # parked again once the topology is declared again
+            elif job.channel is self.consumer.channel:    # no publisher: hold it here
                 self.hold(job, max(0.0, delay))
-        self.publish(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
-                     confirmed)
+        self.publish_copy(exchange, job.queue, job.body, jobs.redelivery(job, keep_count=True),
+                          confirmed)
 
     def finish_duplicate(self, job):
         """A redelivered message this worker already finished: ack it, do not run it."""
@@ -161,9 +161,7 @@ class Intake:
             return False
         log.warning("task %s expired at %s: not run", job.describe(), expires.isoformat())
         self.counters["revoked"] += 1
-        self.reply_failure(job, TaskRevokedError(f"expired at {expires.isoformat()}"),
-                           protocol.REVOKED)
-        self.complete(job)
+        self.fail(job, TaskRevokedError(f"expired at {expires.isoformat()}"), protocol.REVOKED)
         return True
 
     def _arm_schedule_timer(self):

@@ -2,7 +2,10 @@
 
 Pure helpers: what a redelivered copy, a dead letter and a failure reply
 look like. Copies drop the broker's ``x-death`` history: RabbitMQ silently
-drops a message dead-lettered into a queue already in that history.
+drops a message dead-lettered into a queue already in that history. Every
+copy gets a ``message_id`` of its own (its copy id, which also matches a
+``basic.return`` to its publish) and headers pika can encode again
+(:func:`taskd.worker.headers.sanitise`).
 """
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ from datetime import datetime, timezone
 
 import pika
 
-from .recovery import COPY_HEADER
-
 from .. import protocol
+from .headers import sanitise
+from .recovery import COPY_HEADER
 
 DELIVERY_COUNT = "x-taskd-delivery-count"
 BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
@@ -78,7 +81,9 @@ class Job:
 
 
 def _copy_properties(properties, headers):
-    headers[COPY_HEADER] = uuid.uuid4().hex    # tells this copy from its original
+    copy_id = uuid.uuid4().hex
+    headers = sanitise(headers)
+    headers[COPY_HEADER] = copy_id      # tells this copy from its original
     return pika.BasicProperties(
         content_type=properties.content_type,
         content_encoding=properties.content_encoding,
@@ -86,6 +91,7 @@ def _copy_properties(properties, headers):
         reply_to=properties.reply_to,
         priority=properties.priority,
         delivery_mode=2,
+        message_id=copy_id,
         headers=headers,
     )
 

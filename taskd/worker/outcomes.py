@@ -7,6 +7,21 @@ time limit. Every acknowledgement waits for the broker's confirm of whatever
 replaces the message, and goes through :class:`~taskd.worker.acks.AckTracker`
 so that acks are batched.
 
+Two publishing paths, one for each kind of message:
+
+* **Copies** that replace a delivery (park, retry, redeliver, dead letter) go
+  through :meth:`Outcomes.publish_copy` and :class:`~taskd.worker.copies.Copies`:
+  mandatory, headers made encodable and small enough, a return counts as a
+  failure (the original is given back or held) and the topology is declared
+  again.
+* **Replies** to the caller (results, and the failures of revoked, timed-out
+  and dead-lettered tasks) go through :meth:`Outcomes.publish_result`: confirmed
+  before the delivery is acked; kept in ``unsent`` while the connection is
+  down; tried again a bounded number of times when the broker refuses one
+  (a nack: a full reply queue); larger than the broker takes, replaced by a
+  FAILURE saying so. A ``reply_to`` outside ``worker.reply_to_pattern`` gets no
+  reply at all: the worker is not a relay into other applications' queues.
+
 A mixin of :class:`~taskd.worker.supervisor.Supervisor`.
 """
 from __future__ import annotations
@@ -14,8 +29,8 @@ from __future__ import annotations
 import logging
 
 from .. import protocol
-from ..exceptions import TaskdError, TimeLimitExceeded, WorkerLostError
-from . import jobs
+from ..exceptions import EncodeError, TaskdError, TimeLimitExceeded, WorkerLostError
+from . import headers, jobs
 
 log = logging.getLogger("taskd.supervisor")
 
@@ -23,6 +38,12 @@ log = logging.getLogger("taskd.supervisor")
 # finishing close together go out as one ``basic.ack(multiple=True)``: each ack
 # frame costs the supervisor and the broker about as much as a delivery.
 ACK_DELAY = 0.001
+
+# Publishes of one result before it is given up (logged) and its delivery acked
+# anyway: a reply queue that refuses every message must not hold a prefetch slot
+# for ever, nor a result the broker cannot take cause a reconnect after every other.
+RESULT_ATTEMPTS = 3
+RESULT_RETRY_DELAY = 1.0
 
 
 class Outcomes:
@@ -43,7 +64,6 @@ class Outcomes:
         if job.timer is not None:
             job.timer.cancel()
         request = job.request
-        wants_result = request.reply_to and not request.ignore_result
         if status == protocol.RETRY:
             self.counters["retried"] += 1
             self.retry(job, retry)
@@ -53,16 +73,14 @@ class Outcomes:
         else:
             self.counters["failed"] += 1
             log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
-        if wants_result:
-            props = jobs.result_properties(request.correlation_id, ctype, encoding)
-            if status == protocol.RETRY:       # the state, for a caller that looks
-                self.publish("", request.reply_to, body, props, None)
-            else:
-                self.remember(job, (body, props))
-                self.publish_result(job, body, props)
-        elif status != protocol.RETRY:
-            self.remember(job)
-            self.complete(job)
+        reply_to = None if request.ignore_result else self.reply_to(job)
+        reply = (body, jobs.result_properties(request.correlation_id, ctype, encoding)) \
+            if reply_to else None
+        if status == protocol.RETRY:
+            if reply:       # the state, for a caller that looks
+                self.publish("", reply_to, *reply, None)
+        else:
+            self.settle(job, reply)
         self._check_recycle(child)
         self.manage_children()
         self.dispatch()
@@ -86,72 +104,145 @@ class Outcomes:
                 job.timer.cancel()
             if job.timed_out:
                 self.counters["failed"] += 1
-                self.reply_failure(job, TimeLimitExceeded(
-                    f"hard time limit ({job.timed_out:g}s) exceeded"))
-                self.remember(job)
-                self.complete(job)
+                self.fail(job, TimeLimitExceeded(f"hard time limit ({job.timed_out:g}s) exceeded"))
             else:
-                self.redeliver(job, reason)
+                self.redeliver(job, reason, count=not self.cutting)
         if not self.stopping:
             self.manage_children()
         self.dispatch()
         self._maybe_finish_stop()
 
-    def publish_result(self, job, body, props):
-        """Publish a result (confirmed), then ack; kept for later if the broker is away."""
+    # == replies to the caller ===========================================================
+    def reply_to(self, job):
+        """Where ``job``'s reply goes: its ``reply_to``, if ``worker.reply_to_pattern``
+        allows it; else None (logged)."""
+        reply_to = job.properties.reply_to
+        if not reply_to:
+            return None
+        if self.reply_to_pattern.fullmatch(reply_to):
+            return reply_to
+        log.warning("task %s: reply_to %r does not match worker.reply_to_pattern: no result "
+                    "is sent there", job.describe(), headers.bounded(reply_to, 300))
+        return None
+
+    def settle(self, job, reply=None):
+        """``job`` is finished for good: publish its reply (confirmed) if it has one,
+        then ack."""
+        self.remember(job, reply)
+        if reply is None:
+            self.complete(job)
+        else:
+            self.publish_result(job, *reply)
+
+    def fail(self, job, exc, status=protocol.FAILURE):
+        """Settle ``job`` with ``exc`` as its result (REVOKED, a time limit ...)."""
+        self.settle(job, jobs.failure_reply(job, exc, status) if self.reply_to(job) else None)
+
+    def publish_result(self, job, body, props, attempt=1):
+        """Publish a reply (confirmed), then ack. While the broker is away it waits in
+        ``unsent``; refused (nacked), it is tried again; after RESULT_ATTEMPTS it is
+        given up, logged, and the delivery acked."""
+        reply_to = self.reply_to(job)
+        if reply_to is None:
+            self.complete(job)
+            return
+        if self.publisher is None or not self.publisher.is_open:
+            self.unsent.append((job, body, props, attempt))
+            return
+        body, props = self._within_limit(job, body, props)
+
         def confirmed(ok):
             if ok:
                 self.complete(job)
+            elif attempt >= RESULT_ATTEMPTS:
+                why = "the broker refused it" if ok is False else "the connection was lost"
+                log.error("task %s: result not published in %d attempts (%s); the result is "
+                          "lost, the delivery is acknowledged", job.describe(), attempt, why)
+                self.counters["results_lost"] += 1
+                self.complete(job)
+            elif ok is None:        # the connection went away: again after reconnecting
+                self.unsent.append((job, body, props, attempt + 1))
             else:
-                self.unsent.append((job, body, props))
-        self.publish("", job.properties.reply_to, body, props, confirmed)
+                log.warning("task %s: the broker refused its result (nack; a full reply "
+                            "queue?); trying again in %gs", job.describe(), RESULT_RETRY_DELAY)
+                self.loop.call_later(RESULT_RETRY_DELAY, self.publish_result, job, body, props,
+                                     attempt + 1)
+        self.publish("", reply_to, body, props, confirmed)
 
+    def report_unsent(self):
+        """At exit: name the tasks whose results never reached the broker. Their deliveries
+        went back to the queue when the connection dropped; they will run again."""
+        if self.unsent:
+            log.warning("stopping while the broker is away: %d finished task(s) could not "
+                        "report their result and will run again: %s", len(self.unsent),
+                        ", ".join(job.describe() for job, *_ in self.unsent))
+
+    def _within_limit(self, job, body, props):
+        """The reply, or a FAILURE saying it is larger than the broker takes."""
+        limit = self.result_limit()
+        if not limit or len(body) <= limit:
+            return body, props
+        exc = EncodeError(f"result too large: {len(body)} bytes, broker limit {limit} "
+                          "(worker.max_result_size, or the broker's max_message_size)")
+        log.error("task %s: %s; the caller gets a FAILURE instead", job.describe(), exc)
+        return jobs.failure_reply(job, exc)
+
+    def result_limit(self):
+        limits = [n for n in (self.config["worker.max_result_size"], self.broker_max_size) if n]
+        return min(limits) if limits else 0
+
+    # == copies that replace a delivery ====================================================
     def retry(self, job, message):
         """Publish the retry's message to the task's queue (confirmed), then ack."""
         log.info("task %s: retry %d published", job.describe(), message["retries"])
         props = jobs.retry_properties(job, message)
-        self.publish("", job.queue, message["body"], props, self._then_complete(job))
+        self.publish_copy("", job.queue, message["body"], props, self._then_settle(job))
 
-    def _then_complete(self, job):
-        """on_confirm for a copy that replaces ``job``: ack it, or give it back."""
+    def _then_settle(self, job, reply=None):
+        """on_confirm for a copy that replaces ``job``: settle it, or give it back."""
         def confirmed(ok):
             if ok:
-                self.remember(job)
-                self.complete(job)
+                self.settle(job, reply)
             else:
                 self.give_back(job)
         return confirmed
 
-    def redeliver(self, job, reason):
-        """The child died mid-task: publish a copy (count + 1), or dead-letter it."""
-        if job.delivery_count >= self.config["worker.max_deliveries"]:
+    def redeliver(self, job, reason, count=True):
+        """The child died mid-task: publish a copy (count + 1), or dead-letter it. A child
+        killed by a shutdown (``count`` False) keeps the count: a cut is not a delivery."""
+        if count and job.delivery_count >= self.config["worker.max_deliveries"]:
             exc = WorkerLostError(f"the child running it {reason}, "
                                   f"{job.delivery_count} times (worker.max_deliveries)")
             self.counters["failed"] += 1
             self.dead_letter(job, f"WorkerLostError: {exc}", exc)
             return
-        log.warning("task %s: child %s; redelivering (delivery %d of %d)", job.describe(),
-                    reason, job.delivery_count + 1, self.config["worker.max_deliveries"])
+        if count:
+            log.warning("task %s: child %s; redelivering (delivery %d of %d)", job.describe(),
+                        reason, job.delivery_count + 1, self.config["worker.max_deliveries"])
+        else:
+            log.warning("task %s: child %s by the shutdown; redelivering (not counted as a "
+                        "delivery)", job.describe(), reason)
         self.counters["redelivered"] += 1
         spec = self.config.queue(job.queue)
         if spec is not None and spec.quorum:
             self.give_back(job, delay=0)   # the broker counts deliveries (x-delivery-count)
             return
-        self.publish("", job.queue, job.body, jobs.redelivery(job), self._then_complete(job))
+        self.publish_copy("", job.queue, job.body, jobs.redelivery(job, keep_count=not count),
+                          self._then_settle(job))
 
     def dead_letter(self, job, reason, exc=None):
-        """Move the message to the dead-letter queue (confirmed), then ack it."""
+        """Move the message to the dead-letter queue (confirmed), then tell the caller
+        (confirmed) and ack it."""
+        reason = headers.bounded(reason)
         log.error("dead-lettering task %s from queue %s: %s", job.describe(), job.queue, reason)
         self.counters["dead_lettered"] += 1
-        self.publish("", self.dead_letter_queue, job.body, jobs.dead_letter(job, reason),
-                     self._then_complete(job))
-        self.reply_failure(job, exc or TaskdError(reason))
+        reply = jobs.failure_reply(job, exc or TaskdError(reason)) if self.reply_to(job) else None
+        self.publish_copy("", self.dead_letter_queue, job.body, jobs.dead_letter(job, reason),
+                          self._then_settle(job, reply))
 
-    def reply_failure(self, job, exc, status=protocol.FAILURE):
-        reply_to = job.properties.reply_to
-        if reply_to:
-            body, props = jobs.failure_reply(job, exc, status)
-            self.publish("", reply_to, body, props, None)
+    def publish_copy(self, exchange, routing_key, body, properties, on_confirm):
+        """Publish a copy that replaces a delivery (see :class:`~taskd.worker.copies.Copies`)."""
+        self.copies.publish(self.publisher, exchange, routing_key, body, properties, on_confirm)
 
     def publish(self, exchange, routing_key, body, properties, on_confirm):
         if self.publisher is None or not self.publisher.is_open:

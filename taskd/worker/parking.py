@@ -59,6 +59,12 @@ def plan(prefix):
     return ops
 
 
+def plan_if_new(prefix, old_prefix):
+    """The delay topology for ``prefix`` when a reload changes it from ``old_prefix``
+    (parks go to the new exchanges at once); nothing when it stays."""
+    return plan(prefix) if prefix != old_prefix else []
+
+
 def should_park(delay, held, horizon, max_held):
     """Park (rather than hold) a task due in ``delay`` seconds?"""
     if delay < BUCKETS[0]:

@@ -12,6 +12,11 @@ without running, and its result is published again for a caller that waits.
 
 Results that could not be published while the broker was away are kept and
 published again after reconnecting, before their deliveries are acknowledged.
+
+A connection that dies within seconds of opening (the broker refuses what the
+worker publishes, closes the connection, and the same publish comes again) must
+not become a reconnect storm: :class:`ReconnectPacer` backs off between such
+short-lived connections.
 """
 from __future__ import annotations
 
@@ -70,6 +75,30 @@ def backoff(attempt, base=0.5, cap=10.0, rng=random.random):
     """Capped exponential back-off with jitter: a delay in [d/2, d], d = base * 2**attempt."""
     delay = min(cap, base * (2 ** attempt))
     return delay / 2 + rng() * delay / 2
+
+
+class ReconnectPacer:
+    """How long to wait before reconnecting after a connection was lost: not at all
+    after one that lived ``young`` seconds or more; after one that died younger, a
+    back-off that grows with each such death in a row."""
+
+    def __init__(self, young=5.0, clock=time.monotonic, rng=random.random):
+        self.young, self.clock, self.rng = young, clock, rng
+        self.connected_at = None
+        self.quick_deaths = 0
+
+    def connected(self):
+        self.connected_at = self.clock()
+
+    def lost(self):
+        """Seconds to wait before the next attempt."""
+        lived = self.connected_at is not None and self.clock() - self.connected_at >= self.young
+        self.connected_at = None
+        if lived:
+            self.quick_deaths = 0
+            return 0.0
+        self.quick_deaths += 1
+        return backoff(self.quick_deaths - 1, rng=self.rng)
 
 
 async def connect_with_retry(sup, retry_for, cap):

@@ -26,6 +26,7 @@ from .. import config as config_mod, serialization
 from ..broker import topology
 from ..broker.connection import connect_blocking
 from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
+from . import parking
 
 log = logging.getLogger("taskd.supervisor")
 
@@ -63,7 +64,9 @@ async def _reload(sup):
             raise ConfigError(errors, new.source)
         queues = sup.queues_for(new)
         ops = (topology.plan(new, queues)
-               + topology.dead_letter_plan(new["worker.dead_letter_queue"]))
+               + topology.dead_letter_plan(new["worker.dead_letter_queue"])
+               + parking.plan_if_new(new["worker.delay_queue_prefix"],
+                                     sup.config["worker.delay_queue_prefix"]))
         await sup.loop.run_in_executor(None, _declare_aside, new, ops)
     except (ConfigError, TaskdConnectionError) as exc:
         errors = getattr(exc, "errors", None) or [str(exc)]

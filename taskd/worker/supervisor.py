@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import signal
 import time
 
@@ -34,9 +35,10 @@ from .. import serialization
 from ..broker import topology
 from ..exceptions import ConfigError
 from .acks import AckTracker
-from .amqp import AsyncChannel, ChannelLost
+from .amqp import AsyncChannel, ChannelLost, max_message_size
 from . import parking, recovery
 from .control import ControlServer
+from .copies import Copies
 from .intake import Intake
 from .outcomes import Outcomes
 from .pool import BUSY, IDLE, Pool
@@ -75,6 +77,7 @@ class Supervisor(Intake, Outcomes):
         self.concurrency = self.concurrency_override or config["worker.concurrency"]
         self.accept = serialization.accept_set(config["accept_content"])
         self.dead_letter_queue = config["worker.dead_letter_queue"]
+        self.reply_to_pattern = re.compile(config["worker.reply_to_pattern"])
 
     # == the loop ==================================================================
     def run(self) -> int:
@@ -115,7 +118,12 @@ class Supervisor(Intake, Outcomes):
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
                          on_lost=self.on_child_lost, on_started=self.on_started)
         self.recent = recovery.RecentlyDone()
-        self.unsent = []                      # results to publish again after a reconnect
+        self.unsent = []                      # (job, body, props, attempt): results to
+                                              # publish again after a reconnect
+        self.copies = Copies(self.loop, self._declare_topology)
+        self.pacer = recovery.ReconnectPacer()
+        self.broker_max_size = 0              # max_message_size, once the broker named it
+        self.cutting = False                  # a shutdown is killing the children
         self.twins = {}                       # delivery key -> redelivered copies of running tasks
         self._reconnecting = True             # until the first connection is up
         self._install_signals()
@@ -146,6 +154,7 @@ class Supervisor(Intake, Outcomes):
             await self._stop_children(cold=True)
             return
         self._reconnecting = False
+        self.pacer.connected()
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
         self.announce_ready()
         self._tick()
@@ -191,7 +200,7 @@ class Supervisor(Intake, Outcomes):
         cfg = self.config
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
-                            on_lost=self.on_connection_lost)
+                            on_lost=self.on_connection_lost, on_return=self.copies.on_return)
 
     async def connect(self):
         """Open both connections, declare the topology, set QoS and start consuming."""
@@ -201,16 +210,24 @@ class Supervisor(Intake, Outcomes):
         self.consumer = self._channel("taskd-worker-consume")
         channel = await self.consumer.open()
         self.acks.reset()
-        ops = (topology.plan(self.config, self.queues)
-               + topology.dead_letter_plan(self.dead_letter_queue)
-               + parking.plan(self.config["worker.delay_queue_prefix"]))
-        await self._declare(ops)
+        await self._declare(self._topology_ops())
         self._qos_extra = 0
         await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
         self.consumer_tags = {}
         for queue in self.queues:
             tag = channel.basic_consume(queue, self.on_delivery)
             self.consumer_tags[tag] = queue
+
+    def _topology_ops(self):
+        """The exchanges, queues and bindings this worker needs."""
+        return (topology.plan(self.config, self.queues)
+                + topology.dead_letter_plan(self.dead_letter_queue)
+                + parking.plan(self.config["worker.delay_queue_prefix"]))
+
+    async def _declare_topology(self):
+        """Declare the topology again (a copy found a queue missing)."""
+        if self.consumer is not None and self.consumer.is_open:
+            await self._declare(self._topology_ops())
 
     async def _declare(self, ops):
         channel = self.consumer.channel
@@ -264,15 +281,25 @@ class Supervisor(Intake, Outcomes):
         self._reconnecting = True
         self.counters["connection_lost"] += 1
         dropped = len(self.ready) + len(self.schedule)
+        limit = max_message_size(reason)
+        if limit:
+            self.broker_max_size = limit
+        pause = self.pacer.lost()
         log.error("lost the broker connection (%s); %d running task(s) go on, %d unstarted "
-                  "go back to the broker; reconnecting", reason, len(self.pool.busy()), dropped)
+                  "go back to the broker; reconnecting%s", reason, len(self.pool.busy()),
+                  dropped, f" in {pause:.1f}s (it died young)" if pause else "")
         self.ready.clear()
         self.schedule.drain()
         self.acks.reset()
-        self.loop.create_task(self._recover())
+        self.loop.create_task(self._recover(pause))
 
-    async def _recover(self):
+    async def _recover(self, pause=0.0):
         await self.close_connections()
+        if pause:       # a shutdown cuts the pause short
+            try:
+                await asyncio.wait_for(self.stop_requested.wait(), pause)
+            except asyncio.TimeoutError:
+                pass
         try:
             ok = await self._connect_with_retry()
         except ConfigError as exc:
@@ -285,10 +312,11 @@ class Supervisor(Intake, Outcomes):
                 self.exit_code = self.exit_code or EX_UNAVAILABLE
                 await self._shutdown(cold=False)
             return
+        self.pacer.connected()
         log.info("reconnected; consuming %s again", ", ".join(self.queues))
         unsent, self.unsent = self.unsent, []
-        for job, body, props in unsent:
-            self.publish_result(job, body, props)
+        for job, body, props, attempt in unsent:
+            self.publish_result(job, body, props, attempt)
         self.notifier.ready(self.status_line())
 
     # == children ========================================================================
@@ -411,8 +439,10 @@ class Supervisor(Intake, Outcomes):
             log.warning("cold shutdown: these tasks are cut and go back to the queue: %s",
                         ", ".join(cut))
             self.exit_code = self.exit_code or EX_TASKS_CUT
+        self.cutting = cold
         await self._stop_children(cold)
         await self._settle(timeout=5.0)
+        self.report_unsent()
         await self.close_connections()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():

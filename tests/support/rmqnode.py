@@ -29,7 +29,7 @@ def amqp_answers(port):
 
 
 class RabbitNode:
-    def __init__(self, consumer_timeout_ms=None):
+    def __init__(self, consumer_timeout_ms=None, max_message_size=None):
         self.port = free_port()
         self.dist_port = free_port()
         self.name = f"taskdtest{os.getpid()}x{self.port}@localhost"
@@ -39,6 +39,8 @@ class RabbitNode:
         conf = [f"listeners.tcp.default = {self.port}", "loopback_users = none"]
         if consumer_timeout_ms:
             conf.append(f"consumer_timeout = {consumer_timeout_ms}")
+        if max_message_size:
+            conf.append(f"max_message_size = {max_message_size}")
         with open(f"{self.dir}/rabbitmq.conf", "w") as fh:
             fh.write("\n".join(conf) + "\n")
         with open(f"{self.dir}/enabled_plugins", "w") as fh:

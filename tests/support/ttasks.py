@@ -122,3 +122,9 @@ def die_once(path, token):
     with open(path, "a") as fh:
         fh.write(f"{token} {os.getppid()} {os.getpid()}\n")
     return token
+
+
+@app.task(name="ttasks.big")
+def big(size):
+    """A result of ``size`` characters."""
+    return "x" * size
