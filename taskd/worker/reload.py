@@ -104,7 +104,7 @@ def _apply(sup, new):
     sup.config_loaded_at = time.time()
     pool = sup.pool
     pool.imports = tuple(new["imports"])
-    pool.track_rss = bool(new["worker.max_memory_per_child"])
+    pool.memory_limit = new["worker.max_memory_per_child"]
     pool.generation += 1
     sup.task_names = None
     sup.manage_children()          # the new generation first ...

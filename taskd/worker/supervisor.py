@@ -111,9 +111,10 @@ class Supervisor(Intake, Outcomes):
         self.task_limits = {}
         self.consumer = self.publisher = None
         self.pool = Pool(self.loop, self.config["imports"],
-                         track_rss=bool(self.config["worker.max_memory_per_child"]),
+                         memory_limit=self.config["worker.max_memory_per_child"],
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                         on_lost=self.on_child_lost, on_started=self.on_started)
+                         on_lost=self.on_child_lost, on_started=self.on_started,
+                         on_fault=self.on_pool_fault)
         self.recent = recovery.RecentlyDone()
         self.unsent = []                      # results to publish again after a reconnect
         self.twins = {}                       # delivery key -> redelivered copies of running tasks
@@ -310,6 +311,15 @@ class Supervisor(Intake, Outcomes):
     def _spawn_after_backoff(self):
         self._spawn_timer = None
         self.manage_children()
+
+    def on_pool_fault(self, job):
+        """Handling ``job``'s outcome (or its child's death) raised: give the delivery back
+        to the broker unless it is already settled. It may run again; it is not lost."""
+        if self.consumer is not None and job.channel is self.consumer.channel \
+                and not self.acks.settled(job.tag):
+            log.error("task %s: giving it back to the broker after an internal error",
+                      job.describe())
+            self.give_back(job, delay=0)
 
     # == signals ==========================================================================
     def handle_term(self):

@@ -122,3 +122,13 @@ def die_once(path, token):
     with open(path, "a") as fh:
         fh.write(f"{token} {os.getppid()} {os.getpid()}\n")
     return token
+
+
+@app.task(name="ttasks.big_after")
+def big_after(seconds, size, path=None, token=None):
+    """Sleep, then return ``size`` bytes of text (more than a pipe buffer holds)."""
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"start {token} {os.getpid()}\n")
+    time.sleep(seconds)
+    return "x" * size
