@@ -122,16 +122,14 @@ async def _rebind(sup, ops):
     old_queues = sup._old_queues
     try:
         await sup._declare(ops)
-        channel = sup.consumer.channel
-        for tag, queue in list(sup.consumer_tags.items()):
+        consumers = sup.consumers
+        for queue in sorted(set(consumers.tags.values())):
             if queue not in sup.queues:
-                await sup.consumer.call(channel.basic_cancel, tag)
-                del sup.consumer_tags[tag]
+                await consumers.cancel(queue)
                 log.info("SIGHUP: stopped consuming %s", queue)
         for queue in sup.queues:
             if queue not in old_queues:
-                tag = channel.basic_consume(queue, sup.on_delivery)
-                sup.consumer_tags[tag] = queue
+                consumers.consume(queue)
                 log.info("SIGHUP: now consuming %s", queue)
         sup._update_qos_base()
     except (ConfigError, ChannelLost) as exc:

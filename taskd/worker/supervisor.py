@@ -36,6 +36,7 @@ from ..exceptions import ConfigError
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost
 from . import parking, recovery
+from .consumers import Consumers
 from .control import ControlServer
 from .intake import Intake
 from .outcomes import Outcomes
@@ -110,6 +111,7 @@ class Supervisor(Intake, Outcomes):
         self.task_names = None
         self.task_limits = {}
         self.consumer = self.publisher = None
+        self.consumers = None
         self.pool = Pool(self.loop, self.config["imports"],
                          memory_limit=self.config["worker.max_memory_per_child"],
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
@@ -208,10 +210,18 @@ class Supervisor(Intake, Outcomes):
         await self._declare(ops)
         self._qos_extra = 0
         await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
-        self.consumer_tags = {}
+        self.consumers = Consumers(self.loop, self.consumer, self.on_delivery,
+                                   self._declare_queue)
         for queue in self.queues:
-            tag = channel.basic_consume(queue, self.on_delivery)
-            self.consumer_tags[tag] = queue
+            self.consumers.consume(queue)
+
+    @property
+    def consumer_tags(self):
+        """Consumer tag -> queue, on the current consuming channel."""
+        return self.consumers.tags if self.consumers is not None else {}
+
+    async def _declare_queue(self, queue):
+        await self._declare(topology.plan(self.config, (queue,)))
 
     async def _declare(self, ops):
         channel = self.consumer.channel
@@ -392,12 +402,11 @@ class Supervisor(Intake, Outcomes):
         self.stopping = True
         self.stop_requested.set()
         self.notifier.stopping()
-        if first and self.consumer is not None and self.consumer.is_open:
-            for tag in list(self.consumer_tags):
-                try:
-                    await self.consumer.call(self.consumer.channel.basic_cancel, tag)
-                except ChannelLost:
-                    break
+        if first and self.consumers is not None and self.consumer.is_open:
+            try:
+                await self.consumers.cancel_all()
+            except ChannelLost:
+                pass
         # Unstarted and held jobs stay unacked: the broker requeues them on close.
         returned = len(self.ready) + len(self.schedule)
         self.ready.clear()
