@@ -19,6 +19,12 @@ supervisor gives the delivery back to the broker), and the frames after it,
 and the reaping of a dead child, go on. A child whose outcome stream breaks
 (a frame over ``max_frame``, bytes that do not unpickle) is killed, and its job
 is reported lost with that reason.
+
+A reload starts the next generation with :meth:`Pool.trial`: one child that
+imports the new task modules while the current generation keeps serving. It
+gets no work and counts for nothing until the reload, told that it is ready,
+makes its generation the current one; if it cannot import them, the reload
+is abandoned and nothing else changes.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ BACKOFF_MAX = 60.0
 class Child:
     __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "writer",
                  "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
-                 "exit_status", "retire_after_job", "fault")
+                 "exit_status", "retire_after_job", "fault", "trial")
 
     def __init__(self, index, pid, generation, to_child, from_child, max_frame=framing.MAX_FRAME):
         self.index, self.pid, self.generation = index, pid, generation
@@ -58,6 +64,7 @@ class Child:
         self.exit_status = None
         self.retire_after_job = False
         self.fault = None                  # why the pool killed it, if it did
+        self.trial = None                  # a reload's first child: future of its start
 
     def __repr__(self):
         return f"<child {self.index} pid={self.pid} {self.state}>"
@@ -133,16 +140,21 @@ class Pool:
         return [c for c in self.children.values()
                 if c.generation == self.generation and c.state in (STARTING, IDLE, BUSY)]
 
-    def free_index(self):
-        used = {c.index for c in self.serving()}
+    def free_index(self, generation=None):
+        generation = self.generation if generation is None else generation
+        used = {c.index for c in self.children.values()
+                if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
         i = 1
         while i in used:
             i += 1
         return i
 
     # -- spawning -----------------------------------------------------------
-    def spawn(self):
-        index = self.free_index()
+    def spawn(self, generation=None, imports=None, memory_limit=None):
+        generation = self.generation if generation is None else generation
+        imports = self.imports if imports is None else tuple(imports)
+        memory_limit = self.memory_limit if memory_limit is None else memory_limit
+        index = self.free_index(generation)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         parent = os.getpid()
@@ -150,16 +162,24 @@ class Pool:
         if pid == 0:  # in the child: never returns
             os.close(job_w)
             os.close(out_r)
-            child_mod.main(index, job_r, out_w, self.imports, self.memory_limit, parent)
+            child_mod.main(index, job_r, out_w, imports, memory_limit, parent)
         os.close(job_r)
         os.close(out_w)
         os.set_blocking(out_r, False)
         os.set_blocking(job_w, False)
-        child = Child(index, pid, self.generation, job_w, out_r, self.max_frame)
+        child = Child(index, pid, generation, job_w, out_r, self.max_frame)
         self.children[pid] = child
         self.loop.add_reader(out_r, self._on_readable, child)
-        log.debug("spawned child %d (pid %d, generation %d)", index, pid, self.generation)
+        log.debug("spawned child %d (pid %d, generation %d)", index, pid, generation)
         return child
+
+    def trial(self, imports, memory_limit):
+        """Fork the first child of the next generation with ``imports``. Returns it and a
+        future of ``(task_limits, None)`` once it is ready, or ``(None, why)`` if it
+        cannot import them or dies first. It serves once ``generation`` reaches its own."""
+        child = self.spawn(self.generation + 1, imports, memory_limit)
+        child.trial = self.loop.create_future()
+        return child, child.trial
 
     def backoff_remaining(self, now=None):
         now = time.monotonic() if now is None else now
@@ -264,6 +284,11 @@ class Pool:
             if started is not None:
                 self._call(self.on_started, child, started)     # it runs: not given back
         elif kind == "ready":
+            if child.trial is not None:         # the reload that started it decides
+                if child.state == STARTING:
+                    child.state = IDLE
+                _settle(child.trial, (frame[2], None))
+                return
             self.failures = 0
             if child.state == STARTING:
                 child.state = IDLE
@@ -271,8 +296,11 @@ class Pool:
             # else retired while importing (a reload): its job pipe is closed, so it
             # reads end of file now and exits; it must not be given work.
         elif kind == "import-failed":
-            self.last_failure = frame[1]
             log.error("child %d could not start: %s\n%s", child.index, frame[1], frame[2])
+            if child.trial is not None:
+                _settle(child.trial, (None, frame[1]))
+            else:
+                self.last_failure = frame[1]
 
     # -- ending ---------------------------------------------------------------
     def retire(self, child):
@@ -358,7 +386,11 @@ class Pool:
             child.from_child = None
         self._close_job_pipe(child)
         reason = child.fault or describe_exit(status)
-        if was_starting:
+        if was_starting and child.trial is not None:
+            _settle(child.trial, (None, f"its first child {reason} while starting"))
+            log.error("child %d (pid %d) of the new generation %s while starting", child.index,
+                      child.pid, reason)
+        elif was_starting:
             self.failures += 1
             delay = min(BACKOFF_MAX, 2.0 ** (self.failures - 1))
             self.next_spawn_at = time.monotonic() + delay
@@ -375,3 +407,8 @@ class Pool:
     def _gone(self, child, reason, job, unstarted=()):
         self._call(self.on_lost, child, job, reason or "pipe closed", list(unstarted),
                    give_back=job)
+
+
+def _settle(future, value):
+    if not future.done():
+        future.set_result(value)

@@ -1,16 +1,18 @@
 """SIGHUP: re-read the configuration and apply it without losing a task.
 
 The new configuration is checked whole before anything changes: the file
-(every error with its line), its serializers, and its exchanges and queues
+(every error with its line), its serializers, its exchanges and queues
 against the broker, declared on a connection of their own so that a
 conflicting declaration (PRECONDITION_FAILED) cannot close the channel the
-worker consumes on. If any check fails the error is logged and reported
-(``taskd status``) and the worker keeps running exactly as before. A valid one
-is applied: queues added to the worker are consumed, removed ones are
-cancelled (their unstarted deliveries go back to the broker), limits and the
-pool size take effect, and every child is replaced by a new generation that
-imports the task modules afresh: idle children leave at once, busy ones after
-their current task. The supervisor's PID does not change. Reloads run one at
+worker consumes on, and its task modules: the first child of the new
+generation is forked and must report that it imported them (within
+``IMPORT_TIMEOUT``) while the old children keep serving. If any check fails
+the error is logged and reported (``taskd status``) and the worker keeps
+running exactly as before. A valid one is applied: queues added to the
+worker are consumed, removed ones are cancelled (their unstarted deliveries
+go back to the broker), limits and the pool size take effect, the checked
+child starts serving and the rest of the new generation is forked, and the
+old children leave: idle ones at once, busy ones after their current task. The supervisor's PID does not change. Reloads run one at
 a time: a SIGHUP during a reload runs another once it is done. systemd hears
 RELOADING=1 at the start and READY=1 at the end, whatever the outcome.
 """
@@ -28,6 +30,8 @@ from ..broker.connection import connect_blocking
 from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 
 log = logging.getLogger("taskd.supervisor")
+
+IMPORT_TIMEOUT = 300.0      # seconds the new generation's first child may take to import
 
 
 def reload(sup):
@@ -65,6 +69,9 @@ async def _reload(sup):
         ops = (topology.plan(new, queues)
                + topology.dead_letter_plan(new["worker.dead_letter_queue"]))
         await sup.loop.run_in_executor(None, _declare_aside, new, ops)
+        if sup.stopping:
+            return
+        first, limits = await _import_check(sup, new)
     except (ConfigError, TaskdConnectionError) as exc:
         errors = getattr(exc, "errors", None) or [str(exc)]
         for error in errors:
@@ -76,7 +83,22 @@ async def _reload(sup):
     if sup.stopping:
         return
     _apply(sup, new)
+    sup.on_child_ready(first, limits)
     await _rebind(sup, ops)
+
+
+async def _import_check(sup, new):
+    """Fork the new generation's first child; returns it and its task limits once it has
+    imported the task modules. Raises ConfigError (and ends the child) if it cannot."""
+    child, started = sup.pool.trial(new["imports"], new["worker.max_memory_per_child"])
+    try:
+        limits, error = await asyncio.wait_for(asyncio.shield(started), IMPORT_TIMEOUT)
+    except asyncio.TimeoutError:
+        limits, error = None, f"no child imported them within {IMPORT_TIMEOUT:g}s"
+    if error is not None:
+        sup.pool.kill(child)
+        raise ConfigError([f"imports: {error}"], new.source)
+    return child, limits
 
 
 def _declare_aside(config, ops):
