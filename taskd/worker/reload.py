@@ -12,9 +12,10 @@ running exactly as before. A valid one is applied: queues added to the
 worker are consumed, removed ones are cancelled (their unstarted deliveries
 go back to the broker), limits and the pool size take effect, the checked
 child starts serving and the rest of the new generation is forked, and the
-old children leave: idle ones at once, busy ones after their current task. The supervisor's PID does not change. Reloads run one at
-a time: a SIGHUP during a reload runs another once it is done. systemd hears
-RELOADING=1 at the start and READY=1 at the end, whatever the outcome.
+old children leave: idle ones at once, busy ones after their current task.
+The supervisor's PID does not change. Reloads run one at a time: a SIGHUP
+during a reload runs another once it is done. systemd hears RELOADING=1 at
+the start and READY=1 at the end, whatever the outcome.
 """
 from __future__ import annotations
 

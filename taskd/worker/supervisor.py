@@ -323,12 +323,23 @@ class Supervisor(Intake, Outcomes):
         self.manage_children()
 
     def on_pool_fault(self, job):
-        """Handling ``job``'s outcome (or its child's death) raised: give the delivery back
-        to the broker unless it is already settled. It may run again; it is not lost."""
-        if self.consumer is not None and job.channel is self.consumer.channel \
-                and not self.acks.settled(job.tag):
-            log.error("task %s: giving it back to the broker after an internal error",
-                      job.describe())
+        """Handling ``job``'s outcome (or its child's death) raised. Unless its delivery is
+        settled, it is redelivered with its count + 1 (dead-lettered after
+        ``worker.max_deliveries``), so a bug that recurs on one message cannot loop; if even
+        that raises, the delivery goes back to the broker a second later. It may run
+        again; it is not lost."""
+        if self.consumer is None or job.channel is not self.consumer.channel \
+                or self.acks.settled(job.tag):
+            return
+        try:
+            self.redeliver(job, "ran it, but the supervisor failed to handle that (internal error)")
+        except Exception:
+            log.exception("task %s: could not redeliver it; returning it to the broker in 1s",
+                          job.describe())
+            self.loop.call_later(1.0, self._give_back_unsettled, job)
+
+    def _give_back_unsettled(self, job):
+        if job.channel is self.consumer.channel and not self.acks.settled(job.tag):
             self.give_back(job, delay=0)
 
     # == signals ==========================================================================
