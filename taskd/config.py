@@ -171,7 +171,9 @@ SETTINGS = (
     Setting("worker.max_tasks_per_child", _int(0), 0,
             "Replace a child after this many tasks (0: never)."),
     Setting("worker.max_memory_per_child", parse_size, 0,
-            "Replace a child after a task leaves its RSS above this (e.g. `512MiB`; 0: never)."),
+            "Replace a child after a task leaves its memory above this (e.g. `512MiB`; "
+            "0: never): its RSS, or, once that is over, its USS (what it shares with the "
+            "supervisor since the fork does not count)."),
     Setting("worker.time_limit", _number(allow_none=True), None,
             "Hard time limit per task, in seconds: the child is killed past it (null: none)."),
     Setting("worker.soft_time_limit", _number(allow_none=True), None,

@@ -25,6 +25,10 @@ class AckTracker:
         if tag in self._outstanding:
             self._completed.add(tag)
 
+    def settled(self, tag):
+        """True when ``tag`` is acked, about to be, or not held here at all."""
+        return tag not in self._outstanding or tag in self._completed
+
     def forget(self, tag):
         """The delivery will never be acked here (its channel is gone)."""
         self._outstanding.pop(tag, None)

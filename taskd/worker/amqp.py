@@ -3,7 +3,9 @@
 pika's asynchronous API takes callbacks; :meth:`AsyncChannel.call` turns a
 method that takes ``callback=`` into an awaitable, and fails every pending
 call when the channel or connection closes, so the supervisor's set-up code
-reads top to bottom. Nothing here blocks the loop.
+reads top to bottom. Nothing here blocks the loop, and no call waits for ever:
+a broker that does not answer within ``CALL_TIMEOUT`` fails the call and
+closes the connection, so that the worker reconnects as after any loss.
 
 The supervisor uses two of these: one to consume (and ack) and one to
 publish results and dead letters with confirms. RabbitMQ blocks a
@@ -33,6 +35,8 @@ from ..broker.connection import describe_failure, parameters
 from ..exceptions import ConnectionError as TaskdConnectionError
 
 log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 30.0     # seconds a broker call may take before the channel counts as lost
 
 
 class ChannelLost(TaskdConnectionError):
@@ -104,8 +108,16 @@ class AsyncChannel:
         self.connection.add_on_connection_blocked_callback(self._on_blocked)
         self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
         channel_ready = self.loop.create_future()
-        self.connection.channel(on_open_callback=channel_ready.set_result)
-        self.channel = await channel_ready
+        self._pending.add(channel_ready)       # failed if the connection closes meanwhile
+        self.connection.channel(
+            on_open_callback=lambda ch: channel_ready.done() or channel_ready.set_result(ch))
+        try:
+            self.channel = await asyncio.wait_for(channel_ready, CALL_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ChannelLost(f"no answer from the broker to channel.open in "
+                              f"{CALL_TIMEOUT:g}s") from None
+        finally:
+            self._pending.discard(channel_ready)
         self.channel.add_on_close_callback(self._on_channel_closed)
         self.channel.add_on_return_callback(self._on_return)
         return self.channel
@@ -117,8 +129,10 @@ class AsyncChannel:
         self._returned.clear()
 
     # -- calls ----------------------------------------------------------------
-    def call(self, method, *args, **kwargs):
-        """Call a pika method taking ``callback=``; returns an awaitable of its frame."""
+    def call(self, method, *args, timeout=CALL_TIMEOUT, **kwargs):
+        """Call a pika method taking ``callback=``; returns an awaitable of its frame.
+        Without an answer in ``timeout`` seconds it fails (ChannelLost) and the
+        connection is closed: a channel that does not answer is as good as lost."""
         future = self.loop.create_future()
         self._pending.add(future)
 
@@ -127,6 +141,18 @@ class AsyncChannel:
             if not future.done():
                 future.set_result(frame)
 
+        def expired():
+            if future.done():
+                return
+            text = f"no answer from the broker to {method.__name__} in {timeout:g}s"
+            log.error("%s: %s; closing the connection", self.name, text)
+            self._pending.discard(future)
+            future.set_exception(ChannelLost(text))
+            if self.connection is not None and self.connection.is_open:
+                self.connection.close()
+
+        timer = self.loop.call_later(timeout, expired)
+        future.add_done_callback(lambda _: timer.cancel())
         method(*args, callback=done, **kwargs)
         return future
 

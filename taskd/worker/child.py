@@ -6,6 +6,18 @@ with the result already encoded, so the supervisor only has to publish
 bytes. It leaves with ``os._exit`` so that nothing inherited from the
 supervisor (atexit handlers, buffered files, the broker socket) runs twice.
 
+A child never outlives its supervisor: right after fork it asks the kernel
+for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), then checks that the
+parent did not die before that request. Otherwise a busy child whose
+supervisor was killed would run its task to the end beside the copy the
+broker redelivers to another worker.
+
+Memory is reported for ``worker.max_memory_per_child`` as the RSS, or, once the
+RSS exceeds the limit, as the USS (the pages only this child holds): pages
+inherited from the supervisor through fork count in the RSS of every child,
+and would recycle each one after every task. USS costs a walk of
+``/proc/self/smaps``, so it is measured only when the cheap RSS is over.
+
 Frames, supervisor -> child: ``(seq, task_id, name, args, kwargs, meta)``.
 Frames, child -> supervisor:
 
@@ -17,6 +29,7 @@ Frames, child -> supervisor:
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
@@ -66,10 +79,36 @@ def close_inherited_fds(keep):
                 pass
 
 
-def main(index, read_fd, write_fd, imports, track_rss):
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent):
+    """SIGKILL this process when ``parent`` (the supervisor) dies; exit now if it has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):        # not Linux: the pipes' EOF/EPIPE still end it
+        pass
+    if os.getppid() != parent:  # it died between fork and prctl: nobody will signal us
+        os._exit(1)
+
+
+def memory_used(process, limit):
+    """Bytes this child uses for ``max_memory_per_child``: RSS, or USS once RSS > limit."""
+    rss = process.memory_info().rss
+    if rss <= limit:
+        return rss
+    try:
+        return process.memory_full_info().uss
+    except Exception:       # psutil.Error or OSError (smaps unreadable): keep the RSS
+        return rss
+
+
+def main(index, read_fd, write_fd, imports, memory_limit, parent):
     """Entry point after fork; never returns."""
     code = 0
     try:
+        die_with_parent(parent)
         _reset_signals()
         for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(key, None)       # only the supervisor speaks to systemd
@@ -86,7 +125,7 @@ def main(index, read_fd, write_fd, imports, track_rss):
         limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
         framing.write_all(write_fd, framing.encode(("ready", os.getpid(), limits)))
         setproctitle(f"taskd: child {index} idle")
-        _serve(index, read_fd, write_fd, track_rss)
+        _serve(index, read_fd, write_fd, memory_limit)
     except BaseException:  # anything escaping is a bug: say so, then exit non-zero
         traceback.print_exc()
         code = 1
@@ -96,9 +135,9 @@ def main(index, read_fd, write_fd, imports, track_rss):
         os._exit(code)
 
 
-def _serve(index, read_fd, write_fd, track_rss):
+def _serve(index, read_fd, write_fd, memory_limit):
     process = None
-    if track_rss:
+    if memory_limit:
         import psutil
         process = psutil.Process()
     for job in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
@@ -108,7 +147,7 @@ def _serve(index, read_fd, write_fd, track_rss):
         status, body, content_type, encoding, error, retry = run_job(
             task_id, name, args, kwargs, meta)
         runtime = time.monotonic() - started
-        rss = process.memory_info().rss if process is not None else 0
+        rss = memory_used(process, memory_limit) if process is not None else 0
         framing.write_all(write_fd, framing.encode(
             ("done", seq, status, body, content_type, encoding, runtime, rss, error, retry)))
         setproctitle(f"taskd: child {index} idle")

@@ -5,6 +5,26 @@ The supervisor's event loop watches every child's outcome pipe; end of file
 on it, or SIGCHLD, tells the pool a child has gone. A child that dies while
 starting (a task module that does not import) is replaced after a growing
 delay (1 s, 2 s, 4 s ... 60 s), so a broken deployment does not fork-bomb.
+
+The supervisor never blocks on a pipe: both of its ends are non-blocking.
+Job frames go out through a per-child :class:`~taskd.worker.framing.FrameWriter`:
+a write the pipe takes goes out at once; what it cannot take (a large frame
+sent in advance to a busy child) waits in the writer and is drained when the
+loop reports the pipe writable. A child writing a large outcome and the
+supervisor writing it a large job therefore cannot wait on each other.
+
+Each frame from a child is handled on its own: an exception in a supervisor
+callback is logged and the job it concerned is handed to ``on_fault`` (the
+supervisor gives the delivery back to the broker), and the frames after it,
+and the reaping of a dead child, go on. A child whose outcome stream breaks
+(a frame over ``max_frame``, bytes that do not unpickle) is killed, and its job
+is reported lost with that reason.
+
+A reload starts the next generation with :meth:`Pool.trial`: one child that
+imports the new task modules while the current generation keeps serving. It
+gets no work and counts for nothing until the reload, told that it is ready,
+makes its generation the current one; if it cannot import them, the reload
+is abandoned and nothing else changes.
 """
 from __future__ import annotations
 
@@ -25,23 +45,26 @@ BACKOFF_MAX = 60.0
 
 
 class Child:
-    __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "state",
-                 "job", "queued", "tasks_done", "started_at", "job_started", "rss", "exit_status",
-                 "retire_after_job")
+    __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "writer",
+                 "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
+                 "exit_status", "retire_after_job", "fault", "trial")
 
-    def __init__(self, index, pid, generation, to_child, from_child):
+    def __init__(self, index, pid, generation, to_child, from_child, max_frame=framing.MAX_FRAME):
         self.index, self.pid, self.generation = index, pid, generation
         self.to_child, self.from_child = to_child, from_child
-        self.reader = framing.FrameReader()
+        self.reader = framing.FrameReader(max_frame)
+        self.writer = framing.FrameWriter(to_child) if to_child is not None else None
         self.state = STARTING
         self.job = None                    # the job it is running
         self.queued = collections.deque()  # jobs sent in advance (worker.child_prefetch)
         self.tasks_done = 0
         self.started_at = time.monotonic()
         self.job_started = None
-        self.rss = 0
+        self.rss = 0                       # memory it reported: RSS, or USS over the limit
         self.exit_status = None
         self.retire_after_job = False
+        self.fault = None                  # why the pool killed it, if it did
+        self.trial = None                  # a reload's first child: future of its start
 
     def __repr__(self):
         return f"<child {self.index} pid={self.pid} {self.state}>"
@@ -66,16 +89,23 @@ class Pool:
     ``on_ready(child, task_names)``, ``on_outcome(child, job, frame)``,
     ``on_started(child, job)`` (a job sent in advance starts),
     ``on_lost(child, job, reason, unstarted)`` (a child died; ``job`` is what it was
-    running, ``unstarted`` the jobs it had been sent in advance).
+    running, ``unstarted`` the jobs it had been sent in advance),
+    ``on_fault(job)`` (one of the callbacks above raised while handling ``job``).
+
+    ``memory_limit`` (bytes, 0 for none) is passed to children, which report their
+    USS rather than their RSS once the RSS exceeds it; ``max_frame`` bounds an
+    outcome frame.
     """
 
-    def __init__(self, loop, imports, *, track_rss, on_ready, on_outcome, on_lost,
-                 on_started=None):
+    def __init__(self, loop, imports, *, memory_limit, on_ready, on_outcome, on_lost,
+                 on_started=None, on_fault=None, max_frame=framing.MAX_FRAME):
         self.loop = loop
         self.imports = tuple(imports)
-        self.track_rss = track_rss
+        self.memory_limit = memory_limit
+        self.max_frame = max_frame
         self.on_ready, self.on_outcome, self.on_lost = on_ready, on_outcome, on_lost
         self.on_started = on_started or (lambda child, job: None)
+        self.on_fault = on_fault or (lambda job: None)
         self.children = {}          # pid -> Child
         self.generation = 1
         self.failures = 0           # consecutive start-up failures
@@ -110,31 +140,46 @@ class Pool:
         return [c for c in self.children.values()
                 if c.generation == self.generation and c.state in (STARTING, IDLE, BUSY)]
 
-    def free_index(self):
-        used = {c.index for c in self.serving()}
+    def free_index(self, generation=None):
+        generation = self.generation if generation is None else generation
+        used = {c.index for c in self.children.values()
+                if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
         i = 1
         while i in used:
             i += 1
         return i
 
     # -- spawning -----------------------------------------------------------
-    def spawn(self):
-        index = self.free_index()
+    def spawn(self, generation=None, imports=None, memory_limit=None):
+        generation = self.generation if generation is None else generation
+        imports = self.imports if imports is None else tuple(imports)
+        memory_limit = self.memory_limit if memory_limit is None else memory_limit
+        index = self.free_index(generation)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # in the child: never returns
             os.close(job_w)
             os.close(out_r)
-            child_mod.main(index, job_r, out_w, self.imports, self.track_rss)
+            child_mod.main(index, job_r, out_w, imports, memory_limit, parent)
         os.close(job_r)
         os.close(out_w)
         os.set_blocking(out_r, False)
-        child = Child(index, pid, self.generation, job_w, out_r)
+        os.set_blocking(job_w, False)
+        child = Child(index, pid, generation, job_w, out_r, self.max_frame)
         self.children[pid] = child
         self.loop.add_reader(out_r, self._on_readable, child)
-        log.debug("spawned child %d (pid %d, generation %d)", index, pid, self.generation)
+        log.debug("spawned child %d (pid %d, generation %d)", index, pid, generation)
         return child
+
+    def trial(self, imports, memory_limit):
+        """Fork the first child of the next generation with ``imports``. Returns it and a
+        future of ``(task_limits, None)`` once it is ready, or ``(None, why)`` if it
+        cannot import them or dies first. It serves once ``generation`` reaches its own."""
+        child = self.spawn(self.generation + 1, imports, memory_limit)
+        child.trial = self.loop.create_future()
+        return child, child.trial
 
     def backoff_remaining(self, now=None):
         now = time.monotonic() if now is None else now
@@ -144,16 +189,17 @@ class Pool:
     def send(self, child, batch, data):
         """Give a child the jobs of ``batch`` (``data``: their frames, written at once).
         It runs the first now if idle, the rest after. Returns the job that started
-        now, or None; a child found gone is reported lost with every job it held."""
+        now, or None; a child found gone is reported lost with every job it held.
+        What the pipe cannot take now is written as it drains (never blocking)."""
         try:
-            framing.write_all(child.to_child, data)
+            sent = child.writer.send(data)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.EBADF):
                 raise
-            child.state = DEAD
-            self._gone(child, None, None, [*child.queued, *batch])   # none of them started
-            child.queued.clear()
+            self._unwritable(child, batch)
             return None
+        if not sent:
+            self.loop.add_writer(child.to_child, self._on_writable, child)
         started = None
         if child.job is None:
             started = batch[0]
@@ -161,6 +207,26 @@ class Pool:
             batch = batch[1:]
         child.queued.extend(batch)
         return started
+
+    def _on_writable(self, child):
+        try:
+            done = child.writer.flush()
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                raise
+            self._unwritable(child, ())
+            return
+        if done:
+            self.loop.remove_writer(child.to_child)
+
+    def _unwritable(self, child, batch):
+        """The child's job pipe is closed at its end: it is gone (SIGCHLD follows). Jobs
+        sent in advance never started; they are reported at once."""
+        self._close_job_pipe(child)
+        child.state = DEAD
+        unstarted = [*child.queued, *batch]
+        child.queued.clear()
+        self._gone(child, None, None, unstarted)
 
     def _on_readable(self, child):
         try:
@@ -172,8 +238,33 @@ class Pool:
         if not data:
             self._eof(child)
             return
+        self._take(child, data)
+
+    def _take(self, child, data, alive=True):
+        """Handle every frame ``data`` completes, each on its own. A child whose stream
+        broke is killed (if ``alive``: not yet reaped); its job is then reported lost."""
         for frame in child.reader.feed(data):
             self._on_frame(child, frame)
+        if child.reader.error is not None and child.fault is None:
+            child.fault = f"sent an outcome that cannot be read ({child.reader.error})"
+            log.error("child %d (pid %d) %s: killing it", child.index, child.pid, child.fault)
+            self.loop.remove_reader(child.from_child)
+            if alive:
+                self.kill(child)    # its SIGCHLD reports the job lost, with this reason
+
+    def _call(self, callback, child, *args, give_back=None):
+        """Run a supervisor callback; if it raises, log it and hand ``give_back`` (the job
+        it was settling) to on_fault, so that one bad frame loses neither that job nor
+        the frames read after it."""
+        try:
+            callback(child, *args)
+        except Exception:
+            log.exception("internal error in %s for child %d", callback.__name__, child.index)
+            if give_back is not None:
+                try:
+                    self.on_fault(give_back)
+                except Exception:
+                    log.exception("internal error giving back a job of child %d", child.index)
 
     def _on_frame(self, child, frame):
         kind = frame[0]
@@ -189,19 +280,27 @@ class Pool:
                 child.state = RETIRING if child.state == RETIRING else IDLE
             if child.state == RETIRING or child.retire_after_job:
                 self.retire(child)
-            self.on_outcome(child, job, frame)
+            self._call(self.on_outcome, child, job, frame, give_back=job)
             if started is not None:
-                self.on_started(child, started)
+                self._call(self.on_started, child, started)     # it runs: not given back
         elif kind == "ready":
+            if child.trial is not None:         # the reload that started it decides
+                if child.state == STARTING:
+                    child.state = IDLE
+                _settle(child.trial, (frame[2], None))
+                return
             self.failures = 0
             if child.state == STARTING:
                 child.state = IDLE
-                self.on_ready(child, frame[2])
+                self._call(self.on_ready, child, frame[2])
             # else retired while importing (a reload): its job pipe is closed, so it
             # reads end of file now and exits; it must not be given work.
         elif kind == "import-failed":
-            self.last_failure = frame[1]
             log.error("child %d could not start: %s\n%s", child.index, frame[1], frame[2])
+            if child.trial is not None:
+                _settle(child.trial, (None, frame[1]))
+            else:
+                self.last_failure = frame[1]
 
     # -- ending ---------------------------------------------------------------
     def retire(self, child):
@@ -216,6 +315,8 @@ class Pool:
 
     def _close_job_pipe(self, child):
         if child.to_child is not None:
+            if child.writer.pending:
+                self.loop.remove_writer(child.to_child)
             try:
                 os.close(child.to_child)
             except OSError:
@@ -249,22 +350,23 @@ class Pool:
                 return
             child = self.children.get(pid)
             if child is not None:
-                self._drain(child)
-                self._died(child, status)
+                try:
+                    self._drain(child)
+                finally:
+                    self._died(child, status)
 
     def _drain(self, child):
         """Read what the child wrote before it died (its last outcome, maybe)."""
         if child.from_child is None:
             return
-        while True:
+        while child.fault is None:
             try:
                 data = os.read(child.from_child, 1 << 16)
             except (BlockingIOError, OSError):
                 return
             if not data:
                 return
-            for frame in child.reader.feed(data):
-                self._on_frame(child, frame)
+            self._take(child, data, alive=False)
 
     def _died(self, child, status):
         if child.pid not in self.children:
@@ -283,8 +385,12 @@ class Pool:
                 pass
             child.from_child = None
         self._close_job_pipe(child)
-        reason = describe_exit(status)
-        if was_starting:
+        reason = child.fault or describe_exit(status)
+        if was_starting and child.trial is not None:
+            _settle(child.trial, (None, f"its first child {reason} while starting"))
+            log.error("child %d (pid %d) of the new generation %s while starting", child.index,
+                      child.pid, reason)
+        elif was_starting:
             self.failures += 1
             delay = min(BACKOFF_MAX, 2.0 ** (self.failures - 1))
             self.next_spawn_at = time.monotonic() + delay
@@ -299,4 +405,10 @@ class Pool:
         self._gone(child, reason, job, unstarted)
 
     def _gone(self, child, reason, job, unstarted=()):
-        self.on_lost(child, job, reason or "pipe closed", list(unstarted))
+        self._call(self.on_lost, child, job, reason or "pipe closed", list(unstarted),
+                   give_back=job)
+
+
+def _settle(future, value):
+    if not future.done():
+        future.set_result(value)

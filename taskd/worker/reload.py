@@ -1,18 +1,21 @@
 """SIGHUP: re-read the configuration and apply it without losing a task.
 
 The new configuration is checked whole before anything changes: the file
-(every error with its line), its serializers, and its exchanges and queues
+(every error with its line), its serializers, its exchanges and queues
 against the broker, declared on a connection of their own so that a
 conflicting declaration (PRECONDITION_FAILED) cannot close the channel the
-worker consumes on. If any check fails the error is logged and reported
-(``taskd status``) and the worker keeps running exactly as before. A valid one
-is applied: queues added to the worker are consumed, removed ones are
-cancelled (their unstarted deliveries go back to the broker), limits and the
-pool size take effect, and every child is replaced by a new generation that
-imports the task modules afresh: idle children leave at once, busy ones after
-their current task. The supervisor's PID does not change. Reloads run one at
-a time: a SIGHUP during a reload runs another once it is done. systemd hears
-RELOADING=1 at the start and READY=1 at the end, whatever the outcome.
+worker consumes on, and its task modules: the first child of the new
+generation is forked and must report that it imported them (within
+``IMPORT_TIMEOUT``) while the old children keep serving. If any check fails
+the error is logged and reported (``taskd status``) and the worker keeps
+running exactly as before. A valid one is applied: queues added to the
+worker are consumed, removed ones are cancelled (their unstarted deliveries
+go back to the broker), limits and the pool size take effect, the checked
+child starts serving and the rest of the new generation is forked, and the
+old children leave: idle ones at once, busy ones after their current task.
+The supervisor's PID does not change. Reloads run one at a time: a SIGHUP
+during a reload runs another once it is done. systemd hears RELOADING=1 at
+the start and READY=1 at the end, whatever the outcome.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 from . import parking
 
 log = logging.getLogger("taskd.supervisor")
+
+IMPORT_TIMEOUT = 300.0      # seconds the new generation's first child may take to import
 
 
 def reload(sup):
@@ -68,6 +73,9 @@ async def _reload(sup):
                + parking.plan_if_new(new["worker.delay_queue_prefix"],
                                      sup.config["worker.delay_queue_prefix"]))
         await sup.loop.run_in_executor(None, _declare_aside, new, ops)
+        if sup.stopping:
+            return
+        first, limits = await _import_check(sup, new)
     except (ConfigError, TaskdConnectionError) as exc:
         errors = getattr(exc, "errors", None) or [str(exc)]
         for error in errors:
@@ -79,7 +87,22 @@ async def _reload(sup):
     if sup.stopping:
         return
     _apply(sup, new)
+    sup.on_child_ready(first, limits)
     await _rebind(sup, ops)
+
+
+async def _import_check(sup, new):
+    """Fork the new generation's first child; returns it and its task limits once it has
+    imported the task modules. Raises ConfigError (and ends the child) if it cannot."""
+    child, started = sup.pool.trial(new["imports"], new["worker.max_memory_per_child"])
+    try:
+        limits, error = await asyncio.wait_for(asyncio.shield(started), IMPORT_TIMEOUT)
+    except asyncio.TimeoutError:
+        limits, error = None, f"no child imported them within {IMPORT_TIMEOUT:g}s"
+    if error is not None:
+        sup.pool.kill(child)
+        raise ConfigError([f"imports: {error}"], new.source)
+    return child, limits
 
 
 def _declare_aside(config, ops):
@@ -107,7 +130,7 @@ def _apply(sup, new):
     sup.config_loaded_at = time.time()
     pool = sup.pool
     pool.imports = tuple(new["imports"])
-    pool.track_rss = bool(new["worker.max_memory_per_child"])
+    pool.memory_limit = new["worker.max_memory_per_child"]
     pool.generation += 1
     sup.task_names = None
     sup.manage_children()          # the new generation first ...
@@ -125,16 +148,14 @@ async def _rebind(sup, ops):
     old_queues = sup._old_queues
     try:
         await sup._declare(ops)
-        channel = sup.consumer.channel
-        for tag, queue in list(sup.consumer_tags.items()):
+        consumers = sup.consumers
+        for queue in sorted(set(consumers.tags.values())):
             if queue not in sup.queues:
-                await sup.consumer.call(channel.basic_cancel, tag)
-                del sup.consumer_tags[tag]
+                await consumers.cancel(queue)
                 log.info("SIGHUP: stopped consuming %s", queue)
         for queue in sup.queues:
             if queue not in old_queues:
-                tag = channel.basic_consume(queue, sup.on_delivery)
-                sup.consumer_tags[tag] = queue
+                consumers.consume(queue)
                 log.info("SIGHUP: now consuming %s", queue)
         sup._update_qos_base()
     except (ConfigError, ChannelLost) as exc:

@@ -37,6 +37,7 @@ from ..exceptions import ConfigError
 from .acks import AckTracker
 from .amqp import AsyncChannel, ChannelLost, max_message_size
 from . import parking, recovery
+from .consumers import Consumers
 from .control import ControlServer
 from .copies import Copies
 from .intake import Intake
@@ -113,10 +114,12 @@ class Supervisor(Intake, Outcomes):
         self.task_names = None
         self.task_limits = {}
         self.consumer = self.publisher = None
+        self.consumers = None
         self.pool = Pool(self.loop, self.config["imports"],
-                         track_rss=bool(self.config["worker.max_memory_per_child"]),
+                         memory_limit=self.config["worker.max_memory_per_child"],
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                         on_lost=self.on_child_lost, on_started=self.on_started)
+                         on_lost=self.on_child_lost, on_started=self.on_started,
+                         on_fault=self.on_pool_fault)
         self.recent = recovery.RecentlyDone()
         self.unsent = []                      # (job, body, props, attempt): results to
                                               # publish again after a reconnect
@@ -213,10 +216,18 @@ class Supervisor(Intake, Outcomes):
         await self._declare(self._topology_ops())
         self._qos_extra = 0
         await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
-        self.consumer_tags = {}
+        self.consumers = Consumers(self.loop, self.consumer, self.on_delivery,
+                                   self._declare_queue)
         for queue in self.queues:
-            tag = channel.basic_consume(queue, self.on_delivery)
-            self.consumer_tags[tag] = queue
+            self.consumers.consume(queue)
+
+    @property
+    def consumer_tags(self):
+        """Consumer tag -> queue, on the current consuming channel."""
+        return self.consumers.tags if self.consumers is not None else {}
+
+    async def _declare_queue(self, queue):
+        await self._declare(topology.plan(self.config, (queue,)))
 
     def _topology_ops(self):
         """The exchanges, queues and bindings this worker needs."""
@@ -339,6 +350,26 @@ class Supervisor(Intake, Outcomes):
         self._spawn_timer = None
         self.manage_children()
 
+    def on_pool_fault(self, job):
+        """Handling ``job``'s outcome (or its child's death) raised. Unless its delivery is
+        settled, it is redelivered with its count + 1 (dead-lettered after
+        ``worker.max_deliveries``), so a bug that recurs on one message cannot loop; if even
+        that raises, the delivery goes back to the broker a second later. It may run
+        again; it is not lost."""
+        if self.consumer is None or job.channel is not self.consumer.channel \
+                or self.acks.settled(job.tag):
+            return
+        try:
+            self.redeliver(job, "ran it, but the supervisor failed to handle that (internal error)")
+        except Exception:
+            log.exception("task %s: could not redeliver it; returning it to the broker in 1s",
+                          job.describe())
+            self.loop.call_later(1.0, self._give_back_unsettled, job)
+
+    def _give_back_unsettled(self, job):
+        if job.channel is self.consumer.channel and not self.acks.settled(job.tag):
+            self.give_back(job, delay=0)
+
     # == signals ==========================================================================
     def handle_term(self):
         """TERM: warm shutdown: stop consuming, finish running tasks, give the rest back."""
@@ -410,12 +441,11 @@ class Supervisor(Intake, Outcomes):
         self.stopping = True
         self.stop_requested.set()
         self.notifier.stopping()
-        if first and self.consumer is not None and self.consumer.is_open:
-            for tag in list(self.consumer_tags):
-                try:
-                    await self.consumer.call(self.consumer.channel.basic_cancel, tag)
-                except ChannelLost:
-                    break
+        if first and self.consumers is not None and self.consumer.is_open:
+            try:
+                await self.consumers.cancel_all()
+            except ChannelLost:
+                pass
         # Unstarted and held jobs stay unacked: the broker requeues them on close.
         returned = len(self.ready) + len(self.schedule)
         self.ready.clear()

@@ -85,3 +85,24 @@ def test_client_raises_when_the_broker_stays_away(topo, app_for, proxy):
     proxy.stop()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{proxy.port}"):
         app.send_task("ttasks.add", [1, 1], ignore_result=True)
+
+
+def test_a_queue_deleted_under_the_worker_is_consumed_again_and_sigterm_still_ends_it(
+        topo, workers, app_for, broker):
+    import signal
+    import pika
+    path = topo.config(concurrency=1)
+    w = workers(path).ready()
+    app = app_for(path)
+    assert app.send_task("ttasks.add", [1, 1]).get(timeout=10) == 2
+    queue = topo.name("celery")
+    broker.delete(queues=[queue])           # the broker cancels the worker's consumer
+    conn = pika.BlockingConnection(pika.URLParameters(broker.url))
+    conn.channel().queue_declare(queue, durable=True)      # and someone declares it again
+    conn.close()
+    wait_for(lambda: (broker.queue_state(queue) or (0, 0))[1] == 1, timeout=10,
+             message="the worker to consume the queue again")
+    assert app.send_task("ttasks.add", [2, 2]).get(timeout=10) == 4
+    assert "the broker cancelled the consumer of queue" in w.log
+    w.signal(signal.SIGTERM)
+    assert w.proc.wait(10) == 0

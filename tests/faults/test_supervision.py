@@ -298,3 +298,62 @@ def test_child_prefetch_time_limit_counts_from_the_start(topo, workers, app_for)
     second = app.send_task("ttasks.sleep", [1.0], time_limit=2)   # waits 1.5 s, runs 1 s
     assert first.get(timeout=15) == 1.5
     assert second.get(timeout=15) == 1.0                          # not killed at 2 s after send
+
+
+def test_a_large_job_sent_ahead_to_a_busy_child_never_blocks_the_supervisor(topo, workers,
+                                                                            app_for, tmp_path):
+    """A job frame larger than the pipe buffer, for a child busy with a task that then
+    returns more than the pipe buffer: the supervisor keeps answering, nothing deadlocks."""
+    from taskd.worker import control
+    sock = tmp_path / "ctl.sock"
+    path = topo.config(concurrency=1, child_prefetch=2, control_socket=str(sock))
+    workers(path).ready()
+    app = app_for(path)
+    log = tmp_path / "log.txt"
+    running = app.send_task("ttasks.big_after", [3.0, 300_000, str(log), "a"])
+    wait_for(lambda: log.exists() and "start a" in log.read_text(), message="a to start")
+    sent_ahead = app.send_task("ttasks.echo", ["y" * 300_000])
+
+    def status():
+        return control.query(str(sock), timeout=1.0)     # raises if the loop is stuck
+    wait_for(lambda: status()["counters"].get("received") == 2, message="the second delivery")
+    for _ in range(3):                                     # it has been sent to the busy child
+        (child,) = status()["children"]
+        assert child["task"] == "ttasks.big_after"
+        time.sleep(0.2)
+    assert running.get(timeout=20) == "x" * 300_000
+    assert sent_ahead.get(timeout=20) == {"args": ["y" * 300_000], "kwargs": {}}
+
+
+def test_a_busy_child_dies_with_its_killed_supervisor(topo, workers, app_for, tmp_path):
+    path = topo.config(concurrency=1)
+    w = workers(path).ready()
+    app = app_for(path)
+    log = tmp_path / "log.txt"
+    app.send_task("ttasks.sleep", [30, str(log), "long"], ignore_result=True)
+    wait_for(lambda: log.exists() and "start long" in log.read_text(), message="the task")
+    (child,) = w.children()
+    w.proc.kill()                                 # SIGKILL, or the OOM killer
+    w.proc.wait()
+
+    def gone():
+        try:
+            with open(f"/proc/{child}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    wait_for(gone, timeout=2.0, message="the orphaned child to die")
+    assert "end long" not in log.read_text()
+
+
+def test_children_are_not_recycled_for_the_memory_they_inherit_from_the_supervisor(
+        topo, workers, app_for, tmp_path):
+    path = topo.config({"serializer_modules": ["ballast"]}, concurrency=1,
+                       max_memory_per_child="150MiB")
+    w = workers(path, env={"TASKD_TEST_BALLAST_MB": "250"}).ready()
+    app = app_for(path)
+    out = tmp_path / "runs.txt"
+    results = [app.send_task("ttasks.record", [str(out), f"m{i}"]) for i in range(3)]
+    assert [r.get(timeout=30) for r in results] == ["m0", "m1", "m2"]
+    child_pids = {line.split()[2] for line in out.read_text().splitlines()}
+    assert len(child_pids) == 1 and "replacing it" not in w.log

@@ -77,6 +77,29 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(topo, workers, app_for, t
     assert "reload:" in out.stdout and "FAILED: worker_typo" in out.stdout
 
 
+def test_sighup_with_a_task_module_that_does_not_import_keeps_the_old_children(
+        topo, workers, app_for, tmp_path):
+    sock = tmp_path / "ctl.sock"
+    path = topo.config(concurrency=2, control_socket=str(sock))
+    w = workers(path).ready()
+    app = app_for(path)
+    assert app.send_task("ttasks.add", [1, 1]).get(timeout=10) == 2
+    old_children = sorted(w.children())
+    data = yaml.safe_load(path.read_text())
+    data["imports"] = ["ttasks", "no_such_module_xyz"]
+    path.write_text(yaml.safe_dump(data))
+    w.signal(signal.SIGHUP)
+    w.wait_log("reloaded")                      # the reload is over, whatever its outcome
+    assert app.send_task("ttasks.add", [2, 2]).get(timeout=10) == 4    # still serving
+    assert "No module named 'no_such_module_xyz'" in w.log
+    assert "configuration not reloaded" in w.log
+    wait_for(lambda: sorted(w.children()) == old_children, message="the old children only")
+    state = json.loads(taskd("status", "--socket", str(sock), "--json").stdout)
+    assert state["last_reload"]["ok"] is False
+    assert "no_such_module_xyz" in state["last_reload"]["errors"][0]
+    assert sorted(c["pid"] for c in state["children"]) == old_children
+
+
 def test_sighup_with_a_declaration_the_broker_refuses_keeps_consuming(topo, workers, app_for,
                                                                      tmp_path, broker):
     sock = tmp_path / "ctl.sock"

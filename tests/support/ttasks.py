@@ -128,3 +128,13 @@ def die_once(path, token):
 def big(size):
     """A result of ``size`` characters."""
     return "x" * size
+
+
+@app.task(name="ttasks.big_after")
+def big_after(seconds, size, path=None, token=None):
+    """Sleep, then return ``size`` bytes of text (more than a pipe buffer holds)."""
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"start {token} {os.getpid()}\n")
+    time.sleep(seconds)
+    return "x" * size

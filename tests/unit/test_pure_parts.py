@@ -159,7 +159,7 @@ def test_parking_buckets():
 
 def test_pool_room_and_a_batch_written_at_once():
     from taskd.worker import pool as pool_mod
-    p = pool_mod.Pool(None, (), track_rss=False, on_ready=None, on_outcome=None, on_lost=None)
+    p = pool_mod.Pool(None, (), memory_limit=0, on_ready=None, on_outcome=None, on_lost=None)
     pipes = []
 
     def child(index, state, generation=1, queued=0):
@@ -192,7 +192,7 @@ def test_pool_room_and_a_batch_written_at_once():
 def test_a_child_retired_while_importing_gets_no_work_when_it_is_ready():
     from taskd.worker import pool as pool_mod
     ready = []
-    p = pool_mod.Pool(None, (), track_rss=False, on_ready=lambda c, names: ready.append(c),
+    p = pool_mod.Pool(None, (), memory_limit=0, on_ready=lambda c, names: ready.append(c),
                       on_outcome=None, on_lost=None)
     r, w = os.pipe()
     old = pool_mod.Child(1, 1001, 1, w, None)
