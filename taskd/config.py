@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from .exceptions import ConfigError
+from .masking import mask_value
 
 DEFAULT_PATH = "/etc/taskd.yaml"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -335,7 +336,7 @@ class _Checker:
     def value(self, path, setting, raw):
         value, expected = setting.check(raw)
         if expected:
-            self.error(path, f"expected {expected}, got {raw!r}")
+            self.error(path, f"expected {expected}, got {mask_value(setting.key, raw)!r}")
         return value
 
 

@@ -15,6 +15,7 @@ import pika
 import pika.exceptions
 
 from ..exceptions import ConnectionError as TaskdConnectionError
+from ..masking import mask_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,16 @@ CONNECTION_ERRORS = (
 )
 
 
-def mask_url(url):
-    """The URL with its password replaced by ``***``, for logs and errors."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def host_port(url):
-    parts = urllib.parse.urlsplit(url)
+    # Parsed from the masked URL: a password with an unencoded "/" or "#"
+    # would otherwise be taken for the host or the port.
+    parts = urllib.parse.urlsplit(mask_url(url))
     default = 5671 if parts.scheme == "amqps" else 5672
-    return parts.hostname or "localhost", parts.port or default
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.hostname or "localhost", port or default
 
 
 def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
@@ -49,7 +47,8 @@ def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
     try:
         params = pika.URLParameters(url)
     except Exception as exc:
-        raise TaskdConnectionError(f"invalid broker URL {mask_url(url)!r}: {exc}") from None
+        raise TaskdConnectionError(
+            f"invalid broker URL {mask_url(url)!r}: {scrub(exc, url)}") from None
     params.connection_attempts = 1
     params.retry_delay = 0
     params.socket_timeout = connect_timeout
@@ -72,7 +71,7 @@ def describe_failure(url, exc, connect_timeout):
         reason = "authentication failed (check the user and password in the broker URL)"
     if "timed out" in reason.lower() or "timeout" in reason.lower():
         reason = f"no AMQP handshake within {connect_timeout:g}s ({reason})"
-    return f"cannot connect to the broker at {host}:{port}: {reason}"
+    return f"cannot connect to the broker at {host}:{port}: {scrub(reason, url)}"
 
 
 def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
