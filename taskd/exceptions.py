@@ -110,7 +110,13 @@ class TimeoutError(TaskError):  # noqa: A001 - the name callers expect
 
 
 class RemoteError(TaskError):
-    """Stands in for a task's exception whose class the caller cannot rebuild."""
+    """Stands in for a task's exception whose class the caller cannot rebuild
+    (not imported here, or not an ``Exception`` subclass, such as ``SystemExit``).
+
+    ``remote_type`` is the remote class's ``module.name`` (None when unknown).
+    """
+
+    remote_type = None
 
 
 class Retry(TaskError):

@@ -1,0 +1,33 @@
+"""Pure parts of the client: exception rebuilding, the session lock, option checks."""
+import asyncio
+
+import pytest
+
+from taskd import protocol
+from taskd.exceptions import RemoteError
+
+
+@pytest.mark.parametrize("exc_type, exc_module", [
+    ("SystemExit", "builtins"), ("KeyboardInterrupt", "builtins"),
+    ("GeneratorExit", "builtins"), ("CancelledError", "asyncio.exceptions"),
+    ("CancelledError", "asyncio"),
+])
+def test_a_result_cannot_raise_what_except_exception_does_not_catch(exc_type, exc_module):
+    exc = protocol.dict_to_exception({"exc_type": exc_type, "exc_module": exc_module,
+                                      "exc_message": ["remote text"]})
+    assert isinstance(exc, RemoteError) and isinstance(exc, Exception)
+    assert type(exc).__name__ == exc_type and exc.remote_type == f"{exc_module}.{exc_type}"
+    assert str(exc) == "remote text"
+    # an unpickled instance is mapped the same way
+    rebuilt = protocol.dict_to_exception(asyncio.CancelledError("x"))
+    assert isinstance(rebuilt, RemoteError) and not isinstance(rebuilt, asyncio.CancelledError)
+    # real exception classes are still rebuilt
+    assert type(protocol.dict_to_exception({"exc_type": "ValueError", "exc_module": "builtins",
+                                            "exc_message": ["v"]})) is ValueError
+
+
+def test_synthetic_exception_classes_are_bounded():
+    for i in range(protocol.SYNTHETIC_CLASSES_MAX * 3):
+        protocol.dict_to_exception({"exc_type": f"E{i}", "exc_module": "not.imported",
+                                    "exc_message": []})
+    assert len(protocol._synthetic) <= protocol.SYNTHETIC_CLASSES_MAX
