@@ -127,6 +127,11 @@ SETTINGS = (
     Setting("accept_content", _str_list, ("json",),
             "Serializer names or content types the worker decodes; anything else is "
             "dead-lettered. Add `pickle` only if every publisher is trusted."),
+    Setting("result_accept_content", _str_list, None,
+            "Client: serializer names or content types of results it decodes (null: "
+            "`accept_content`). A result of any other type becomes a FAILURE without "
+            "being decoded. Add `pickle` only if everyone who can publish to the reply "
+            "queue is trusted."),
     Setting("default_queue", _str, DEFAULT_QUEUE,
             "Queue for tasks that no call option, task attribute or route places elsewhere. "
             "If it is not listed under `queues:` it is a durable queue bound to a direct "

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from reprlib import Repr
 
 from . import serialization
-from .exceptions import InvalidTaskMessage, RemoteError, TaskdError
+from .exceptions import ContentDisallowed, InvalidTaskMessage, RemoteError, TaskdError
 
 # States, with Celery's names.
 PENDING = "PENDING"
@@ -377,6 +377,14 @@ def encode_result(task_id, status, result, traceback=None, *, serializer="json",
 
 
 def decode_result(body, content_type, content_encoding=None, accept=None):
+    """Decode a result message; ``accept`` is the set of content types allowed
+    (``result_accept_content``). A type outside it raises ContentDisallowed
+    before the body is touched."""
+    if accept is not None and (content_type or "application/json") not in accept:
+        raise ContentDisallowed(
+            f"result content type {content_type!r} not accepted; add it to "
+            f"result_accept_content (now: {', '.join(sorted(accept))}) only if every "
+            "process that can publish to this client's reply queue is trusted")
     meta = serialization.loads(body, content_type, content_encoding, accept=accept)
     if not isinstance(meta, dict) or "status" not in meta:
         raise InvalidTaskMessage(f"not a result message: {type(meta).__name__}")

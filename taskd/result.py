@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from . import protocol
+from . import protocol, serialization
 from .broker.connection import CONNECTION_ERRORS
 from .exceptions import ConnectionError as TaskdConnectionError
 from .exceptions import TimeoutError as TaskdTimeoutError
@@ -29,6 +29,9 @@ class ResultConsumer:
         self.channel = None
         self.connection = None
         self.results = {}       # task id -> meta (latest state)
+        config = publisher.app.config
+        self.accept = serialization.accept_set(
+            config["result_accept_content"] or config["accept_content"])
         self.wanted = False     # declare the reply queue on every (re)connection
         publisher.on_connect.append(self._on_connect)
 
@@ -54,8 +57,8 @@ class ResultConsumer:
     def _on_message(self, channel, method, properties, body):
         try:
             meta = protocol.decode_result(body, properties.content_type,
-                                          properties.content_encoding)
-        except Exception as exc:  # a broken result still answers the caller
+                                          properties.content_encoding, accept=self.accept)
+        except Exception as exc:  # a refused or broken result still answers the caller
             meta = {"status": protocol.FAILURE, "task_id": properties.correlation_id,
                     "result": protocol.exception_to_dict(exc), "traceback": None}
         task_id = properties.correlation_id or meta.get("task_id")
