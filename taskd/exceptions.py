@@ -50,6 +50,10 @@ class NotDeliveredError(PublishError):
     """``immediate=True`` and no consumer could take the message at once."""
 
 
+class OptionError(TaskdError, ValueError):
+    """An option of ``apply_async``/``send_task`` has a value that cannot be used."""
+
+
 # --- serialization -------------------------------------------------------------
 
 class SerializationError(TaskdError):

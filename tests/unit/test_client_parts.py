@@ -1,10 +1,11 @@
 """Pure parts of the client: exception rebuilding, the session lock, option checks."""
 import asyncio
+import math
 
 import pytest
 
-from taskd import protocol
-from taskd.exceptions import RemoteError
+from taskd import App, protocol
+from taskd.exceptions import OptionError, RemoteError
 
 
 @pytest.mark.parametrize("exc_type, exc_module", [
@@ -31,3 +32,13 @@ def test_synthetic_exception_classes_are_bounded():
         protocol.dict_to_exception({"exc_type": f"E{i}", "exc_module": "not.imported",
                                     "exc_message": []})
     assert len(protocol._synthetic) <= protocol.SYNTHETIC_CLASSES_MAX
+
+
+@pytest.mark.parametrize("option, value", [
+    ("countdown", math.nan), ("countdown", math.inf), ("countdown", 1e300),
+    ("countdown", -1e300), ("expires", math.nan), ("expires", -math.inf), ("expires", 1e20),
+])
+def test_unusable_countdown_or_expires_is_a_clear_error_naming_the_option(option, value):
+    app = App("t", broker="amqp://guest:guest@127.0.0.1:1/", set_as_current=False)
+    with pytest.raises(OptionError, match=option):
+        app.send_task("tasks.add", [1, 1], **{option: value})
