@@ -173,25 +173,32 @@ class App:
         with self.session_lock():
             if connect_timeout is not None:
                 session.publisher.connect_timeout = connect_timeout
-            reply_to = None if ignore_result else session.results.reply_to()
+            pooled = publisher is None and connection is None
             message = protocol.encode_task(
                 task_id, name, args or (), kwargs or {}, serializer=serializer, eta=eta,
                 expires=expires, retries=retries,
                 time_limit=attr("time_limit", time_limit),
                 soft_time_limit=attr("soft_time_limit", soft_time_limit),
-                reply_to=reply_to,
+                reply_to=None if ignore_result or pooled else session.results.reply_to(),
                 priority=routing.amqp_priority(attr("priority", priority)),
                 ignore_result=ignore_result, extra_headers=headers)
             options = dict(mandatory=bool(attr("mandatory", mandatory)),
                            immediate=bool(attr("immediate", immediate)),
                            retry=retry, retry_policy=retry_policy)
-            if publisher is not None:
-                publisher.publish(message, route, **options)
-            elif connection is not None:
-                Publisher(self, connection=connection).publish(message, route, **options)
+            if pooled:
+                # The reply queue belongs to the connection: resolved on each
+                # attempt, so a send retried on a new connection names the new one.
+                sent = session.publisher.publish(
+                    message, route, reply=None if ignore_result else session.results.reply_to,
+                    **options)
+            elif publisher is not None:
+                sent = publisher.publish(message, route, **options)
             else:
-                session.publisher.publish(message, route, **options)
-        return AsyncResult(task_id, app=self, task_name=name)
-
+                # A publisher per call, closed after it (its channel with it).
+                with Publisher(self, connection=connection) as borrowed:
+                    sent = borrowed.publish(message, route, **options)
+            result = AsyncResult(task_id, app=self, task_name=name, reply_to=sent.reply_to)
+            result._claim(session.results)
+        return result
     def AsyncResult(self, task_id):
         return AsyncResult(task_id, app=self)

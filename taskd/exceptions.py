@@ -42,6 +42,12 @@ class PublishError(TaskdError):
         self.task_ids = list(task_ids)
 
 
+class ConfirmTimeout(PublishError):
+    """The broker did not confirm a publish in time (for example while a resource
+    alarm blocks the connection): the message may or may not be queued, so
+    sending it again may run the task twice. ``task_ids`` lists them."""
+
+
 class UnroutableError(PublishError):
     """``mandatory=True`` and the message reached no queue."""
 

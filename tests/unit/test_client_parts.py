@@ -1,10 +1,13 @@
 """Pure parts of the client: exception rebuilding, the session lock, option checks."""
 import asyncio
 import math
+import threading
+import time
 
 import pytest
 
 from taskd import App, protocol
+from taskd.broker.connection import ProcessLocal, TurnLock
 from taskd.exceptions import OptionError, RemoteError
 
 
@@ -32,6 +35,57 @@ def test_synthetic_exception_classes_are_bounded():
         protocol.dict_to_exception({"exc_type": f"E{i}", "exc_module": "not.imported",
                                     "exc_message": []})
     assert len(protocol._synthetic) <= protocol.SYNTHETIC_CLASSES_MAX
+
+
+def test_threads_that_first_touch_the_session_together_share_one():
+    made = []
+
+    def slow_factory():
+        time.sleep(0.05)
+        made.append(object())
+        return made[-1]
+
+    local = ProcessLocal(slow_factory)
+    barrier = threading.Barrier(8)
+    got = []
+
+    def touch():
+        barrier.wait()
+        got.append(local.get())
+
+    threads = [threading.Thread(target=touch) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and all(g is made[0] for g in got)
+
+
+def test_the_session_lock_is_handed_over_in_arrival_order():
+    lock = TurnLock()
+    order = []
+    lock.acquire()
+    lock.acquire()          # reentrant
+    waiting = []
+
+    def take(name):
+        waiting.append(name)
+        with lock:
+            order.append(name)
+
+    threads = []
+    for name in ("a", "b", "c"):
+        t = threading.Thread(target=take, args=(name,))
+        t.start()
+        threads.append(t)
+        while len(waiting) < len(threads) or lock._next < len(threads) + 1:
+            time.sleep(0.001)
+    lock.release()
+    assert not order        # still held once
+    lock.release()
+    for t in threads:
+        t.join()
+    assert order == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("option, value", [
