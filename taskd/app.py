@@ -7,6 +7,7 @@ Each process keeps one pooled broker connection per app (re-created after
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -16,6 +17,7 @@ from . import config as config_mod
 from . import protocol, routing
 from .broker.connection import ProcessLocal
 from .broker.publisher import Publisher
+from .exceptions import OptionError
 from .result import AsyncResult, ResultConsumer
 from .task import Task, registry
 
@@ -35,6 +37,17 @@ def current_app():
             path = config_mod.DEFAULT_PATH
         App(config=path)
     return _current
+
+
+def _seconds_from(now, seconds, option):
+    """``now`` plus ``seconds``, or an OptionError naming ``option``."""
+    if not math.isfinite(seconds):
+        raise OptionError(f"{option} must be a finite number of seconds, got {seconds!r}")
+    try:
+        return now + timedelta(seconds=seconds)
+    except OverflowError:
+        raise OptionError(f"{option}={seconds!r} seconds is out of range (a date must fall "
+                          "between the years 1 and 9999)") from None
 
 
 class Session:
@@ -148,11 +161,11 @@ class App:
         if countdown is not None:
             if not isinstance(countdown, Real) or isinstance(countdown, bool):
                 raise TypeError(f"countdown must be a number of seconds, got {countdown!r}")
-            eta = now + timedelta(seconds=countdown)
+            eta = _seconds_from(now, countdown, "countdown")
         if eta is not None and not isinstance(eta, datetime):
             raise TypeError(f"eta must be a datetime, got {type(eta).__name__}")
         if isinstance(expires, Real) and not isinstance(expires, bool):
-            expires = now + timedelta(seconds=expires)
+            expires = _seconds_from(now, expires, "expires")
         elif expires is not None and not isinstance(expires, datetime):
             raise TypeError(f"expires must be seconds or a datetime, got {type(expires).__name__}")
 
@@ -160,25 +173,32 @@ class App:
         with self.session_lock():
             if connect_timeout is not None:
                 session.publisher.connect_timeout = connect_timeout
-            reply_to = None if ignore_result else session.results.reply_to()
+            pooled = publisher is None and connection is None
             message = protocol.encode_task(
                 task_id, name, args or (), kwargs or {}, serializer=serializer, eta=eta,
                 expires=expires, retries=retries,
                 time_limit=attr("time_limit", time_limit),
                 soft_time_limit=attr("soft_time_limit", soft_time_limit),
-                reply_to=reply_to,
+                reply_to=None if ignore_result or pooled else session.results.reply_to(),
                 priority=routing.amqp_priority(attr("priority", priority)),
                 ignore_result=ignore_result, extra_headers=headers)
             options = dict(mandatory=bool(attr("mandatory", mandatory)),
                            immediate=bool(attr("immediate", immediate)),
                            retry=retry, retry_policy=retry_policy)
-            if publisher is not None:
-                publisher.publish(message, route, **options)
-            elif connection is not None:
-                Publisher(self, connection=connection).publish(message, route, **options)
+            if pooled:
+                # The reply queue belongs to the connection: resolved on each
+                # attempt, so a send retried on a new connection names the new one.
+                sent = session.publisher.publish(
+                    message, route, reply=None if ignore_result else session.results.reply_to,
+                    **options)
+            elif publisher is not None:
+                sent = publisher.publish(message, route, **options)
             else:
-                session.publisher.publish(message, route, **options)
-        return AsyncResult(task_id, app=self, task_name=name)
-
+                # A publisher per call, closed after it (its channel with it).
+                with Publisher(self, connection=connection) as borrowed:
+                    sent = borrowed.publish(message, route, **options)
+            result = AsyncResult(task_id, app=self, task_name=name, reply_to=sent.reply_to)
+            result._claim(session.results)
+        return result
     def AsyncResult(self, task_id):
         return AsyncResult(task_id, app=self)

@@ -240,20 +240,25 @@ def cmd_dead_letters(args):
                                                    args.to)
             print(f"replayed {replayed} message(s); left {skipped} in place")
             return 0
-        entries = deadletters.list_dead(config, args.queue, args.limit)
+        limit = args.limit or deadletters.LIST_LIMIT
+        looked = shown = 0
+        for e in deadletters.list_dead(config, args.queue, limit):
+            looked += 1
+            if args.task and e["task"] != args.task:
+                continue
+            shown += 1
+            if args.json:
+                print(json.dumps(e, default=str))
+            else:
+                print(f"{e['dead_at']}  {e['task']}[{e['id']}] from {e['queue']} "
+                      f"(deliveries: {e['deliveries']}): {e['reason']}")
     except TaskdError as exc:
         print(f"taskd dead-letters: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
-    if args.task:
-        entries = [e for e in entries if e["task"] == args.task]
-    for e in entries:
-        if args.json:
-            print(json.dumps(e, default=str))
-        else:
-            print(f"{e['dead_at']}  {e['task']}[{e['id']}] from {e['queue']} "
-                  f"(deliveries: {e['deliveries']}): {e['reason']}")
     if not args.json:
-        print(f"{len(entries)} message(s)")
+        more = looked == limit and args.limit is None
+        print(f"{shown} message(s)" + (f" (only the first {limit} looked at; --limit for more)"
+                                       if more else ""))
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from .exceptions import ConfigError
+from .masking import mask_value
 
 DEFAULT_PATH = "/etc/taskd.yaml"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -141,6 +142,11 @@ SETTINGS = (
     Setting("accept_content", _str_list, ("json",),
             "Serializer names or content types the worker decodes; anything else is "
             "dead-lettered. Add `pickle` only if every publisher is trusted."),
+    Setting("result_accept_content", _str_list, None,
+            "Client: serializer names or content types of results it decodes (null: "
+            "`accept_content`). A result of any other type becomes a FAILURE without "
+            "being decoded. Add `pickle` only if everyone who can publish to the reply "
+            "queue is trusted."),
     Setting("default_queue", _str, DEFAULT_QUEUE,
             "Queue for tasks that no call option, task attribute or route places elsewhere. "
             "If it is not listed under `queues:` it is a durable queue bound to a direct "
@@ -362,7 +368,7 @@ class _Checker:
     def value(self, path, setting, raw):
         value, expected = setting.check(raw)
         if expected:
-            self.error(path, f"expected {expected}, got {raw!r}")
+            self.error(path, f"expected {expected}, got {mask_value(setting.key, raw)!r}")
         return value
 
 

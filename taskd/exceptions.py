@@ -42,12 +42,22 @@ class PublishError(TaskdError):
         self.task_ids = list(task_ids)
 
 
+class ConfirmTimeout(PublishError):
+    """The broker did not confirm a publish in time (for example while a resource
+    alarm blocks the connection): the message may or may not be queued, so
+    sending it again may run the task twice. ``task_ids`` lists them."""
+
+
 class UnroutableError(PublishError):
     """``mandatory=True`` and the message reached no queue."""
 
 
 class NotDeliveredError(PublishError):
     """``immediate=True`` and no consumer could take the message at once."""
+
+
+class OptionError(TaskdError, ValueError):
+    """An option of ``apply_async``/``send_task`` has a value that cannot be used."""
 
 
 # --- serialization -------------------------------------------------------------
@@ -110,7 +120,13 @@ class TimeoutError(TaskError):  # noqa: A001 - the name callers expect
 
 
 class RemoteError(TaskError):
-    """Stands in for a task's exception whose class the caller cannot rebuild."""
+    """Stands in for a task's exception whose class the caller cannot rebuild
+    (not imported here, or not an ``Exception`` subclass, such as ``SystemExit``).
+
+    ``remote_type`` is the remote class's ``module.name`` (None when unknown).
+    """
+
+    remote_type = None
 
 
 class Retry(TaskError):

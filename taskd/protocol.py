@@ -20,6 +20,7 @@ backend produces and consumes, so both sides interoperate with Celery.
 """
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import sys
@@ -30,7 +31,7 @@ from decimal import Decimal
 from reprlib import Repr
 
 from . import serialization
-from .exceptions import InvalidTaskMessage, RemoteError, TaskdError
+from .exceptions import ContentDisallowed, InvalidTaskMessage, RemoteError, TaskdError
 
 # States, with Celery's names.
 PENDING = "PENDING"
@@ -283,15 +284,24 @@ def exception_to_dict(exc):
     return {"exc_type": cls.__qualname__, "exc_message": list(args), "exc_module": cls.__module__}
 
 
-_synthetic = {}
+#: Synthetic RemoteError subclasses by (module, name), most recently used last;
+#: bounded, so a stream of unique remote type names cannot grow it for ever.
+_synthetic = collections.OrderedDict()
+SYNTHETIC_CLASSES_MAX = 256
 
 
 def _synthetic_class(name, module):
     key = (module, name)
     cls = _synthetic.get(key)
     if cls is None:
-        cls = type(name.rsplit(".", 1)[-1], (RemoteError,), {"__module__": module or "taskd.remote"})
+        cls = type(name.rsplit(".", 1)[-1], (RemoteError,), {
+            "__module__": module or "taskd.remote",
+            "remote_type": f"{module}.{name}" if module else name})
         _synthetic[key] = cls
+        while len(_synthetic) > SYNTHETIC_CLASSES_MAX:
+            _synthetic.popitem(last=False)
+    else:
+        _synthetic.move_to_end(key)
     return cls
 
 
@@ -299,15 +309,21 @@ def dict_to_exception(data):
     """Rebuild an exception from ``{"exc_type", "exc_message", "exc_module"}``.
 
     Only classes already imported in this process and deriving from
-    ``BaseException`` are used (never an import, never another callable:
-    see CVE-2021-23727); anything else becomes a ``RemoteError`` subclass of
-    the same name.
+    ``Exception`` are used (never an import, never another callable: see
+    CVE-2021-23727). Anything else, including ``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit`` and ``CancelledError`` (which
+    ``except Exception`` would not catch), becomes a ``RemoteError`` subclass
+    of the same name whose ``remote_type`` names the remote class.
     """
-    if isinstance(data, BaseException):
+    if isinstance(data, Exception):
         return data
+    if isinstance(data, BaseException):
+        cls = type(data)
+        return _synthetic_class(cls.__qualname__, cls.__module__)(*data.args)
     if not isinstance(data, dict) or "exc_type" not in data:
         return RemoteError(repr(data))
     exc_type, module = str(data["exc_type"]), data.get("exc_module")
+    module = None if module is None else str(module)
     cls = None
     if module in sys.modules:
         obj = sys.modules[module]
@@ -315,7 +331,7 @@ def dict_to_exception(data):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, type) and issubclass(obj, BaseException):
+        if isinstance(obj, type) and issubclass(obj, Exception):
             cls = obj
     if cls is None:
         cls = _synthetic_class(exc_type, module)
@@ -366,6 +382,14 @@ def encode_result(task_id, status, result, traceback=None, *, serializer="json",
 
 
 def decode_result(body, content_type, content_encoding=None, accept=None):
+    """Decode a result message; ``accept`` is the set of content types allowed
+    (``result_accept_content``). A type outside it raises ContentDisallowed
+    before the body is touched."""
+    if accept is not None and (content_type or "application/json") not in accept:
+        raise ContentDisallowed(
+            f"result content type {content_type!r} not accepted; add it to "
+            f"result_accept_content (now: {', '.join(sorted(accept))}) only if every "
+            "process that can publish to this client's reply queue is trusted")
     meta = serialization.loads(body, content_type, content_encoding, accept=accept)
     if not isinstance(meta, dict) or "status" not in meta:
         raise InvalidTaskMessage(f"not a result message: {type(meta).__name__}")

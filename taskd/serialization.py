@@ -252,10 +252,11 @@ def check_config(config):
     if errors:
         return errors
     known = names()
-    for name in config["accept_content"]:
-        if "/" not in name and name not in known:
-            errors.append(f"accept_content: no serializer named {name!r} "
-                          f"(known: {', '.join(known)}; custom ones via serializer_modules)")
+    for key in ("accept_content", "result_accept_content"):
+        for name in config[key] or ():
+            if "/" not in name and name not in known:
+                errors.append(f"{key}: no serializer named {name!r} "
+                              f"(known: {', '.join(known)}; custom ones via serializer_modules)")
     if config["default_serializer"] not in known:
         errors.append(f"default_serializer: no serializer named "
                       f"{config['default_serializer']!r} (known: {', '.join(known)})")

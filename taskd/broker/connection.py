@@ -15,6 +15,7 @@ import pika
 import pika.exceptions
 
 from ..exceptions import ConnectionError as TaskdConnectionError
+from ..masking import mask_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,16 @@ CONNECTION_ERRORS = (
 )
 
 
-def mask_url(url):
-    """The URL with its password replaced by ``***``, for logs and errors."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def host_port(url):
-    parts = urllib.parse.urlsplit(url)
+    # Parsed from the masked URL: a password with an unencoded "/" or "#"
+    # would otherwise be taken for the host or the port.
+    parts = urllib.parse.urlsplit(mask_url(url))
     default = 5671 if parts.scheme == "amqps" else 5672
-    return parts.hostname or "localhost", parts.port or default
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.hostname or "localhost", port or default
 
 
 def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
@@ -49,7 +47,8 @@ def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
     try:
         params = pika.URLParameters(url)
     except Exception as exc:
-        raise TaskdConnectionError(f"invalid broker URL {mask_url(url)!r}: {exc}") from None
+        raise TaskdConnectionError(
+            f"invalid broker URL {mask_url(url)!r}: {scrub(exc, url)}") from None
     params.connection_attempts = 1
     params.retry_delay = 0
     params.socket_timeout = connect_timeout
@@ -72,7 +71,7 @@ def describe_failure(url, exc, connect_timeout):
         reason = "authentication failed (check the user and password in the broker URL)"
     if "timed out" in reason.lower() or "timeout" in reason.lower():
         reason = f"no AMQP handshake within {connect_timeout:g}s ({reason})"
-    return f"cannot connect to the broker at {host}:{port}: {reason}"
+    return f"cannot connect to the broker at {host}:{port}: {scrub(reason, url)}"
 
 
 def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
@@ -84,31 +83,81 @@ def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
         raise TaskdConnectionError(describe_failure(url, exc, connect_timeout)) from None
 
 
+class TurnLock:
+    """A reentrant lock handed over in arrival order.
+
+    ``threading.RLock`` is not fair: a thread that waits for results in short
+    slices, releasing the lock between them, takes it straight back while a
+    sending thread is still waking up, so the sender can wait for the whole
+    ``get()``. Here each acquirer takes a ticket and the lock goes to the
+    oldest ticket, so a sender waits at most for the slice under way.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner = None
+        self._depth = 0
+        self._next = 0          # next ticket to hand out
+        self._serving = 0       # ticket whose turn it is
+
+    def acquire(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket, self._next = self._next, self._next + 1
+            while self._serving != ticket:
+                self._cond.wait()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self):
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release a TurnLock held by another thread")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._cond.notify_all()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class ProcessLocal:
     """One object per process, re-created after ``fork`` (never shared with a parent).
 
     Holds a lock so that threads of one process take turns: pika is not
-    thread-safe.
+    thread-safe. The object is created under that lock, so threads that
+    first touch it at the same moment share one.
     """
 
     def __init__(self, factory):
         self._factory = factory
         self._pid = None
         self._value = None
-        self.lock = threading.RLock()
+        self.lock = TurnLock()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self):
         # The inherited object's socket belongs to the parent's connection:
         # never speak on it, just drop it.
         self._value, self._pid = None, None
-        self.lock = threading.RLock()
+        self.lock = TurnLock()
 
     def get(self):
-        if self._pid != os.getpid() or self._value is None:
-            self._value = self._factory()
-            self._pid = os.getpid()
-        return self._value
+        value = self._value
+        if value is not None and self._pid == os.getpid():
+            return value
+        with self.lock:
+            if self._pid != os.getpid() or self._value is None:
+                self._value = self._factory()
+                self._pid = os.getpid()
+            return self._value
 
     def peek(self):
         return self._value if self._pid == os.getpid() else None

@@ -13,6 +13,15 @@ Confirms are always on. Two ways to wait for them:
   take. A send with ``mandatory`` or ``immediate`` always waits for its own
   confirm, so its error is raised by that ``apply_async``.
 
+A confirm that does not come within ``CONFIRM_TIMEOUT`` (30 s; for example
+while a resource alarm blocks the connection) raises
+:class:`~taskd.exceptions.ConfirmTimeout`: the broker may or may not have the
+message, so it is not sent again (that could run the task twice), and its
+entries are forgotten, so a late confirm or return settles nothing.
+Channel errors (``405 RESOURCE_LOCKED`` while the broker still holds the
+reply queue of a half-open connection, for instance) are retried like
+connection errors.
+
 ``immediate``: RabbitMQ >= 3.0 refuses the AMQP ``immediate`` flag (and pika
 does not offer it). taskd keeps the seed's promise, "raise if the task cannot
 be routed to a worker immediately", this way: before publishing, it asks the
@@ -27,6 +36,7 @@ with any task.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 
@@ -37,7 +47,7 @@ from pika.adapters.blocking_connection import _IoloopTimerContext
 from . import topology
 from .connection import CONNECTION_ERRORS, connect_blocking
 from ..exceptions import ConnectionError as TaskdConnectionError
-from ..exceptions import NotDeliveredError, PublishError, UnroutableError
+from ..exceptions import ConfirmTimeout, NotDeliveredError, PublishError, UnroutableError
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +75,7 @@ class Publisher:
         self._returned = {}             # task id -> reply text of its basic.return
         self._seq = 0
         self._close_reason = None      # why the broker closed our channel, when it did
-        #: Called with the new connection each time this publisher (re)connects.
-        self.on_connect = []
+        self._blocked = None           # why the broker blocks our connection, while it does
 
     # -- life cycle ---------------------------------------------------------
     def _ensure_open(self):
@@ -76,9 +85,9 @@ class Publisher:
             self.connection = connect_blocking(
                 self.app.config.broker_url, self.connect_timeout,
                 self.app.config["broker.heartbeat"], name="taskd-client")
-            self.channel, self._declared = None, set()
-            for callback in self.on_connect:
-                callback(self.connection)
+            self.channel, self._declared, self._blocked = None, set(), None
+            self.connection.add_on_connection_blocked_callback(self._on_blocked)
+            self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
         if self.channel is None or not self.channel.is_open:
             self._lost_unconfirmed("its channel closed")
             self.channel = self.connection.channel()
@@ -113,8 +122,27 @@ class Publisher:
             if not predicate():
                 raise PublishError(f"no answer from the broker to {what}: {self._close_reason}")
         if not predicate():
-            raise PublishError(f"no answer from the broker to {what} within "
-                               f"{self.CONFIRM_TIMEOUT:g}s")
+            self._give_up(what)
+
+    def _give_up(self, what):
+        """No confirm within CONFIRM_TIMEOUT: the broker may or may not have the
+        messages. Forget them (a late confirm or return finds nothing to settle,
+        so nothing stale is left) and raise ConfirmTimeout naming every one."""
+        unknown = list(self._unconfirmed.values())
+        self._unconfirmed.clear()
+        for task_id in unknown:
+            self._returned.pop(task_id, None)
+        blocked = f" (the broker blocks this connection: {self._blocked})" if self._blocked else ""
+        raise ConfirmTimeout(
+            f"no answer from the broker to {what} within {self.CONFIRM_TIMEOUT:g}s{blocked}: "
+            f"whether it took task(s) {', '.join(unknown[:10])} is unknown; sending again "
+            "may run a task twice", unknown)
+
+    def _on_blocked(self, _connection, frame):
+        self._blocked = getattr(frame.method, "reason", None) or "a resource alarm"
+
+    def _on_unblocked(self, _connection, _frame):
+        self._blocked = None
 
     def _on_channel_closed(self, _channel, reason):
         code = getattr(reason, "reply_code", None)
@@ -141,6 +169,8 @@ class Publisher:
             self._failed.append((task_id, self._returned.pop(task_id)))
 
     def _on_return(self, channel, method, properties, body):
+        if properties.correlation_id not in self._unconfirmed.values():
+            return      # given up on (see _give_up): its outcome was reported unknown
         self._returned[properties.correlation_id] = (
             f"reached no queue: exchange {method.exchange or '(default)'!r} has no binding "
             f"for routing key {method.routing_key!r}")
@@ -150,6 +180,7 @@ class Publisher:
             for task_id in self._unconfirmed.values():
                 self._failed.append((task_id, f"no confirm: {why}"))
             self._unconfirmed.clear()
+        self._returned.clear()      # returns whose confirm will never come
 
     def flush(self):
         """Wait for every outstanding confirm; raise PublishError for any not taken."""
@@ -209,14 +240,21 @@ class Publisher:
 
     # -- publishing -----------------------------------------------------------
     def publish(self, message, route, *, mandatory=False, immediate=False, retry=True,
-                retry_policy=None):
-        """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc).
+                retry_policy=None, reply=None):
+        """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc);
+        returns the message as published.
 
-        A publish that fails for a connection reason is tried again on a new
-        connection, as ``retry_policy`` says (Celery's keys: ``max_retries``,
+        ``reply``, when given, is called on each attempt, once connected, and
+        returns the ``reply_to`` queue for it (a new connection has a new one).
+
+        A publish that fails for a connection reason, or because the broker
+        closed the channel, is tried again on a new connection, as
+        ``retry_policy`` says (Celery's keys: ``max_retries``,
         ``interval_start``, ``interval_step``, ``interval_max``; default
         ``broker.publish_retries`` tries at 0, 0.2, 0.4 ... s); then it raises
-        ``ConnectionError``. It never returns without the broker's confirm.
+        ``ConnectionError``. Without a window it never returns without the
+        broker's confirm; past ``CONFIRM_TIMEOUT`` it raises ``ConfirmTimeout``
+        (the outcome is unknown, and the send is not tried again).
         """
         policy = dict(max_retries=self.app.config["broker.publish_retries"], interval_start=0.0,
                       interval_step=0.2, interval_max=1.0)
@@ -224,8 +262,9 @@ class Publisher:
         attempts = 1 + (policy["max_retries"] if retry and self._owns_connection else 0)
         for attempt in range(attempts):
             try:
-                return self._publish_once(message, route, mandatory, immediate)
-            except (*CONNECTION_ERRORS, TaskdConnectionError) as exc:
+                return self._publish_once(message, route, mandatory, immediate, reply)
+            except (*CONNECTION_ERRORS, pika.exceptions.AMQPChannelError,
+                    TaskdConnectionError) as exc:
                 self._lost_unconfirmed(f"the connection failed ({exc})")
                 # this message is sent again below: forget its failure, keep the others'
                 self._failed = [(t, why) for t, why in self._failed if t != message.task_id]
@@ -246,8 +285,10 @@ class Publisher:
                             message.task_id, exc, pause)
                 time.sleep(pause)
 
-    def _publish_once(self, message, route, mandatory, immediate):
+    def _publish_once(self, message, route, mandatory, immediate, reply):
         channel = self._ensure_open()
+        if reply is not None:
+            message = dataclasses.replace(message, reply_to=reply())
         if immediate:
             # A queue with a consumer exists already: nothing to declare.
             self._check_consumers(message, route)
@@ -281,12 +322,13 @@ class Publisher:
                     "(declare it under exchanges: in the configuration)") from None
             raise PublishError(f"task {message.task_id} not sent: {exc.reply_text}") from None
         if self.window and not mandatory and len(self._unconfirmed) <= self.window:
-            return
+            return message
         if mandatory or not self.window:
             self._pump_until(lambda: seq not in self._unconfirmed, "a publish")
         else:       # the window is full: let half of it drain
             self._pump_until(lambda: len(self._unconfirmed) <= self.window // 2, "publishes")
         self._raise_for(message, route)
+        return message
 
     def _raise_for(self, message, route):
         mine = [why for tid, why in self._failed if tid == message.task_id]
