@@ -122,3 +122,15 @@ def die_once(path, token):
     with open(path, "a") as fh:
         fh.write(f"{token} {os.getppid()} {os.getpid()}\n")
     return token
+
+
+@app.task(name="ttasks.seconds_to_soft_limit")
+def seconds_to_soft_limit():
+    """Sleep until the soft time limit interrupts; return how long that took."""
+    from taskd.exceptions import SoftTimeLimitExceeded
+    start = time.monotonic()
+    try:
+        time.sleep(30)
+    except SoftTimeLimitExceeded:
+        return time.monotonic() - start
+    return None
