@@ -40,7 +40,8 @@ def describe(props, body):
 
 def list_dead(config, queue=None, limit=None):
     queue = queue or config["worker.dead_letter_queue"]
-    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0, "taskd-admin")
+    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0, "taskd-admin",
+                            config["broker.tls"])
     try:
         channel = conn.channel()
         return [describe(p, b) for _, p, b in _take(channel, queue, limit)]
@@ -51,7 +52,8 @@ def list_dead(config, queue=None, limit=None):
 def replay(config, queue=None, limit=None, task=None, to=None):
     """Move dead letters back to their queues; returns (replayed, skipped) counts."""
     queue = queue or config["worker.dead_letter_queue"]
-    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0, "taskd-admin")
+    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0, "taskd-admin",
+                            config["broker.tls"])
     replayed = skipped = 0
     try:
         channel = conn.channel()

@@ -75,7 +75,8 @@ class Publisher:
                 raise TaskdConnectionError("the connection passed to taskd is closed")
             self.connection = connect_blocking(
                 self.app.config.broker_url, self.connect_timeout,
-                self.app.config["broker.heartbeat"], name="taskd-client")
+                self.app.config["broker.heartbeat"], name="taskd-client",
+                tls=self.app.config["broker.tls"])
             self.channel, self._declared = None, set()
             for callback in self.on_connect:
                 callback(self.connection)

@@ -42,8 +42,8 @@ class ChannelLost(TaskdConnectionError):
 
 
 class AsyncChannel:
-    def __init__(self, loop, url, *, connect_timeout, heartbeat, name, on_lost):
-        self.loop, self.url = loop, url
+    def __init__(self, loop, url, *, connect_timeout, heartbeat, name, on_lost, tls=None):
+        self.loop, self.url, self.tls = loop, url, tls
         self.connect_timeout, self.heartbeat, self.name = connect_timeout, heartbeat, name
         self.on_lost = on_lost          # called with (reason) on an unexpected close
         self.connection = None
@@ -57,7 +57,7 @@ class AsyncChannel:
     # -- opening ------------------------------------------------------------
     async def open(self):
         opened = self.loop.create_future()
-        params = parameters(self.url, self.connect_timeout, self.heartbeat, self.name)
+        params = parameters(self.url, self.connect_timeout, self.heartbeat, self.name, self.tls)
 
         def on_open(connection):
             if not opened.done():
@@ -66,7 +66,7 @@ class AsyncChannel:
         def on_open_error(connection, exc):
             if not opened.done():
                 opened.set_exception(TaskdConnectionError(
-                    describe_failure(self.url, exc, self.connect_timeout)))
+                    describe_failure(self.url, exc, self.connect_timeout, self.tls)))
 
         self.closing = False
         self.connection = AsyncioConnection(params, on_open, on_open_error, self._on_closed,

@@ -191,7 +191,7 @@ class Supervisor(Intake, Outcomes):
         cfg = self.config
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
-                            on_lost=self.on_connection_lost)
+                            on_lost=self.on_connection_lost, tls=cfg["broker.tls"])
 
     async def connect(self):
         """Open both connections, declare the topology, set QoS and start consuming."""
