@@ -490,7 +490,8 @@ def _tls(chk, raw, url):
     if entry.get("key_file") and not entry.get("cert_file"):
         chk.error(["broker", "tls", "key_file"], "needs cert_file, the certificate of this key")
     if entry.get("key_password") and not entry.get("cert_file"):
-        chk.error(["broker", "tls", "key_password"], "is the password of the key of cert_file, which is not set")
+        chk.error(["broker", "tls", "key_password"],
+                  "is the password of the key of cert_file, which is not set")
     problem = tls_mod.conflict(url, raw)
     if problem:
         chk.error(["broker", "tls"], problem)
