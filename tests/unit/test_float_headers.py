@@ -43,3 +43,11 @@ def test_the_pika_internals_the_fix_relies_on_are_unchanged():
     truncated, _ = pika.data.decode_value.__wrapped__(struct.pack(">cd", b"d", 0.5), 0)
     assert truncated == 0, (f"pika {pika.__version__} decodes doubles itself now (got "
                             f"{truncated!r}): taskd/broker/fields.py can go")
+
+
+def test_a_pika_that_no_longer_fits_the_wrappers_is_reported(monkeypatch):
+    monkeypatch.setattr(pika.data, "decode_table", lambda encoded, offset: ({}, offset))
+    monkeypatch.setattr(pika.data, "encode_value", lambda pieces, value, strict=True: 0)
+    assert fields.check_pika() == [
+        "pika.data.encode_value now takes (pieces, value, strict=True), not ['pieces', 'value']",
+        "pika.data.decode_table no longer calls decode_value by name"]
