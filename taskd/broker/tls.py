@@ -96,7 +96,7 @@ class TLSSettings:
         hint = ""
         if "certificate required" in reason:
             hint = ": the broker requires a client certificate (broker.tls.cert_file, key_file)"
-        elif "unknown ca" in reason or "bad certificate" in reason:
+        elif self.cert_file and ("unknown ca" in reason or "bad certificate" in reason):
             hint = f": the broker does not accept cert_file={self.cert_file}"
         elif "wrong version number" in reason.lower():
             hint = ": is this port a TLS listener (5671), not plain AMQP (5672)?"

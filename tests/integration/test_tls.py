@@ -96,3 +96,12 @@ def test_the_broker_requires_a_client_certificate_and_accepts_ours_without_a_ca_
     assert "requires a client certificate" in message
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))     # our CA as the system trust store
     connect(node, tls(pki, ca_file=None))
+
+
+def test_amqps_to_a_plain_amqp_port_says_which_port_speaks_tls(node, pki):
+    config = validate(broker(node, tls(pki)), environ={})
+    plain = f"amqps://guest:guest@127.0.0.1:{node.port}/%2F"
+    with pytest.raises(TaskdConnectionError, match=(
+            rf"TLS handshake with 127.0.0.1:{node.port} failed \(wrong version number\): "
+            r"is this port a TLS listener")):
+        connect_blocking(plain, 3, 0, "taskd-test", config["broker.tls"])
