@@ -12,7 +12,10 @@ handling ``d``/``f`` and ``float`` itself and passing everything else to
 pika. This works because pika looks both functions up as module globals at
 every call (``decode_table``/``encode_table`` and the array branches call
 them by name; ``pika.spec`` calls ``data.decode_table``). Floats are encoded
-as ``d``, as Celery's py-amqp does; RabbitMQ carries ``d`` unchanged.
+as ``d``, as Celery's py-amqp does; RabbitMQ carries ``d`` unchanged. NaN and
+infinities are refused before sending (:class:`NonFiniteHeaderValue`, a
+pika ``UnsupportedAMQPFieldException``): RabbitMQ would close the whole
+connection over them (541 INTERNAL_ERROR).
 
 The wrappers depend on pika's private layout: :func:`check_pika` says what
 changed when it no longer matches, and a unit test runs it.
@@ -20,13 +23,23 @@ changed when it no longer matches, and a unit test runs it.
 from __future__ import annotations
 
 import inspect
+import math
 import struct
 
 import pika
 import pika.data
+import pika.exceptions
 
 _FLOATS = {b"d": (">d", 8), b"f": (">f", 4)}
 _installed = False
+
+
+class NonFiniteHeaderValue(pika.exceptions.UnsupportedAMQPFieldException):
+    """A NaN or infinite float in a header or argument table: RabbitMQ refuses those."""
+
+    def __str__(self):
+        return (f"header value {self.args[1]!r}: RabbitMQ refuses NaN and infinite numbers "
+                "(it would close the connection)")
 
 
 def check_pika():
@@ -69,6 +82,8 @@ def install():
 
     def encode_value(pieces, value):
         if isinstance(value, float):
+            if not math.isfinite(value):
+                raise NonFiniteHeaderValue(pieces, value)
             pieces.append(struct.pack(">cd", b"d", value))
             return 9
         return encode(pieces, value)

@@ -3,6 +3,7 @@ import math
 import struct
 
 import pika
+import pytest
 import pika.data
 import pika.spec
 
@@ -27,13 +28,21 @@ def test_doubles_and_floats_in_a_table_decode_as_floats_not_truncated_ints():
 
 def test_float_headers_round_trip_through_message_properties_nested_too():
     headers = {"timelimit": [0.5, 1.5], "nested": {"x": -2.25, "big": 1e300},
-               "inf": math.inf, "n": 3, "s": "text", "none": None}
+               "beyond_int64": 1e19, "n": 3, "s": "text", "none": None}
     props = pika.spec.BasicProperties(headers=headers)
     decoded = pika.spec.BasicProperties()
     decoded.decode(b"".join(props.encode()))
     assert decoded.headers == headers
     assert decoded.headers["timelimit"] == [0.5, 1.5]
     assert type(decoded.headers["n"]) is int
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_nan_and_infinities_are_refused_before_rabbitmq_closes_the_connection_over_them(value):
+    props = pika.spec.BasicProperties(headers={"limits": [1, {"x": value}]})
+    with pytest.raises(pika.exceptions.UnsupportedAMQPFieldException,
+                       match="RabbitMQ refuses NaN and infinite numbers"):
+        props.encode()
 
 
 def test_the_pika_internals_the_fix_relies_on_are_unchanged():
