@@ -100,6 +100,10 @@ class TLSSettings:
             hint = f": the broker does not accept cert_file={self.cert_file}"
         elif "wrong version number" in reason.lower():
             hint = ": is this port a TLS listener (5671), not plain AMQP (5672)?"
+        elif reason == _CLOSED:     # TLS 1.3: the alert may be lost when the broker hangs up
+            hint = (f": does the broker accept cert_file={self.cert_file}?" if self.cert_file else
+                    ": does the broker require a client certificate "
+                    "(broker.tls.cert_file, key_file)?")
         return f"TLS handshake with {host}:{port} failed ({reason}){hint}"
 
 
@@ -135,6 +139,8 @@ def _scheme_and_query(url):
 
 
 _SSL_TEXT = re.compile(r"\[SSL: [A-Z0-9_]+\] ([^(\\'\"]+)")
+_EOF_TEXT = "EOF occurred in violation of protocol"      # ssl.SSLEOFError, also as text
+_CLOSED = "the broker closed the connection during the handshake"
 
 
 def _reason(exc):
@@ -165,4 +171,6 @@ def _find_ssl_reason(exc):
         match = _SSL_TEXT.search(str(cause))
         if match:
             return match.group(1).strip()
+        if _EOF_TEXT in str(cause):
+            return _CLOSED
     return None
