@@ -170,9 +170,13 @@ def cmd_check_config(args):
             print(f"taskd: {config.source}: {error}", file=sys.stderr)
         return EX_CONFIG
     from .broker.connection import mask_url
+    from .broker.tls import for_url
     queues = ", ".join(q.name for q in config_mod.effective_queues(config))
     print(f"{config.source}: OK")
     print(f"  broker:    {mask_url(config.broker_url)}")
+    tls = for_url(config.broker_url, config["broker.tls"])
+    if tls is not None:
+        print(f"  tls:       {tls.describe()}")
     print(f"  queues:    {queues}")
     print(f"  consumes:  {', '.join(config.worker_queues()) or config['default_queue']}")
     print(f"  imports:   {', '.join(config['imports']) or '(none)'}")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .broker import tls as tls_mod
 from .exceptions import ConfigError
 from .masking import mask_value
 
@@ -62,6 +63,16 @@ def _number(minimum=0.0, allow_none=False):
 
 def _bool(v):
     return (v, None) if isinstance(v, bool) else (None, "true or false")
+
+
+def _readable_file(v):
+    if not isinstance(v, str) or not v:
+        return None, "the path of a readable file"
+    try:
+        with open(v, "rb"):
+            return v, None
+    except OSError as exc:
+        return None, f"the path of a readable file ({exc.strerror})"
 
 
 def _choice(*choices):
@@ -128,6 +139,11 @@ SETTINGS = (
             "it, before it exits with code 69."),
     Setting("broker.retry_max_interval", _number(), 10.0,
             "Longest pause between two connection attempts (exponential back-off with jitter)."),
+    Setting("broker.tls", None, None,
+            "TLS settings: `{ca_file, cert_file, key_file, key_password, verify, "
+            "server_hostname}` (see below; `docs/tls.md`). Needs an `amqps://` URL. "
+            "Certificates and host names are verified, also for an `amqps://` URL "
+            "without this setting."),
     Setting("broker.publish_retries", _int(0), 3,
             "Client: how many times a send that failed for a connection reason is tried "
             "again on a new connection before `apply_async` raises (`retry_policy` "
@@ -238,6 +254,22 @@ ITEM_SETTINGS = {
         Setting("delivery_limit", _int(1), None,
                 "Quorum queues: the broker's own delivery limit (`x-delivery-limit`). "
                 "Keep it above `worker.max_deliveries` so taskd reports first."),
+    ),
+    "broker.tls": (
+        Setting("ca_file", _readable_file, None,
+                "PEM file of the CA certificates that signed the broker's certificate. "
+                "Default: the system's trust store."),
+        Setting("cert_file", _readable_file, None,
+                "Client certificate (PEM) for brokers that require one; may also hold the key."),
+        Setting("key_file", _readable_file, None, "Private key (PEM) of `cert_file`."),
+        Setting("key_password", _str, None,
+                "Password of an encrypted `key_file`. Never printed."),
+        Setting("verify", _bool, True,
+                "Verify the broker's certificate and host name. `false` is logged as a "
+                "warning at every connection: the broker is then not authenticated."),
+        Setting("server_hostname", _str, None,
+                "Name the broker's certificate must carry (and sent as SNI). Default: the "
+                "host of `broker.url`."),
     ),
     "routes": (
         Setting("exchange", _str, None, "Exchange to publish to."),
@@ -392,6 +424,8 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                     known = ", ".join(k.split(".", 1)[1] for k in _BY_KEY if k.startswith(top + "."))
                     chk.error([top, sub], f"unknown setting (known in {top}: {known})")
                     continue
+                if key in ITEM_SETTINGS:       # a nested mapping, checked below
+                    continue
                 value = chk.value([top, sub], _BY_KEY[key], sub_raw)
                 if value is not None or sub_raw is None:
                     values[key] = value
@@ -406,6 +440,9 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                 {k.split(".")[0] for k in _BY_KEY})) + ")")
     if environ.get("TASKD_BROKER_URL"):
         values["broker.url"] = environ["TASKD_BROKER_URL"]
+    broker = data.get("broker")
+    values["broker.tls"] = _tls(chk, broker.get("tls") if isinstance(broker, dict) else None,
+                                values["broker.url"])
 
     exchanges = _items(chk, data.get("exchanges"), "exchanges", ExchangeSpec)
     queues = _items(chk, data.get("queues"), "queues", None)
@@ -467,6 +504,39 @@ def _items(chk, raw, section, spec_cls):
                 entry.setdefault(s.key, s.default)
             result.append(spec_cls(**entry) if spec_cls else entry)
     return result
+
+
+def _tls(chk, raw, url):
+    """``broker.tls``: None when absent, else TLSSettings whose files all load."""
+    if raw is None:
+        return None
+    table = {s.key: s for s in ITEM_SETTINGS["broker.tls"]}
+    if not isinstance(raw, dict):
+        chk.error(["broker", "tls"], f"expected a mapping of {', '.join(table)}, got {raw!r}")
+        return None
+    entry, errors = {}, len(chk.errors)
+    for key, value in raw.items():
+        if key not in table:
+            chk.error(["broker", "tls", key], "unknown key (known: " + ", ".join(table) + ")")
+        else:
+            entry[key] = chk.value(["broker", "tls", key], table[key], value)
+    if entry.get("key_file") and not entry.get("cert_file"):
+        chk.error(["broker", "tls", "key_file"], "needs cert_file, the certificate of this key")
+    if entry.get("key_password") and not entry.get("cert_file"):
+        chk.error(["broker", "tls", "key_password"],
+                  "is the password of the key of cert_file, which is not set")
+    problem = tls_mod.conflict(url, raw)
+    if problem:
+        chk.error(["broker", "tls"], problem)
+    if len(chk.errors) > errors:
+        return None
+    settings = tls_mod.TLSSettings(**{k: v for k, v in entry.items() if v is not None})
+    try:
+        settings.context()
+    except tls_mod.TLSFileError as exc:
+        chk.error(["broker", "tls", exc.key], str(exc))
+        return None
+    return settings
 
 
 def _routes(chk, raw, exchange_names, queue_names):

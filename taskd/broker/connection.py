@@ -3,6 +3,8 @@
 ``connect_timeout`` bounds the whole establishment of a connection: the TCP
 connect *and* the AMQP handshake (pika's ``stack_timeout``), so a port that
 accepts TCP but never speaks AMQP fails in about that many seconds.
+
+TLS (``amqps://`` and ``broker.tls``) is set up per host by :mod:`.tls`.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import urllib.parse
 import pika
 import pika.exceptions
 
-from ..exceptions import ConnectionError as TaskdConnectionError
+from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 from ..masking import mask_url, scrub
+from . import tls as tls_mod
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +45,26 @@ def host_port(url):
     return parts.hostname or "localhost", port or default
 
 
-def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
-    """pika connection parameters for ``url`` with taskd's timeouts."""
+def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd", tls=None):
+    """pika connection parameters for ``url`` with taskd's timeouts and TLS.
+
+    ``tls`` is ``broker.tls`` (a :class:`~.tls.TLSSettings` or None). Raises
+    ConfigError for TLS settings that cannot be used.
+    """
     try:
         params = pika.URLParameters(url)
     except Exception as exc:
         raise TaskdConnectionError(
             f"invalid broker URL {mask_url(url)!r}: {scrub(exc, url)}") from None
+    settings = tls_mod.for_url(url, tls)
+    if settings is not None:
+        try:
+            params.ssl_options = settings.ssl_options(params.host)
+        except tls_mod.TLSFileError as exc:
+            raise ConfigError([f"broker.tls.{exc.key}: {exc}"]) from None
+        if not settings.verify:
+            log.warning("TLS certificate verification is off for %s:%s (broker.tls.verify: "
+                        "false): the broker is not authenticated", params.host, params.port)
     params.connection_attempts = 1
     params.retry_delay = 0
     params.socket_timeout = connect_timeout
@@ -59,8 +75,12 @@ def parameters(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
     return params
 
 
-def describe_failure(url, exc, connect_timeout):
+def describe_failure(url, exc, connect_timeout, tls=None):
     host, port = host_port(url)
+    settings = tls_mod.for_url(url, tls)
+    tls_reason = settings.explain(exc, host, port) if settings is not None else None
+    if tls_reason:
+        return f"cannot connect to the broker over TLS: {tls_reason}"
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
         inner = exc.args[0]
@@ -74,13 +94,13 @@ def describe_failure(url, exc, connect_timeout):
     return f"cannot connect to the broker at {host}:{port}: {scrub(reason, url)}"
 
 
-def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd"):
+def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd", tls=None):
     """Open a pika BlockingConnection or raise taskd's ConnectionError."""
-    params = parameters(url, connect_timeout, heartbeat, name)
+    params = parameters(url, connect_timeout, heartbeat, name, tls)
     try:
         return pika.BlockingConnection(params)
     except Exception as exc:
-        raise TaskdConnectionError(describe_failure(url, exc, connect_timeout)) from None
+        raise TaskdConnectionError(describe_failure(url, exc, connect_timeout, tls)) from None
 
 
 class TurnLock:

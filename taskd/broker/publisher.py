@@ -84,7 +84,8 @@ class Publisher:
                 raise TaskdConnectionError("the connection passed to taskd is closed")
             self.connection = connect_blocking(
                 self.app.config.broker_url, self.connect_timeout,
-                self.app.config["broker.heartbeat"], name="taskd-client")
+                self.app.config["broker.heartbeat"], name="taskd-client",
+                tls=self.app.config["broker.tls"])
             self.channel, self._declared, self._blocked = None, set(), None
             self.connection.add_on_connection_blocked_callback(self._on_blocked)
             self.connection.add_on_connection_unblocked_callback(self._on_unblocked)

@@ -71,8 +71,8 @@ def max_message_size(reason):
 
 class AsyncChannel:
     def __init__(self, loop, url, *, connect_timeout, heartbeat, name, on_lost,
-                 on_return=None):
-        self.loop, self.url = loop, url
+                 on_return=None, tls=None):
+        self.loop, self.url, self.tls = loop, url, tls
         self.connect_timeout, self.heartbeat, self.name = connect_timeout, heartbeat, name
         self.on_lost = on_lost          # called with (reason) on an unexpected close
         self.on_return = on_return      # called with (method, properties) of a returned copy
@@ -89,7 +89,7 @@ class AsyncChannel:
     # -- opening ------------------------------------------------------------
     async def open(self):
         opened = self.loop.create_future()
-        params = parameters(self.url, self.connect_timeout, self.heartbeat, self.name)
+        params = parameters(self.url, self.connect_timeout, self.heartbeat, self.name, self.tls)
 
         def on_open(connection):
             if not opened.done():
@@ -98,7 +98,7 @@ class AsyncChannel:
         def on_open_error(connection, exc):
             if not opened.done():
                 opened.set_exception(TaskdConnectionError(
-                    describe_failure(self.url, exc, self.connect_timeout)))
+                    describe_failure(self.url, exc, self.connect_timeout, self.tls)))
 
         self.closing = False
         self._close_reason = None

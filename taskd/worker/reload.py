@@ -108,7 +108,7 @@ async def _import_check(sup, new):
 def _declare_aside(config, ops):
     """Declare ``ops`` on a connection of their own (runs in a thread)."""
     conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0,
-                            name="taskd-reload-check")
+                            name="taskd-reload-check", tls=config["broker.tls"])
     try:
         topology.execute_blocking(conn.channel(), ops)
     except pika.exceptions.ChannelClosedByBroker as exc:

@@ -203,7 +203,8 @@ class Supervisor(Intake, Outcomes):
         cfg = self.config
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
-                            on_lost=self.on_connection_lost, on_return=self.copies.on_return)
+                            on_lost=self.on_connection_lost, on_return=self.copies.on_return,
+                            tls=cfg["broker.tls"])
 
     async def connect(self):
         """Open both connections, declare the topology, set QoS and start consuming."""

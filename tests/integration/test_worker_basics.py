@@ -76,6 +76,32 @@ except ValueError as exc:
     assert "raised ValueError nope" in out.stdout
 
 
+def test_sub_second_time_limits_from_a_celery_client_are_honoured_as_floats(topo, workers):
+    """Celery sends its limits as AMQP doubles: 0.5 must not become 0, nor 1.5 become 1."""
+    pytest.importorskip("celery")
+    path = topo.config(concurrency=2)
+    workers(path).ready()
+    code = f"""
+from celery import Celery
+app = Celery(broker={topo.broker.url!r}, backend='rpc://')
+q = {topo.name('celery')!r}
+soft = app.send_task('ttasks.seconds_to_soft_limit', queue=q, soft_time_limit=1.5, time_limit=20)
+hard = app.send_task('ttasks.sleep', (10,), queue=q, time_limit=0.5)
+try:
+    hard.get(timeout=10)
+except Exception as exc:
+    print('hard', type(exc).__name__, exc)
+print('soft after', soft.get(timeout=10))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    hard_line = next(line for line in out.stdout.splitlines() if line.startswith("hard"))
+    assert hard_line.split()[1] == "TimeLimitExceeded", out.stdout
+    assert "(0.5s)" in hard_line, out.stdout       # the limit the worker applied
+    soft_after = float(out.stdout.split("soft after")[1])
+    assert 1.5 <= soft_after < 5, out.stdout        # never early: 1 would mean truncated
+
+
 def test_two_workers_on_one_queue_run_each_task_exactly_once(topo, workers, app_for, tmp_path):
     path = topo.config(prefetch_multiplier=1)
     w1, w2 = workers(path).ready(), workers(path).ready()

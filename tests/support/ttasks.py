@@ -138,3 +138,15 @@ def big_after(seconds, size, path=None, token=None):
             fh.write(f"start {token} {os.getpid()}\n")
     time.sleep(seconds)
     return "x" * size
+
+
+@app.task(name="ttasks.seconds_to_soft_limit")
+def seconds_to_soft_limit():
+    """Sleep until the soft time limit interrupts; return how long that took."""
+    from taskd.exceptions import SoftTimeLimitExceeded
+    start = time.monotonic()
+    try:
+        time.sleep(30)
+    except SoftTimeLimitExceeded:
+        return time.monotonic() - start
+    return None
