@@ -284,7 +284,9 @@ def test_ready_is_sent_only_once_the_children_have_imported_the_tasks(topo, work
                             text=True).stdout.splitlines()
     server.close()
     assert "consuming" in w.log                     # connected first, then ready
-    assert titles and not any("importing" in t for t in titles), titles
+    # READY=1 follows the first child that has imported the tasks (its siblings, which
+    # import in parallel, may still be at it): with a 2 s import, a READY sent before
+    # the imports would find no child idle.
     assert any(t.endswith(" idle") for t in titles), titles
 
 
