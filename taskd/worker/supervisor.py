@@ -41,6 +41,7 @@ from .intake import Intake
 from .outcomes import Outcomes
 from .pool import BUSY, IDLE, Pool
 from .schedule import Schedule
+from .strikes import Strikes
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
@@ -115,6 +116,8 @@ class Supervisor(Intake, Outcomes):
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
                          on_lost=self.on_child_lost, on_started=self.on_started)
         self.recent = recovery.RecentlyDone()
+        self.strikes = Strikes()              # internal errors per message
+        self.delivering = None                # the channel of the last delivery
         self.unsent = []                      # results to publish again after a reconnect
         self.twins = {}                       # delivery key -> redelivered copies of running tasks
         self._reconnecting = True             # until the first connection is up
