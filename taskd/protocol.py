@@ -48,6 +48,12 @@ _repr.maxother = 200
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 20
 
 
+def short_repr(value):
+    """A bounded repr (200 characters a string, 20 items a container, 6 levels): for
+    error messages that quote what a sender wrote."""
+    return _repr.repr(value)
+
+
 def origin_name():
     return f"{os.getpid()}@{socket.gethostname()}"
 
@@ -182,7 +188,8 @@ def parse_datetime(value, what):
         try:
             dt = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidTaskMessage(f"header {what!r} is not an ISO 8601 datetime: {value!r}") from None
+            raise InvalidTaskMessage(f"header {what!r} is not an ISO 8601 datetime: "
+                                     f"{short_repr(value)}") from None
     else:
         raise InvalidTaskMessage(f"header {what!r} must be an ISO 8601 string, not {type(value).__name__}")
     if dt.tzinfo is None:
@@ -234,10 +241,12 @@ def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=
     expires = parse_datetime(headers.get("expires"), "expires")
     retries = headers.get("retries") or 0
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidTaskMessage(f"header 'retries' must be a non-negative integer, got {retries!r}")
+        raise InvalidTaskMessage(f"header 'retries' must be a non-negative integer, "
+                                 f"got {short_repr(retries)}")
     timelimit = headers.get("timelimit") or (None, None)
     if not isinstance(timelimit, (list, tuple)) or len(timelimit) != 2:
-        raise InvalidTaskMessage(f"header 'timelimit' must be [hard, soft], got {timelimit!r}")
+        raise InvalidTaskMessage(f"header 'timelimit' must be [hard, soft], "
+                                 f"got {short_repr(timelimit)}")
     hard, soft = _limit(timelimit[0], "hard"), _limit(timelimit[1], "soft")
     root_id, parent_id, group = (_optional_str(headers, key)
                                  for key in ("root_id", "parent_id", "group"))

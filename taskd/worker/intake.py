@@ -271,9 +271,9 @@ class Intake:
         while self.ready:
             job = self.ready.popleft()
             if self.task_names is not None and job.request.name not in self.task_names:
-                self.dead_letter(job, f"NotRegistered: unknown task {job.request.name!r}",
-                                 NotRegistered(f"task {job.request.name!r} is not registered "
-                                               "in this worker"))
+                name = protocol.short_repr(job.request.name)
+                self.dead_letter(job, f"NotRegistered: unknown task {name}",
+                                 NotRegistered(f"task {name} is not registered in this worker"))
             elif not self.revoke_if_expired(job):
                 frame = self._frame(job)
                 if frame is not None:
