@@ -10,7 +10,6 @@ and the worker never loops on a message nor reconnects because of one.
 Messages come from :mod:`fuzzmessages`. CI runs a few dozen examples; set
 ``TASKD_FUZZ_EXAMPLES`` to run more (docs/worker.md, "Fuzzing the intake").
 """
-import json
 import os
 import subprocess
 import time
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, Phase, assume, given, settings, strategies a
 
 from conftest import executions, wait_for  # noqa: E402
 from fuzzmessages import messages  # noqa: E402
+from taskd import protocol  # noqa: E402
 
 EXAMPLES = int(os.environ.get("TASKD_FUZZ_EXAMPLES", "40"))
 SETTLE = 10.0           # seconds a message may take to settle
@@ -87,7 +87,9 @@ class Sender:
                 if method is None:
                     break
                 if kind == "reply":
-                    what = ("reply", json.loads(body)["status"])
+                    meta = protocol.decode_result(body, props.content_type,
+                                                  props.content_encoding)
+                    what = ("reply", meta["status"])
                 else:
                     what = ("dead", props.headers.get("x-taskd-reason"))
                 self.outcomes.setdefault(props.correlation_id, []).append(what)
@@ -125,7 +127,7 @@ def check_one_fate(token, seen):
 def sender(topo, workers, broker, tmp_path):
     path = topo.config({"accept_content": ["json", "yaml", "msgpack"]}, concurrency=2)
     worker = workers(path).ready()
-    s = Sender(broker, topo.name("celery"), topo.name("replies"), topo.dead,
+    s = Sender(broker, topo.name("celery"), f"taskd.reply.{uuid.uuid4()}", topo.dead,
                tmp_path / "runs.txt")
     s.worker = worker
     yield s
