@@ -87,7 +87,8 @@ def bodies(path, token):
                      st.sampled_from([CELERY_EMBED, {}, None]))
     odd = st.one_of(
         st.binary(max_size=200),
-        st.integers(1, 3000).map(lambda n: json.dumps([args + [nested(n)], {}, None]).encode()),
+        st.integers(1, 3000).map(lambda n: f'[["{path}", "{token}", {"[" * n + "]" * n}], '
+                                 '{}, null]'.encode()),
         st.integers(1, 3000).map(lambda n: ("[" * n + "]" * n).encode()),
         st.just(f'[["{path}", "{token}", NaN, Infinity, -Infinity], {{}}, null]'.encode()),
         st.integers(4000, 6000).map(lambda n: f'[["{path}", "{token}", {"9" * n}], {{}}, null]'
