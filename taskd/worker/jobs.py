@@ -97,8 +97,8 @@ def check_headers(headers):
     count = headers.get(DELIVERY_COUNT)
     if count is not None and (isinstance(count, bool) or not isinstance(count, int)
                               or count > MAX_COUNT):
-        raise InvalidTaskMessage(f"header {DELIVERY_COUNT!r} must be a delivery count "
-                                 f"(an integer up to {MAX_COUNT}), got {protocol.short_repr(count)}")
+        raise InvalidTaskMessage(f"header {DELIVERY_COUNT!r} must be a delivery count (an "
+                                 f"integer up to {MAX_COUNT}), got {protocol.short_repr(count)}")
 
 
 def _copy_properties(properties, headers):

@@ -179,6 +179,7 @@ class Outcomes:
         """A copy could not be confirmed: return the original to its queue (after
         ``delay`` seconds, so that a publisher that keeps failing is no busy loop)."""
         self.give_back_twins(job, delay)
+
         def nack():
             if job.channel is self.consumer.channel and self.consumer.is_open:
                 self.acks.forget(job.tag)

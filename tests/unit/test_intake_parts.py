@@ -1,7 +1,6 @@
 """The intake's pure parts: what it refuses, and how it recognises work done before."""
 import re
 import types
-from datetime import datetime, timezone
 
 import pytest
 
