@@ -35,6 +35,8 @@ log = logging.getLogger("taskd.supervisor")
 class Intake:
     def on_delivery(self, channel, method, properties, body):
         """pika calls this for each message."""
+        if channel is self.forsaken:
+            return
         job = self._receive(channel, method, properties, body)
         try:
             runnable = self._admit(job)
@@ -47,6 +49,13 @@ class Intake:
                 self.dispatch_soon()    # batch the burst: several jobs per child per write
             else:
                 self.dispatch()
+
+    def forsake_channel(self):
+        """The connections are being replaced: deliveries that still arrive on the
+        consuming channel (read before the loss was noticed) are left to the broker,
+        which requeues them when the channel closes. Taken, they would run beside
+        their redelivered copies."""
+        self.forsaken = self.consumer.channel if self.consumer is not None else None
 
     def _receive(self, channel, method, properties, body):
         self.counters["received"] += 1

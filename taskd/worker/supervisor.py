@@ -118,6 +118,7 @@ class Supervisor(Intake, Outcomes):
         self.recent = recovery.RecentlyDone()
         self.strikes = Strikes()              # internal errors per message
         self.delivering = None                # the channel of the last delivery
+        self.forsaken = None                  # the consuming channel of a lost connection
         self.unsent = []                      # results to publish again after a reconnect
         self.twins = {}                       # delivery key -> redelivered copies of running tasks
         self._reconnecting = True             # until the first connection is up
@@ -272,6 +273,7 @@ class Supervisor(Intake, Outcomes):
         self.ready.clear()
         self.schedule.drain()
         self.acks.reset()
+        self.forsake_channel()
         self.loop.create_task(self._recover())
 
     async def _recover(self):

@@ -141,9 +141,11 @@ def test_a_reused_task_id_that_comes_back_redelivered_still_runs(topo, workers, 
     wait_for(lambda: broker.queue_state(queue)[0] == 0, message="tuesday prefetched")
     assert proxy.cut() >= 1
     w.wait_log("reconnected")
-    wait_for(lambda: executions(out)["tuesday"] == 1, timeout=15, message="tuesday's run")
+    wait_for(lambda: executions(out)["tuesday"], timeout=15, message=f"tuesday's run:\n{w.log}")
     wait_for(lambda: executions(out)["end"] == 1, message="the blocking task to end")
-    assert executions(out)["monday"] == 1 and executions(out)["start"] == 1
+    wait_for(lambda: broker.queue_state(queue) == (0, 1), message="an empty queue")
+    runs = executions(out)
+    assert (runs["monday"], runs["tuesday"], runs["start"]) == (1, 1, 1), runs
 
 
 def test_a_redelivered_copy_of_a_task_given_back_is_given_back_too(topo, workers, broker, proxy,
