@@ -113,7 +113,7 @@ class Intake:
             return
         reason = (f"internal error, {self.strikes.limit} times: {type(exc).__name__}: "
                   f"{exc}")
-        log.exception("internal error handling task %s (delivery %s), the %dth time: "
+        log.exception("internal error handling task %s (delivery %s), %d in a row: "
                       "dead-lettering it", job.describe(), job.tag, self.strikes.limit)
         try:
             self.dead_letter(job, reason, TaskdError(reason))
