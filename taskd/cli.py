@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from . import config as config_mod, serialization
+from . import config as config_mod, logsafe, serialization
 from .exceptions import ConfigError, TaskdError
 
 EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 64, 69, 78
@@ -122,9 +122,10 @@ def _version():
 
 
 def setup_logging(level):
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="[%(asctime)s] %(levelname)s %(name)s[%(process)d]: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logsafe.Formatter(
+        "[%(asctime)s] %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     # pika logs each failed connection attempt as seven ERROR lines; taskd says the same
     # in one line ("waiting for the broker: ..."), so pika speaks only at DEBUG.
     logging.getLogger("pika").setLevel(logging.DEBUG if level.lower() == "debug"

@@ -50,6 +50,12 @@ _repr.maxother = 200
 _repr.maxlist = _repr.maxtuple = _repr.maxdict = 20
 
 
+def short_repr(value):
+    """A bounded repr (200 characters a string, 20 items a container, 6 levels): for
+    error messages that quote what a sender wrote."""
+    return _repr.repr(value)
+
+
 def origin_name():
     return f"{os.getpid()}@{socket.gethostname()}"
 
@@ -184,7 +190,8 @@ def parse_datetime(value, what):
         try:
             dt = datetime.fromisoformat(value)
         except ValueError:
-            raise InvalidTaskMessage(f"header {what!r} is not an ISO 8601 datetime: {value!r}") from None
+            raise InvalidTaskMessage(f"header {what!r} is not an ISO 8601 datetime: "
+                                     f"{short_repr(value)}") from None
     else:
         raise InvalidTaskMessage(f"header {what!r} must be an ISO 8601 string, not {type(value).__name__}")
     if dt.tzinfo is None:
@@ -205,10 +212,12 @@ def _limit(value, what):
 
 
 def peek_task_id(headers, correlation_id=None):
-    """The best guess at a message's task id, for error reports."""
-    headers = headers or {}
-    tid = headers.get("id") or correlation_id
-    return str(tid) if tid else None
+    """The best guess at a message's task id, for error reports (a string, or None:
+    the header of a bad message may hold anything)."""
+    for tid in ((headers or {}).get("id"), correlation_id):
+        if tid and isinstance(tid, str):
+            return tid
+    return None
 
 
 def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=None,
@@ -217,27 +226,36 @@ def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=
 
     Raises ``InvalidTaskMessage`` for bad headers or a body of the wrong
     shape, ``ContentDisallowed`` for a content type outside ``accept``, and
-    ``DecodeError`` for a body that is not valid in its content type.
+    ``DecodeError`` for a body that is not valid in its content type. Every
+    header the worker uses is checked for its type here, before anything
+    else touches it.
     """
     headers = headers or {}
     name = headers.get("task")
     if not name or not isinstance(name, str):
         raise InvalidTaskMessage(
             "no 'task' header: not a task message of protocol v2 "
-            f"(headers present: {', '.join(sorted(headers)) or 'none'})"
+            f"(headers present: {', '.join(sorted(map(str, headers))) or 'none'})"
         )
     task_id = headers.get("id") or correlation_id
     if not task_id or not isinstance(task_id, str):
-        raise InvalidTaskMessage(f"task {name}: no 'id' header and no correlation_id")
+        raise InvalidTaskMessage(f"task {name}: no 'id' header and no correlation_id"
+                                 if not task_id else
+                                 f"task {name}: header 'id' must be a string, "
+                                 f"not {type(task_id).__name__}")
     eta = parse_datetime(headers.get("eta"), "eta")
     expires = parse_datetime(headers.get("expires"), "expires")
     retries = headers.get("retries") or 0
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise InvalidTaskMessage(f"header 'retries' must be a non-negative integer, got {retries!r}")
+        raise InvalidTaskMessage(f"header 'retries' must be a non-negative integer, "
+                                 f"got {short_repr(retries)}")
     timelimit = headers.get("timelimit") or (None, None)
     if not isinstance(timelimit, (list, tuple)) or len(timelimit) != 2:
-        raise InvalidTaskMessage(f"header 'timelimit' must be [hard, soft], got {timelimit!r}")
+        raise InvalidTaskMessage(f"header 'timelimit' must be [hard, soft], "
+                                 f"got {short_repr(timelimit)}")
     hard, soft = _limit(timelimit[0], "hard"), _limit(timelimit[1], "soft")
+    root_id, parent_id, group = (_optional_str(headers, key)
+                                 for key in ("root_id", "parent_id", "group"))
 
     payload = serialization.loads(body, content_type, content_encoding, accept=accept)
     if not isinstance(payload, (list, tuple)) or len(payload) != 3:
@@ -245,11 +263,12 @@ def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=
             f"task {name}: body must be [args, kwargs, embed], got {type(payload).__name__}"
             + (f" of length {len(payload)}" if isinstance(payload, (list, tuple)) else "")
         )
-    args, kwargs, _embed = payload
+    args, kwargs, embed = payload
     if not isinstance(args, (list, tuple)):
         raise InvalidTaskMessage(f"task {name}: args must be a list, got {type(args).__name__}")
     if not isinstance(kwargs, dict):
         raise InvalidTaskMessage(f"task {name}: kwargs must be a mapping, got {type(kwargs).__name__}")
+    _refuse_workflow(name, embed)
     return Request(
         id=task_id,
         name=name,
@@ -262,14 +281,43 @@ def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=
         retries=retries,
         time_limit=hard,
         soft_time_limit=soft,
-        root_id=headers.get("root_id"),
-        parent_id=headers.get("parent_id"),
-        group=headers.get("group"),
+        root_id=root_id,
+        parent_id=parent_id,
+        group=group,
         ignore_result=bool(headers.get("ignore_result")),
         content_type=content_type or "application/json",
         content_encoding=content_encoding or "utf-8",
         headers=dict(headers),
     )
+
+
+def _optional_str(headers, key):
+    value = headers.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidTaskMessage(f"header {key!r} must be a string, not {type(value).__name__}")
+    return value or None
+
+
+WORKFLOW_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+
+def _refuse_workflow(name, embed):
+    """The body's third part carries the workflow steps that follow the task (Celery's
+    ``link``, ``link_error``, ``chain`` and ``chord``). taskd does not run workflows
+    yet: a message that asks for steps is refused, rather than running its first task
+    and silently dropping the rest."""
+    if embed is None:
+        return
+    if not isinstance(embed, dict):
+        raise InvalidTaskMessage(f"task {name}: the body's third part (the workflow embed) "
+                                 f"must be a mapping, got {type(embed).__name__}")
+    steps = [f"{key} ({len(embed[key]) if isinstance(embed[key], (list, tuple)) else 1})"
+             for key in WORKFLOW_KEYS if embed.get(key)]
+    if steps:
+        raise InvalidTaskMessage(
+            f"task {name}: the message asks for workflow steps after the task "
+            f"({', '.join(steps)}), which taskd does not run yet; refused rather than "
+            "running only its first step (send the steps as separate tasks)")
 
 
 # --- results -------------------------------------------------------------------

@@ -12,7 +12,7 @@ name      content type                    notes
 ========  ==============================  ===========================================
 json      application/json                default; extra types as kombu encodes them
 pickle    application/x-python-serialize  code execution on decode: opt in on both sides
-yaml      application/x-yaml              safe loader only
+yaml      application/x-yaml              safe loader only; aliases refused
 msgpack   application/x-msgpack           when the ``msgpack`` package is installed
 ========  ==============================  ===========================================
 
@@ -192,12 +192,34 @@ def json_loads(body):
     return _json_decoder.decode(body)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes an object referenced twice twice, never as an alias (the worker
+    refuses aliases)."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """The safe loader, refusing aliases: a few hundred bytes of nested aliases
+    (a "billion laughs" document) expand into billions of references, which task
+    code that walks or re-encodes its arguments would take minutes over."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found alias *{event.anchor}: YAML aliases are not accepted "
+                "(write the value out again)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _yaml_dumps(obj):
-    return yaml.safe_dump(obj)
+    return yaml.dump(obj, Dumper=_NoAliasDumper)
 
 
 def _yaml_loads(body):
-    return yaml.safe_load(body)
+    return yaml.load(body, Loader=_NoAliasLoader)
 
 
 def _pickle_dumps(obj):

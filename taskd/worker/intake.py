@@ -7,9 +7,16 @@ already done (after a connection drop) is settled without running; a task
 with an ETA is held or parked (:mod:`taskd.worker.parking`); the rest wait in
 ``ready`` until :meth:`Intake.dispatch` hands them to idle children.
 
+Every delivery ends in one of three ways: it runs (and is acked after its
+outcome), it is dead-lettered with a reason (and its caller gets a FAILURE),
+or it is settled as a copy of work done here. Anything that raises on the way
+is an internal error: the delivery is given back to its queue and, after
+:class:`~taskd.worker.strikes.Strikes` of them, dead-lettered with the error's
+text. Nothing raises into pika, which would drop the frames read after it.
+
 A mixin of :class:`~taskd.worker.supervisor.Supervisor`: it uses the
-supervisor's tables (``ready``, ``schedule``, ``pool``, ``recent``, ``twins``)
-and its publishing and acknowledging methods.
+supervisor's tables (``ready``, ``schedule``, ``pool``, ``recent``, ``twins``,
+``strikes``) and its publishing and acknowledging methods.
 """
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ import time
 from datetime import datetime, timezone
 
 from .. import protocol
-from ..exceptions import NotRegistered, TaskdError, TaskRevokedError
-from . import jobs, parking, recovery
+from ..exceptions import InvalidTaskMessage, NotRegistered, TaskdError, TaskRevokedError
+from . import jobs, parking, recovery, strikes
 from .framing import encode as encode_frame
 
 log = logging.getLogger("taskd.supervisor")
@@ -27,54 +34,95 @@ log = logging.getLogger("taskd.supervisor")
 
 class Intake:
     def on_delivery(self, channel, method, properties, body):
-        """pika calls this for each message; a bug here must not kill the connection."""
+        """pika calls this for each message."""
+        if channel is self.forsaken:
+            return
+        job = self._receive(channel, method, properties, body)
         try:
-            self._on_delivery(channel, method, properties, body)
-        except Exception:
-            log.exception("internal error handling delivery %s; returning it to the queue "
-                          "in 1s", method.delivery_tag)
-            self.acks.forget(method.delivery_tag)
+            runnable = self._admit(job)
+        except Exception as exc:
+            self.internal_error(job, exc)
+            return
+        if runnable:
+            self.ready.append(job)
+            if self.config["worker.child_prefetch"] > 1:
+                self.dispatch_soon()    # batch the burst: several jobs per child per write
+            else:
+                self.dispatch()
 
-            def nack():
-                if channel.is_open:
-                    channel.basic_nack(method.delivery_tag, requeue=True)
-            self.loop.call_later(1.0, nack)
+    def forsake_channel(self):
+        """The connections are being replaced: deliveries that still arrive on the
+        consuming channel (read before the loss was noticed) are left to the broker,
+        which requeues them when the channel closes. Taken, they would run beside
+        their redelivered copies."""
+        self.forsaken = self.consumer.channel if self.consumer is not None else None
 
-    def _on_delivery(self, channel, method, properties, body):
+    def _receive(self, channel, method, properties, body):
         self.counters["received"] += 1
         self.seq += 1
+        if channel is not self.delivering:     # the first delivery on a new channel
+            self.delivering = channel
+            self.recent.next_channel()
+            self.twins.clear()      # held for the old channel: the broker requeued them
         job = jobs.Job(self.seq, method.delivery_tag, channel,
                        self.consumer_tags.get(method.consumer_tag, "?"), method.exchange,
                        method.routing_key, properties, body, method.redelivered)
+        job.epoch = self.recent.epoch
         self.acks.received(method.delivery_tag)
-        if method.redelivered and (self.finish_duplicate(job) or self.twin_of_running(job)):
-            return
+        return job
+
+    def _admit(self, job):
+        """Decode and validate ``job``; True when it is to run now, False when it was
+        settled here (dead-lettered, a duplicate, expired) or waits for its ETA."""
         limit = self.config["worker.max_message_size"]
-        if limit and len(body) > limit:
-            self.dead_letter(job, f"message of {len(body)} bytes exceeds "
+        if limit and len(job.body) > limit:
+            self.dead_letter(job, f"message of {len(job.body)} bytes exceeds "
                                   f"worker.max_message_size ({limit} bytes)")
-            return
+            return False
+        properties = job.properties
         try:
             job.request = protocol.decode_task(
-                properties.headers, body, properties.content_type, properties.content_encoding,
-                reply_to=properties.reply_to, correlation_id=properties.correlation_id,
-                accept=self.accept)
+                properties.headers, job.body, properties.content_type,
+                properties.content_encoding, reply_to=properties.reply_to,
+                correlation_id=properties.correlation_id, accept=self.accept)
+            jobs.check_headers(job.headers)
         except TaskdError as exc:
             self.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
-            return
+            return False
+        job.key = recovery.delivery_key(job.request, job.body)
+        if job.redelivered and (self.finish_duplicate(job) or self.twin_of_running(job)):
+            return False
         if self.revoke_if_expired(job):
-            return
+            return False
         eta = job.request.eta
         if eta is not None:
             delay = (eta - datetime.now(timezone.utc)).total_seconds()
             if delay > 0:
                 self.schedule_job(job, eta, delay)
-                return
-        self.ready.append(job)
-        if self.config["worker.child_prefetch"] > 1:
-            self.dispatch_soon()        # batch the burst: several jobs per child per write
-        else:
-            self.dispatch()
+                return False
+        return True
+
+    def internal_error(self, job, exc):
+        """Handling ``job`` raised: give it back to its queue, or dead-letter it once it
+        has done so :attr:`Strikes.limit` times (see :mod:`taskd.worker.strikes`)."""
+        if not self.strikes.add(strikes.message_digest(job.properties.correlation_id,
+                                                       job.body)):
+            log.exception("internal error handling task %s (delivery %s); giving it back "
+                          "to the queue in 1s", job.describe(), job.tag)
+            self.give_back(job)
+            return
+        reason = (f"internal error, {self.strikes.limit} times: {type(exc).__name__}: "
+                  f"{exc}")
+        log.exception("internal error handling task %s (delivery %s), %d in a row: "
+                      "dead-lettering it", job.describe(), job.tag, self.strikes.limit)
+        try:
+            self.dead_letter(job, reason, TaskdError(reason))
+        except Exception:
+            log.exception("could not dead-letter task %s either: rejecting it (the queue's "
+                          "own dead-letter route, if it has one, takes it)", job.describe())
+            if job.channel is self.consumer.channel and self.consumer.is_open:
+                self.acks.forget(job.tag)
+                job.channel.basic_reject(job.tag, requeue=False)
 
     def schedule_job(self, job, eta, delay):
         """An ETA task: revoke it if it would expire first, else park or hold it."""
@@ -117,43 +165,48 @@ class Intake:
                           confirmed)
 
     def finish_duplicate(self, job):
-        """A redelivered message this worker already finished: ack it, do not run it."""
-        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
-        if key not in self.recent:
+        """A redelivered message this worker finished before its channel was lost: ack
+        it, do not run it."""
+        done = self.recent.find(job.key, job.epoch)
+        if done is None:
             return False
         self.counters["duplicates"] += 1
         log.warning("task %s was finished before the connection dropped: acknowledging the "
                     "redelivered copy without running it", job.describe())
-        result = self.recent.get(key)
-        if result is not None:
-            self.publish_result(job, *result)
+        if done.result is not None:
+            self.publish_result(job, *done.result)
         else:
             self.complete(job)
         return True
 
     def twin_of_running(self, job):
-        """A redelivered copy of a task still running here: settle it with the original."""
-        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
+        """A redelivered copy of a task still running here, received on a channel since
+        lost: settle the copy with the original."""
         for child in self.pool.busy():
             for running in (child.job, *child.queued):
-                if recovery.delivery_key(running.headers,
-                                         running.properties.correlation_id) == key:
+                if running.key == job.key and running.epoch < job.epoch:
                     log.warning("task %s is still running here: its redelivered copy will be "
                                 "acknowledged when it finishes", job.describe())
                     self.counters["duplicates"] += 1
-                    self.twins.setdefault(key, []).append(job)
+                    self.twins.setdefault(job.key, []).append(job)
                     return True
         return False
 
     def remember(self, job, result=None):
         """Record a finished delivery; settle any redelivered twin waiting for it."""
-        key = recovery.delivery_key(job.headers, job.properties.correlation_id)
-        self.recent.add(key, result)
-        for twin in self.twins.pop(key, ()):
+        if job.key is None:         # never decoded: no copy of it is held as a twin
+            return
+        self.recent.add(job.key, job.epoch, result)
+        for twin in self.twins.pop(job.key, ()):
             if result is not None:
                 self.publish_result(twin, *result)
             else:
                 self.complete(twin)
+
+    def give_back_twins(self, job, delay):
+        """``job`` goes back to its queue unfinished: so do its twins held here."""
+        for twin in self.twins.pop(job.key, ()) if job.key is not None else ():
+            self.give_back(twin, delay)
 
     def revoke_if_expired(self, job):
         expires = job.request.expires
@@ -198,20 +251,18 @@ class Intake:
         batches = {}
         while rooms and self.ready:
             for child in list(rooms):
-                job = self._next_runnable()
-                if job is None:
+                picked = self._next_runnable()
+                if picked is None:
                     break
-                batches.setdefault(child, []).append(job)
+                batch, frames = batches.setdefault(child, ([], []))
+                batch.append(picked[0])
+                frames.append(picked[1])
                 if rooms[child] == 1:
                     del rooms[child]
                 else:
                     rooms[child] -= 1
-        for child, batch in batches.items():
-            data = []
-            for job in batch:
-                job.hard_limit, soft = self.limits_for(job.request)
-                data.append(encode_frame(job.job_frame(soft)))
-            started = self.pool.send(child, batch, b"".join(data) if len(data) > 1 else data[0])
+        for child, (batch, frames) in batches.items():
+            started = self.pool.send(child, batch, b"".join(frames) if len(frames) > 1 else frames[0])
             if started is not None:
                 self.on_started(child, started)
 
@@ -222,16 +273,32 @@ class Intake:
                                              job.hard_limit)
 
     def _next_runnable(self):
-        """The next ready job a child may run; unknown or expired ones are settled here."""
+        """The next ready job a child may run and its frame; unknown or expired ones, and
+        those that cannot be framed, are settled here."""
         while self.ready:
             job = self.ready.popleft()
             if self.task_names is not None and job.request.name not in self.task_names:
-                self.dead_letter(job, f"NotRegistered: unknown task {job.request.name!r}",
-                                 NotRegistered(f"task {job.request.name!r} is not registered "
-                                               "in this worker"))
+                name = protocol.short_repr(job.request.name)
+                self.dead_letter(job, f"NotRegistered: unknown task {name}",
+                                 NotRegistered(f"task {name} is not registered in this worker"))
             elif not self.revoke_if_expired(job):
-                return job
+                frame = self._frame(job)
+                if frame is not None:
+                    return job, frame
         return None
+
+    def _frame(self, job):
+        """The frame that hands ``job`` to a child, or None when it cannot be made: the
+        job is then dead-lettered. Arguments nested deeper than pickle recurses (JSON
+        decodes deeper), or objects from a custom serializer that do not pickle."""
+        job.hard_limit, soft = self.limits_for(job.request)
+        try:
+            return encode_frame(job.job_frame(soft))
+        except Exception as exc:
+            reason = (f"InvalidTaskMessage: the arguments cannot be handed to a child "
+                      f"process: {type(exc).__name__}: {exc}")
+            self.dead_letter(job, reason, InvalidTaskMessage(reason))
+            return None
 
     def _time_limit_hit(self, child, job, limit):
         if child.job is job:

@@ -15,10 +15,12 @@ from datetime import datetime, timezone
 import pika
 
 from .. import protocol
+from ..exceptions import InvalidTaskMessage
 from .headers import sanitise
 from .recovery import COPY_HEADER
 
 DELIVERY_COUNT = "x-taskd-delivery-count"
+MAX_COUNT = 1 << 31
 BROKER_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue",
                   "x-first-death-reason", "x-delivery-count")
 
@@ -27,7 +29,8 @@ class Job:
     """One delivery: its AMQP coordinates, the decoded request, and its fate."""
 
     __slots__ = ("seq", "tag", "channel", "queue", "exchange", "routing_key", "properties",
-                 "body", "request", "timer", "timed_out", "redelivered", "hard_limit")
+                 "body", "request", "timer", "timed_out", "redelivered", "hard_limit", "key",
+                 "epoch")
 
     def __init__(self, seq, tag, channel, queue, exchange, routing_key, properties, body,
                  redelivered=False):
@@ -39,6 +42,8 @@ class Job:
         self.timed_out = False
         self.redelivered = redelivered
         self.hard_limit = None
+        self.key = None             # recovery.delivery_key, once decoded
+        self.epoch = 0              # which consuming channel it came on (RecentlyDone.epoch)
 
     @property
     def headers(self):
@@ -59,8 +64,13 @@ class Job:
 
     @property
     def delivery_count(self):
+        """This delivery's number, from 1. The sender controls the header: a value that
+        is not a count (:func:`check_headers` refuses it) counts as 0, and so does a
+        negative one, which would otherwise buy a crashing task extra runs."""
         count = self.headers.get(DELIVERY_COUNT) or self.headers.get("x-delivery-count") or 0
-        return (count if isinstance(count, int) else 0) + 1
+        if isinstance(count, bool) or not isinstance(count, int) or count > MAX_COUNT:
+            count = 0
+        return max(0, count) + 1
 
     def describe(self):
         return f"{self.task_name}[{self.task_id}]"
@@ -78,6 +88,20 @@ class Job:
                         "headers": r.headers},
         }
         return (self.seq, r.id, r.name, r.args, r.kwargs, meta)
+
+
+def check_headers(headers):
+    """Refuse taskd's own headers when their values are not what taskd writes there
+    (a copy id string; a delivery count); raises :class:`InvalidTaskMessage`."""
+    copy = headers.get(COPY_HEADER)
+    if copy is not None and not isinstance(copy, str):
+        raise InvalidTaskMessage(f"header {COPY_HEADER!r} must be a string, "
+                                 f"not {type(copy).__name__}")
+    count = headers.get(DELIVERY_COUNT)
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                              or count > MAX_COUNT):
+        raise InvalidTaskMessage(f"header {DELIVERY_COUNT!r} must be a delivery count (an "
+                                 f"integer up to {MAX_COUNT}), got {protocol.short_repr(count)}")
 
 
 def _copy_properties(properties, headers):

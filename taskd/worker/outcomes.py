@@ -269,6 +269,8 @@ class Outcomes:
     def give_back(self, job, delay=1.0):
         """A copy could not be confirmed: return the original to its queue (after
         ``delay`` seconds, so that a publisher that keeps failing is no busy loop)."""
+        self.give_back_twins(job, delay)
+
         def nack():
             if job.channel is self.consumer.channel and self.consumer.is_open:
                 self.acks.forget(job.tag)

@@ -3,12 +3,29 @@ because a connection dropped.
 
 When the connection drops, the deliveries of the old channel can no longer be
 acknowledged: the broker requeues them and delivers them again (flagged
-``redelivered``). A task that finished during the outage would then run a
-second time. The supervisor keeps a bounded record of the deliveries it
-finished (:class:`RecentlyDone`), keyed by task id, retry number and copy id
-(taskd marks each copy it republishes, so a parked or retried copy is never
-mistaken for its original); a redelivered message found there is acknowledged
+``redelivered``), those whose ack was lost in the drop included. A task that
+finished during the outage, or just before it, would then run a second time.
+The supervisor keeps a bounded record of the deliveries it finished
+(:class:`RecentlyDone`); a redelivered message found there is acknowledged
 without running, and its result is published again for a caller that waits.
+
+What keeps the record from mistaking a new message for an old one:
+
+* the key (:func:`delivery_key`) is a digest of the body and of the headers
+  that tell task messages apart (task id and name, retry number, ETA, expiry,
+  and the copy id taskd puts on each copy it republishes), so a task id used
+  again with other arguments, or a parked or retried copy, is a new message;
+* an entry is consulted only for a delivery received on a later channel than
+  its own: only a channel that was lost can hand its deliveries back;
+* entries expire ``max_age`` after the task finished, or after the channel
+  that received them was replaced, whichever is later: the broker redelivers
+  what a lost channel held as soon as it notices the loss, and it notices
+  within two heartbeats.
+
+The record is bounded in bytes (results up to ``max_result`` are kept, the
+rest counted as their key only) as well as in entries: a child forked from a
+supervisor inherits its memory, so a large record would count against every
+child's ``worker.max_memory_per_child``.
 
 Results that could not be published while the broker was away are kept and
 published again after reconnecting, before their deliveries are acknowledged.
@@ -22,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import random
 import time
@@ -32,40 +50,81 @@ from .amqp import ChannelLost
 log = logging.getLogger("taskd.supervisor")
 
 COPY_HEADER = "x-taskd-copy"
+ENTRY_OVERHEAD = 256        # bytes an entry costs besides its result: key, tuple, dict slot
 
 
-def delivery_key(headers, correlation_id=None):
-    headers = headers or {}
-    retries = headers.get("retries") or 0
-    return (headers.get("id") or correlation_id, retries, headers.get(COPY_HEADER))
+def delivery_key(request, body):
+    """A digest that tells one task message from another (see the module's notes)."""
+    ident = (request.id, request.name, request.retries, request.correlation_id,
+             request.headers.get(COPY_HEADER), request.eta, request.expires)
+    digest = hashlib.blake2b(repr(ident).encode("utf-8", "backslashreplace"), digest_size=16)
+    digest.update(body)
+    return digest.digest()
+
+
+class Done:
+    __slots__ = ("epoch", "result", "size", "expires_at")
+
+    def __init__(self, epoch, result, size, expires_at):
+        self.epoch, self.result, self.size, self.expires_at = epoch, result, size, expires_at
 
 
 class RecentlyDone:
-    """The last ``size`` finished deliveries and, when there was one, their result.
+    """The deliveries finished lately and, when there was one, their result.
 
-    Results larger than ``max_result`` bytes are not kept (memory stays bounded at
-    about ``size * max_result``): a redelivered copy of such a task is still not run
-    again, but its caller gets no second copy of the result.
+    ``epoch`` numbers the consuming channels: a delivery is recorded with the
+    number of the channel it came on, and :meth:`find` answers only for entries
+    of earlier channels. Results larger than ``max_result`` bytes are not kept: a
+    redelivered copy of such a task is still not run again, but its caller gets no
+    second copy of the result.
     """
 
-    def __init__(self, size=10000, max_result=64 * 1024):
-        self.size = size
-        self.max_result = max_result
-        self._done = collections.OrderedDict()
+    def __init__(self, max_entries=10000, max_bytes=32 << 20, max_result=64 << 10,
+                 max_age=600.0, clock=time.monotonic):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.max_result, self.max_age, self.clock = max_result, max_age, clock
+        self.epoch = 0
+        self.bytes = 0
+        self._done = collections.OrderedDict()     # key -> Done, oldest first
 
-    def add(self, key, result=None):
+    def next_channel(self):
+        """A new channel delivers: the entries of the old ones may now be looked up,
+        for ``max_age`` from now at least."""
+        self.epoch += 1
+        self._prune()
+        expires_at = self.clock() + self.max_age
+        for entry in self._done.values():
+            entry.expires_at = max(entry.expires_at, expires_at)
+
+    def add(self, key, epoch, result=None):
+        """Record the delivery ``key`` received on channel ``epoch`` as finished."""
         if result is not None and len(result[0]) > self.max_result:
             result = None
-        self._done[key] = result
-        self._done.move_to_end(key)
-        while len(self._done) > self.size:
-            self._done.popitem(last=False)
+        old = self._done.pop(key, None)
+        if old is not None:
+            self.bytes -= old.size
+        size = ENTRY_OVERHEAD + len(key) + (len(result[0]) if result is not None else 0)
+        self._done[key] = Done(epoch, result, size, self.clock() + self.max_age)
+        self.bytes += size
+        self._prune()
 
-    def get(self, key, default=None):
-        return self._done.get(key, default)
+    def find(self, key, epoch):
+        """The entry of a delivery finished before channel ``epoch`` took over, or None."""
+        self._prune()
+        entry = self._done.get(key)
+        if entry is None or entry.epoch >= epoch or entry.expires_at < self.clock():
+            return None
+        return entry
 
-    def __contains__(self, key):
-        return key in self._done
+    def _prune(self):
+        now = self.clock()
+        done = self._done
+        while done:
+            entry = next(iter(done.values()))
+            if len(done) <= self.max_entries and self.bytes <= self.max_bytes \
+                    and entry.expires_at >= now:
+                return
+            self.bytes -= done.popitem(last=False)[1].size
 
     def __len__(self):
         return len(self._done)

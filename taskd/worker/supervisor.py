@@ -44,6 +44,7 @@ from .intake import Intake
 from .outcomes import Outcomes
 from .pool import BUSY, IDLE, Pool
 from .schedule import Schedule
+from .strikes import Strikes
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
@@ -121,6 +122,9 @@ class Supervisor(Intake, Outcomes):
                          on_lost=self.on_child_lost, on_started=self.on_started,
                          on_fault=self.on_pool_fault)
         self.recent = recovery.RecentlyDone()
+        self.strikes = Strikes()              # internal errors per message
+        self.delivering = None                # the channel of the last delivery
+        self.forsaken = None                  # the consuming channel of a lost connection
         self.unsent = []                      # (job, body, props, attempt): results to
                                               # publish again after a reconnect
         self.copies = Copies(self.loop, self._declare_topology)
@@ -303,6 +307,7 @@ class Supervisor(Intake, Outcomes):
         self.ready.clear()
         self.schedule.drain()
         self.acks.reset()
+        self.forsake_channel()
         self.loop.create_task(self._recover(pause))
 
     async def _recover(self, pause=0.0):

@@ -158,3 +158,33 @@ def test_demo_examples_run_against_a_worker(topo, workers):
         "'nowhere.at.all'" in text
     assert "UnroutableError" in text and "NotDeliveredError" in text
     assert "taskd: supervisor" in text and "taskd: child 1" in text
+
+
+def test_a_celery_chain_or_link_is_refused_not_cut_short(topo, workers, broker, tmp_path):
+    pytest.importorskip("celery")
+    path = topo.config()
+    workers(path).ready()
+    out = tmp_path / "runs.txt"
+    queue = topo.name("celery")
+    code = f"""
+from celery import Celery, chain
+app = Celery(broker={topo.broker.url!r}, backend='rpc://')
+record = app.signature('ttasks.record', queue={queue!r})
+for how, result in [
+        ('link', record.clone(({str(out)!r}, 'first')).apply_async(
+            link=record.clone(({str(out)!r}, 'linked')))),
+        ('chain', chain(record.clone(({str(out)!r}, 'one')),
+                        record.clone(({str(out)!r}, 'two'))).apply_async().parent)]:
+    try:
+        print(how, 'returned', result.get(timeout=10))
+    except Exception as exc:
+        print(how, 'raised', type(exc).__name__, exc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "link raised InvalidTaskMessage" in run.stdout and "callbacks (1)" in run.stdout
+    assert "chain raised InvalidTaskMessage" in run.stdout and "chain (1)" in run.stdout
+    assert "which taskd does not run yet" in run.stdout
+    assert not out.exists()                        # no step ran, not even the first
+    reasons = [p.headers["x-taskd-reason"] for p, _ in broker.get_all(topo.dead)]
+    assert len(reasons) == 2 and all("workflow steps" in r for r in reasons)

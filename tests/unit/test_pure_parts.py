@@ -130,16 +130,8 @@ def test_priority_maps_zero_to_the_highest():
         routing.amqp_priority(10)
 
 
-def test_recently_done_is_bounded_in_entries_and_bytes():
-    from taskd.worker.recovery import RecentlyDone, backoff, delivery_key
-    done = RecentlyDone(size=3, max_result=10)
-    for i in range(5):
-        done.add(("id", i, None), (b"x" * 5, "props"))
-    assert len(done) == 3 and ("id", 0, None) not in done and ("id", 4, None) in done
-    done.add(("big", 0, None), (b"x" * 11, "props"))
-    assert ("big", 0, None) in done and done.get(("big", 0, None)) is None
-    assert delivery_key({"id": "a", "retries": 2, "x-taskd-copy": "c"}) == ("a", 2, "c")
-    assert delivery_key({}, "corr") == ("corr", 0, None)
+def test_reconnect_backoff_grows_with_jitter_to_a_cap():
+    from taskd.worker.recovery import backoff
     delays = [backoff(n, base=0.5, cap=10, rng=lambda: 1.0) for n in range(8)]
     assert delays[:3] == [0.5, 1.0, 2.0] and max(delays) == 10.0
     assert backoff(3, rng=lambda: 0.0) == 2.0          # jitter keeps at least half
