@@ -4,13 +4,13 @@ A copy (park, retry, redeliver, dead letter) carries the headers of the message
 it replaces, and those came from any client. Two things can stop pika or the
 broker from taking them back:
 
-* **Values pika cannot encode.** pika decodes more than it encodes: an AMQP
-  double from a py-amqp (Celery) client is decoded with ``long()`` and may
-  exceed 64 bits; a Python float (a time limit, a header set by task code) has
-  no encoding at all; tuples, negative timestamps and keys over 255 bytes fail
-  too. :func:`sanitise` turns every value into one pika encodes: an integral
-  float becomes an int, another float a Decimal (or its text), anything else
-  that fails becomes its text. Nothing is dropped but keys AMQP cannot name.
+* **Values pika cannot encode.** pika decodes more than it encodes. With
+  :mod:`taskd.broker.fields` installed, doubles decode as floats and finite
+  floats encode as doubles, but NaN and infinities (from task code), tuples,
+  negative timestamps and keys over 255 bytes still fail. :func:`sanitise`
+  turns every value into one pika encodes: a float that cannot go out as a
+  double becomes an int, a Decimal or its text; anything else that fails
+  becomes its text. Nothing is dropped but keys AMQP cannot name.
 * **A content header larger than the connection's frame_max.** The broker
   answers with ``FRAME_ERROR`` and closes the whole connection, and the
   original comes back to do the same again: a reconnect loop. The text of a
@@ -58,7 +58,9 @@ def sanitise(value):
     if isinstance(value, (list, tuple)):
         return [sanitise(v) for v in value]
     if isinstance(value, float):
-        return _number(value)
+        # Finite floats go out as doubles (taskd.broker.fields); NaN and infinities
+        # cannot, and pika without that fix cannot encode any float.
+        return value if _encodes(value) else _number(value)
     if isinstance(value, bytearray):
         value = bytes(value)
     if _encodes(value):
