@@ -85,6 +85,7 @@ class AsyncChannel:
         self._returned = set()          # message_ids of mandatory publishes returned
         self._publish_seq = 0
         self._close_reason = None       # why the broker closed the channel, if it did
+        self._drained = []              # futures resolved once no confirm is awaited
 
     # -- opening ------------------------------------------------------------
     async def open(self):
@@ -192,6 +193,28 @@ class AsyncChannel:
             returned = message_id is not None and message_id in self._returned
             self._returned.discard(message_id)
             callback(ok and not returned)
+        if self._drained and not self._confirms:
+            self._resolve_drained()
+
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes whose confirm has not come yet."""
+        return len(self._confirms)
+
+    def all_confirmed(self) -> asyncio.Future:
+        """A future resolved once no confirm is awaited (at once if none is): each
+        publish confirmed, refused, or failed with the connection."""
+        future = self.loop.create_future()
+        self._drained.append(future)
+        if not self._confirms:
+            self._resolve_drained()
+        return future
+
+    def _resolve_drained(self):
+        drained, self._drained = self._drained, []
+        for future in drained:
+            if not future.done():
+                future.set_result(None)
 
     @property
     def is_open(self):
@@ -207,6 +230,8 @@ class AsyncChannel:
         self._returned.clear()
         for callback, _ in confirms.values():
             callback(None)   # None: unknown, the connection went away
+        if not self._confirms:
+            self._resolve_drained()
 
     def _on_channel_closed(self, channel, reason):
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):

@@ -18,14 +18,10 @@ inherited from the supervisor through fork count in the RSS of every child,
 and would recycle each one after every task. USS costs a walk of
 ``/proc/self/smaps``, so it is measured only when the cheap RSS is over.
 
-Frames, supervisor -> child: ``(seq, task_id, name, args, kwargs, meta)``.
-Frames, child -> supervisor:
-
-* ``("ready", pid, {task name: (time_limit, soft_time_limit)})`` once the
-  modules are imported;
-* ``("import-failed", message)`` then exit 3, when they cannot be;
-* ``("done", seq, status, body, content_type, content_encoding, runtime, rss, error,
-  retry)``; ``retry`` is the message of a retried task, or None.
+The frames on the pipes are the records of :mod:`taskd.worker.frames`: a
+:class:`~taskd.worker.frames.Job` comes down, :class:`~taskd.worker.frames.Ready`
+(or :class:`~taskd.worker.frames.ImportFailed`) and one
+:class:`~taskd.worker.frames.Outcome` per job go up.
 """
 from __future__ import annotations
 
@@ -43,7 +39,8 @@ from setproctitle import setproctitle
 
 from .. import protocol, task as task_mod
 from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
-from . import framing
+from . import framing, frames
+from .frames import ImportFailed, Outcome, Ready, RetryMessage
 
 log = logging.getLogger("taskd.child")
 
@@ -119,11 +116,11 @@ def main(index, read_fd, write_fd, imports, memory_limit, parent):
                 importlib.import_module(module)
         except BaseException as exc:  # report any import failure, then leave
             message = f"cannot import task modules: {type(exc).__name__}: {exc}"
-            framing.write_all(write_fd, framing.encode(
-                ("import-failed", message, traceback.format_exc())))
+            framing.write_all(write_fd, frames.encode(ImportFailed(message,
+                                                                   traceback.format_exc())))
             os._exit(EXIT_IMPORT_FAILED)
         limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
-        framing.write_all(write_fd, framing.encode(("ready", os.getpid(), limits)))
+        framing.write_all(write_fd, frames.encode(Ready(os.getpid(), limits)))
         setproctitle(f"taskd: child {index} idle")
         _serve(index, read_fd, write_fd, memory_limit)
     except BaseException:  # anything escaping is a bug: say so, then exit non-zero
@@ -135,29 +132,29 @@ def main(index, read_fd, write_fd, imports, memory_limit, parent):
         os._exit(code)
 
 
-def _serve(index, read_fd, write_fd, memory_limit):
+def _serve(index: int, read_fd: int, write_fd: int, memory_limit: int) -> None:
     process = None
     if memory_limit:
         import psutil
         process = psutil.Process()
-    for job in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
-        seq, task_id, name, args, kwargs, meta = job
-        setproctitle(f"taskd: child {index} {name}")
+    for frame in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
+        job = frames.job(frame)
+        setproctitle(f"taskd: child {index} {job.name}")
         started = time.monotonic()
         status, body, content_type, encoding, error, retry = run_job(
-            task_id, name, args, kwargs, meta)
+            job.task_id, job.name, job.args, job.kwargs, job.meta)
         runtime = time.monotonic() - started
         rss = memory_used(process, memory_limit) if process is not None else 0
-        framing.write_all(write_fd, framing.encode(
-            ("done", seq, status, body, content_type, encoding, runtime, rss, error, retry)))
+        framing.write_all(write_fd, frames.encode(Outcome(
+            job.seq, status, body, content_type, encoding, runtime, rss, error, retry)))
         setproctitle(f"taskd: child {index} idle")
 
 
 def run_job(task_id, name, args, kwargs, meta):
     """Run one task; returns ``(status, result_body, content_type, encoding, error, retry)``.
 
-    ``retry`` is None, or the new message of a retried task as a dict
-    (``body``, ``content_type``, ``content_encoding``, ``headers``).
+    ``retry`` is None, or the :class:`~taskd.worker.frames.RetryMessage` of a
+    retried task.
     """
     serializer = meta.get("serializer", "json")
     task = task_mod.registry.get(name)
@@ -185,7 +182,7 @@ def run_job(task_id, name, args, kwargs, meta):
         message = _retry_message(task, task_id, name, args, kwargs, meta, retry)
         cause = retry.exc if retry.exc is not None else retry
         log.info("task %s[%s] retrying (%d) in %s: %r", name, task_id,
-                 message["retries"], retry.when, cause)
+                 message.retries, retry.when, cause)
         status, body, ctype, enc = protocol.encode_result(
             task_id, protocol.RETRY, cause, protocol.format_traceback(cause),
             serializer=serializer, parent_id=parent_id)
@@ -224,6 +221,5 @@ def _retry_message(task, task_id, name, args, kwargs, meta, retry):
         root_id=req.get("root_id"), parent_id=req.get("parent_id"),
         extra_headers={k: v for k, v in original.items() if k.startswith("x-")
                        and not k.startswith("x-taskd-")})
-    return {"body": message.body, "content_type": message.content_type,
-            "content_encoding": message.content_encoding, "headers": message.headers,
-            "retries": retries}
+    return RetryMessage(message.body, message.content_type, message.content_encoding,
+                        message.headers, retries)

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from .. import protocol
 from ..exceptions import InvalidTaskMessage, NotRegistered, TaskdError, TaskRevokedError
 from . import jobs, parking, recovery, strikes
-from .framing import encode as encode_frame
+from .frames import encode_job
 
 log = logging.getLogger("taskd.supervisor")
 
@@ -293,7 +293,7 @@ class Intake:
         decodes deeper), or objects from a custom serializer that do not pickle."""
         job.hard_limit, soft = self.limits_for(job.request)
         try:
-            return encode_frame(job.job_frame(soft))
+            return encode_job(job.job_frame(soft))
         except Exception as exc:
             reason = (f"InvalidTaskMessage: the arguments cannot be handed to a child "
                       f"process: {type(exc).__name__}: {exc}")

@@ -16,6 +16,7 @@ import pika
 
 from .. import protocol
 from ..exceptions import InvalidTaskMessage
+from . import frames
 from .headers import sanitise
 from .recovery import COPY_HEADER
 
@@ -75,7 +76,7 @@ class Job:
     def describe(self):
         return f"{self.task_name}[{self.task_id}]"
 
-    def job_frame(self, soft_time_limit=None):
+    def job_frame(self, soft_time_limit: float | None = None) -> frames.Job:
         r = self.request
         meta = {
             "serializer": r.serializer,
@@ -87,7 +88,7 @@ class Job:
                         "time_limit": r.time_limit, "soft_time_limit": r.soft_time_limit,
                         "headers": r.headers},
         }
-        return (self.seq, r.id, r.name, r.args, r.kwargs, meta)
+        return frames.Job(self.seq, r.id, r.name, r.args, r.kwargs, meta)
 
 
 def check_headers(headers):
@@ -132,11 +133,11 @@ def redelivery(job, keep_count=False):
     return _copy_properties(job.properties, headers)
 
 
-def retry_properties(job, message):
+def retry_properties(job, message: frames.RetryMessage):
     """Properties of the message that retries ``job`` (made by the child)."""
-    props = _copy_properties(job.properties, message["headers"])
-    props.content_type = message["content_type"]
-    props.content_encoding = message["content_encoding"]
+    props = _copy_properties(job.properties, message.headers)
+    props.content_type = message.content_type
+    props.content_encoding = message.content_encoding
     return props
 
 

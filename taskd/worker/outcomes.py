@@ -59,22 +59,23 @@ class Outcomes:
         return (request.time_limit or task_hard or self.config["worker.time_limit"],
                 request.soft_time_limit or task_soft or self.config["worker.soft_time_limit"])
 
-    def on_outcome(self, child, job, frame):
-        _, _seq, status, body, ctype, encoding, runtime, rss, error, retry = frame
+    def on_outcome(self, child, job, outcome):
+        status, runtime = outcome.status, outcome.runtime
         if job.timer is not None:
             job.timer.cancel()
         request = job.request
         if status == protocol.RETRY:
             self.counters["retried"] += 1
-            self.retry(job, retry)
+            self.retry(job, outcome.retry)
         elif status == protocol.SUCCESS:
             self.counters["succeeded"] += 1
             log.info("task %s succeeded in %.3fs", job.describe(), runtime)
         else:
             self.counters["failed"] += 1
-            log.info("task %s failed in %.3fs: %s", job.describe(), runtime, error)
+            log.info("task %s failed in %.3fs: %s", job.describe(), runtime, outcome.error)
         reply_to = None if request.ignore_result else self.reply_to(job)
-        reply = (body, jobs.result_properties(request.correlation_id, ctype, encoding)) \
+        reply = (outcome.body, jobs.result_properties(
+            request.correlation_id, outcome.content_type, outcome.content_encoding)) \
             if reply_to else None
         if status == protocol.RETRY:
             if reply:       # the state, for a caller that looks
@@ -194,9 +195,9 @@ class Outcomes:
     # == copies that replace a delivery ====================================================
     def retry(self, job, message):
         """Publish the retry's message to the task's queue (confirmed), then ack."""
-        log.info("task %s: retry %d published", job.describe(), message["retries"])
+        log.info("task %s: retry %d published", job.describe(), message.retries)
         props = jobs.retry_properties(job, message)
-        self.publish_copy("", job.queue, message["body"], props, self._then_settle(job))
+        self.publish_copy("", job.queue, message.body, props, self._then_settle(job))
 
     def _then_settle(self, job, reply=None):
         """on_confirm for a copy that replaces ``job``: settle it, or give it back."""

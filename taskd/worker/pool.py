@@ -28,6 +28,7 @@ is abandoned and nothing else changes.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
 import logging
@@ -36,7 +37,8 @@ import signal
 import time
 
 from . import child as child_mod
-from . import framing
+from . import framing, frames
+from .frames import ImportFailed, Outcome, Ready
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ BACKOFF_MAX = 60.0
 class Child:
     __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "writer",
                  "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
-                 "exit_status", "retire_after_job", "fault", "trial")
+                 "exit_status", "fault", "trial")
 
     def __init__(self, index, pid, generation, to_child, from_child, max_frame=framing.MAX_FRAME):
         self.index, self.pid, self.generation = index, pid, generation
@@ -62,7 +64,6 @@ class Child:
         self.job_started = None
         self.rss = 0                       # memory it reported: RSS, or USS over the limit
         self.exit_status = None
-        self.retire_after_job = False
         self.fault = None                  # why the pool killed it, if it did
         self.trial = None                  # a reload's first child: future of its start
 
@@ -86,7 +87,8 @@ def describe_exit(status):
 class Pool:
     """Children and their pipes. Callbacks go to the supervisor:
 
-    ``on_ready(child, task_names)``, ``on_outcome(child, job, frame)``,
+    ``on_ready(child, task_limits)``, ``on_outcome(child, job, outcome)`` (a
+    :class:`~taskd.worker.frames.Outcome`),
     ``on_started(child, job)`` (a job sent in advance starts),
     ``on_lost(child, job, reason, unstarted)`` (a child died; ``job`` is what it was
     running, ``unstarted`` the jobs it had been sent in advance),
@@ -111,11 +113,9 @@ class Pool:
         self.failures = 0           # consecutive start-up failures
         self.next_spawn_at = 0.0    # monotonic; back-off after start-up failures
         self.last_failure = None
+        self._emptied = []          # futures resolved once no child is left
 
     # -- queries ------------------------------------------------------------
-    def live(self):
-        return [c for c in self.children.values() if c.state != DEAD]
-
     def idle(self):
         return [c for c in self.children.values() if c.state == IDLE]
 
@@ -127,7 +127,7 @@ class Pool:
         jobs: an idle child takes up to ``depth``, a busy one ``depth`` minus what it holds."""
         rooms = {}
         for c in self.children.values():
-            if c.generation != self.generation or c.retire_after_job:
+            if c.generation != self.generation:
                 continue
             if c.state == IDLE:
                 rooms[c] = depth
@@ -139,6 +139,19 @@ class Pool:
         """Children of the current generation that are not retiring."""
         return [c for c in self.children.values()
                 if c.generation == self.generation and c.state in (STARTING, IDLE, BUSY)]
+
+    def emptied(self) -> asyncio.Future:
+        """A future resolved once every child has been reaped (at once if none is left)."""
+        future = self.loop.create_future()
+        self._emptied.append(future)
+        if not self.children:
+            self._resolve_emptied()
+        return future
+
+    def _resolve_emptied(self) -> None:
+        emptied, self._emptied = self._emptied, []
+        for future in emptied:
+            _settle(future, None)
 
     def free_index(self, generation=None):
         generation = self.generation if generation is None else generation
@@ -266,41 +279,53 @@ class Pool:
                 except Exception:
                     log.exception("internal error giving back a job of child %d", child.index)
 
-    def _on_frame(self, child, frame):
-        kind = frame[0]
-        if kind == "done":
-            job, started = child.job, None
-            child.tasks_done += 1
-            child.rss = frame[7]
-            if child.queued:
-                child.job = started = child.queued.popleft()
-                child.job_started = time.monotonic()
-            else:
-                child.job = child.job_started = None
-                child.state = RETIRING if child.state == RETIRING else IDLE
-            if child.state == RETIRING or child.retire_after_job:
-                self.retire(child)
-            self._call(self.on_outcome, child, job, frame, give_back=job)
-            if started is not None:
-                self._call(self.on_started, child, started)     # it runs: not given back
-        elif kind == "ready":
-            if child.trial is not None:         # the reload that started it decides
-                if child.state == STARTING:
-                    child.state = IDLE
-                _settle(child.trial, (frame[2], None))
-                return
-            self.failures = 0
+    def _on_frame(self, child: Child, frame: tuple) -> None:
+        record = frames.up(frame)
+        if type(record) is Outcome:
+            self._on_outcome(child, record)
+        elif type(record) is Ready:
+            self._on_ready(child, record)
+        elif type(record) is ImportFailed:
+            self._on_import_failed(child, record)
+        else:
+            log.error("child %d sent a frame of no known kind: ignored", child.index)
+
+    def _on_outcome(self, child: Child, outcome: Outcome) -> None:
+        job, started = child.job, None
+        child.tasks_done += 1
+        child.rss = outcome.rss
+        if child.queued:
+            child.job = started = child.queued.popleft()
+            child.job_started = time.monotonic()
+        else:
+            child.job = child.job_started = None
+            child.state = RETIRING if child.state == RETIRING else IDLE
+        if child.state == RETIRING:
+            self.retire(child)
+        self._call(self.on_outcome, child, job, outcome, give_back=job)
+        if started is not None:
+            self._call(self.on_started, child, started)     # it runs: not given back
+
+    def _on_ready(self, child: Child, ready: Ready) -> None:
+        if child.trial is not None:         # the reload that started it decides
             if child.state == STARTING:
                 child.state = IDLE
-                self._call(self.on_ready, child, frame[2])
-            # else retired while importing (a reload): its job pipe is closed, so it
-            # reads end of file now and exits; it must not be given work.
-        elif kind == "import-failed":
-            log.error("child %d could not start: %s\n%s", child.index, frame[1], frame[2])
-            if child.trial is not None:
-                _settle(child.trial, (None, frame[1]))
-            else:
-                self.last_failure = frame[1]
+            _settle(child.trial, (ready.limits, None))
+            return
+        self.failures = 0
+        if child.state == STARTING:
+            child.state = IDLE
+            self._call(self.on_ready, child, ready.limits)
+        # else retired while importing (a reload): its job pipe is closed, so it
+        # reads end of file now and exits; it must not be given work.
+
+    def _on_import_failed(self, child: Child, failed: ImportFailed) -> None:
+        log.error("child %d could not start: %s\n%s", child.index, failed.message,
+                  failed.traceback)
+        if child.trial is not None:
+            _settle(child.trial, (None, failed.message))
+        else:
+            self.last_failure = failed.message
 
     # -- ending ---------------------------------------------------------------
     def retire(self, child):
@@ -372,6 +397,8 @@ class Pool:
         if child.pid not in self.children:
             return
         del self.children[child.pid]
+        if not self.children and self._emptied:
+            self._resolve_emptied()
         child.exit_status = status
         was_starting = child.state == STARTING
         job, unstarted = child.job, list(child.queued)

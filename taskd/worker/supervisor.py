@@ -487,10 +487,11 @@ class Supervisor(Intake, Outcomes):
     async def _settle(self, timeout):
         """Before closing: wait (bounded) for the confirms of copies just published for
         cut tasks, so that their originals are acked rather than delivered twice."""
-        deadline = time.monotonic() + timeout
-        while self.publisher is not None and self.publisher.is_open and \
-                self.publisher._confirms and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        if self.publisher is not None and self.publisher.is_open:
+            try:
+                await asyncio.wait_for(self.publisher.all_confirmed(), timeout)
+            except asyncio.TimeoutError:
+                pass
         if self._ack_timer is not None:
             self._flush_acks()
 
@@ -499,7 +500,7 @@ class Supervisor(Intake, Outcomes):
         if done is None or done.done() or not self.stopping:
             return
         if not self.pool.busy() and self._ack_timer is None and \
-                not (self.publisher and self.publisher._confirms):
+                not (self.publisher and self.publisher.unconfirmed):
             done.set_result(None)
 
     async def _stop_children(self, cold):
@@ -508,10 +509,11 @@ class Supervisor(Intake, Outcomes):
                 self.pool.kill(child)
             else:
                 self.pool.retire(child)
-        deadline = time.monotonic() + 10
-        while self.pool.children and time.monotonic() < deadline:
-            self.pool.reap()
-            await asyncio.sleep(0.02)
+        self.pool.reap()        # those gone already; SIGCHLD reports the others
+        try:
+            await asyncio.wait_for(self.pool.emptied(), 10)
+        except asyncio.TimeoutError:
+            pass
         for child in list(self.pool.children.values()):
             self.pool.kill(child)
 

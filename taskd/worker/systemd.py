@@ -25,10 +25,6 @@ class Notifier:
             self.watchdog_interval = int(usec) / 1e6 / 2   # ping twice per period
         self._sock = None
 
-    @property
-    def enabled(self):
-        return self.address is not None
-
     def notify(self, **fields):
         """Send ``READY=1``, ``STATUS=...`` etc.; keys are given upper or lower case."""
         if self.address is None:
