@@ -40,7 +40,7 @@ def snapshot(sup):
         "last_reload": sup.last_reload,
         "queues": list(sup.queues),
         "concurrency": sup.concurrency,
-        "connected": bool(sup.consumer and sup.consumer.is_open and not sup._reconnecting),
+        "connected": sup.connected,
         "publishing_blocked": bool(sup.publisher and sup.publisher.blocked),
         "children": children,
         "child_start_failure": sup.pool.last_failure if sup.pool.failures else None,

@@ -55,7 +55,7 @@ class Intake:
         consuming channel (read before the loss was noticed) are left to the broker,
         which requeues them when the channel closes. Taken, they would run beside
         their redelivered copies."""
-        self.forsaken = self.consumer.channel if self.consumer is not None else None
+        self.forsaken = self.consumer.channel
 
     def _receive(self, channel, method, properties, body):
         self.counters["received"] += 1
@@ -68,7 +68,7 @@ class Intake:
                        self.consumer_tags.get(method.consumer_tag, "?"), method.exchange,
                        method.routing_key, properties, body, method.redelivered)
         job.epoch = self.recent.epoch
-        self.acks.received(method.delivery_tag)
+        self.acker.received(method.delivery_tag)
         return job
 
     def _admit(self, job):
@@ -120,9 +120,7 @@ class Intake:
         except Exception:
             log.exception("could not dead-letter task %s either: rejecting it (the queue's "
                           "own dead-letter route, if it has one, takes it)", job.describe())
-            if job.channel is self.consumer.channel and self.consumer.is_open:
-                self.acks.forget(job.tag)
-                job.channel.basic_reject(job.tag, requeue=False)
+            self.acker.reject(job)
 
     def schedule_job(self, job, eta, delay):
         """An ETA task: revoke it if it would expire first, else park or hold it."""
@@ -144,7 +142,7 @@ class Intake:
 
     def hold(self, job, delay):
         self.schedule.hold(time.monotonic() + delay, job)
-        self._update_qos()
+        self.consumer.hold(len(self.schedule))
         self._arm_schedule_timer()
 
     def park(self, job, delay):
@@ -230,7 +228,7 @@ class Intake:
     def _release_due(self):
         self._timer = None
         self.ready.extend(self.schedule.pop_due(time.monotonic()))
-        self._update_qos()
+        self.consumer.hold(len(self.schedule))
         self._arm_schedule_timer()
         self.dispatch()
 

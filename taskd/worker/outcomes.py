@@ -4,7 +4,7 @@ The second half of a task's path (after :mod:`taskd.worker.intake`): publish
 the result and acknowledge; publish a retry; redeliver the task of a child
 that died, or dead-letter it after ``worker.max_deliveries``; report a hard
 time limit. Every acknowledgement waits for the broker's confirm of whatever
-replaces the message, and goes through :class:`~taskd.worker.acks.AckTracker`
+replaces the message, and goes through :class:`~taskd.worker.acker.Acker`
 so that acks are batched.
 
 Two publishing paths, one for each kind of message:
@@ -33,11 +33,6 @@ from ..exceptions import EncodeError, TaskdError, TimeLimitExceeded, WorkerLostE
 from . import headers, jobs
 
 log = logging.getLogger("taskd.supervisor")
-
-# Longest time a completed delivery waits for its ack, so that the acks of tasks
-# finishing close together go out as one ``basic.ack(multiple=True)``: each ack
-# frame costs the supervisor and the broker about as much as a delivery.
-ACK_DELAY = 0.001
 
 # Publishes of one result before it is given up (logged) and its delivery acked
 # anyway: a reply queue that refuses every message must not hold a prefetch slot
@@ -255,39 +250,14 @@ class Outcomes:
 
     # == acks ===========================================================================
     def complete(self, job):
-        """The job is finished for good: ack its delivery. Under load acks are
-        coalesced: sent once a quarter of the prefetch window has completed, else
-        ``ACK_DELAY`` later. With nothing else in hand, at once: a client waiting for
-        its publisher confirm of a persistent message waits for this ack."""
-        if job.channel is not self.consumer.channel:
-            return      # from a channel that is gone: the broker has requeued it
-        self.acks.completed(job.tag)
-        if self.acks.pending >= self.ack_batch or not (self.ready or self.pool.busy()):
-            self._flush_acks()
-        elif self._ack_timer is None:
-            self._ack_timer = self.loop.call_later(ACK_DELAY, self._flush_acks)
+        """The job is finished for good: ack its delivery (coalesced by the acker)."""
+        self.acker.complete(job)
 
     def give_back(self, job, delay=1.0):
         """A copy could not be confirmed: return the original to its queue (after
         ``delay`` seconds, so that a publisher that keeps failing is no busy loop)."""
         self.give_back_twins(job, delay)
-
-        def nack():
-            if job.channel is self.consumer.channel and self.consumer.is_open:
-                self.acks.forget(job.tag)
-                job.channel.basic_nack(job.tag, requeue=True)
         if delay:
-            self.loop.call_later(delay, nack)
+            self.loop.call_later(delay, self.acker.nack, job)
         else:
-            nack()
-
-    def _flush_acks(self):
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        if not self.consumer.is_open:
-            return
-        channel = self.consumer.channel
-        for tag, multiple in self.acks.flush():
-            channel.basic_ack(tag, multiple=multiple)
-        self._maybe_finish_stop()
+            self.acker.nack(job)

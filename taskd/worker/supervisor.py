@@ -14,7 +14,7 @@ children, and nothing else runs on its thread. Everything is an event:
 
 Acknowledgements are sent only after the task has finished and its result
 (or its dead-letter copy, or its redelivered copy) has been confirmed by the
-broker, and are batched by :class:`~taskd.worker.acks.AckTracker`.
+broker, and are batched by :class:`~taskd.worker.acker.Acker`.
 
 A task's path reads in order through :mod:`~taskd.worker.intake` (delivery to
 dispatch) and :mod:`~taskd.worker.outcomes` (outcome to ack); this module
@@ -32,17 +32,17 @@ import time
 from setproctitle import setproctitle
 
 from .. import serialization
-from ..broker import topology
 from ..exceptions import ConfigError
-from .acks import AckTracker
+from .acker import Acker
 from .amqp import AsyncChannel, ChannelLost, max_message_size
 from . import parking, recovery
-from .consumers import Consumers
+from .consumer import Consumer
 from .control import ControlServer
 from .copies import Copies
 from .intake import Intake
 from .outcomes import Outcomes
 from .pool import BUSY, IDLE, Pool
+from .reload import Reloader
 from .schedule import Schedule
 from .strikes import Strikes
 from .systemd import Notifier
@@ -64,7 +64,6 @@ class Supervisor(Intake, Outcomes):
         self.counters = collections.Counter()
         self.started_at = time.time()
         self.config_loaded_at = time.time()
-        self.last_reload = None
         self.notifier = Notifier()
         self._title = None
         self._ticks = 0
@@ -106,16 +105,16 @@ class Supervisor(Intake, Outcomes):
         self.stop_requested = asyncio.Event()   # set when a shutdown starts
         self.ready = collections.deque()      # decoded jobs waiting for a child
         self.schedule = Schedule()            # jobs waiting for their ETA
-        self.acks = AckTracker()
+        self.acker = Acker(self.loop, self.in_hand, self._maybe_finish_stop, self.ack_batch())
         self.seq = 0
         self._timer = None
-        self._ack_timer = None
+        self._drain_done = None
         self._dispatch_handle = None
         self._spawn_timer = None
         self.task_names = None
         self.task_limits = {}
-        self.consumer = self.publisher = None
-        self.consumers = None
+        self.publisher = None
+        self.consumer = Consumer(self.loop, self._channel, self.on_delivery, lambda: self.config)
         self.pool = Pool(self.loop, self.config["imports"],
                          memory_limit=self.config["worker.max_memory_per_child"],
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
@@ -128,6 +127,7 @@ class Supervisor(Intake, Outcomes):
         self.unsent = []                      # (job, body, props, attempt): results to
                                               # publish again after a reconnect
         self.copies = Copies(self.loop, self._declare_topology)
+        self.reloader = Reloader(self.loop, self, self.pool, self.notifier)
         self.pacer = recovery.ReconnectPacer()
         self.broker_max_size = 0              # max_message_size, once the broker named it
         self.cutting = False                  # a shutdown is killing the children
@@ -215,70 +215,31 @@ class Supervisor(Intake, Outcomes):
         self.publisher = self._channel("taskd-worker-publish")
         await self.publisher.open()
         await self.publisher.enable_confirms()
-        self.consumer = self._channel("taskd-worker-consume")
-        channel = await self.consumer.open()
-        self.acks.reset()
-        await self._declare(self._topology_ops())
-        self._qos_extra = 0
-        await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
-        self.consumers = Consumers(self.loop, self.consumer, self.on_delivery,
-                                   self._declare_queue)
-        for queue in self.queues:
-            self.consumers.consume(queue)
+        self.acker.attach(await self.consumer.open(self.queues, self._prefetch_base()))
 
     @property
     def consumer_tags(self):
         """Consumer tag -> queue, on the current consuming channel."""
-        return self.consumers.tags if self.consumers is not None else {}
-
-    async def _declare_queue(self, queue):
-        await self._declare(topology.plan(self.config, (queue,)))
-
-    def _topology_ops(self):
-        """The exchanges, queues and bindings this worker needs."""
-        return (topology.plan(self.config, self.queues)
-                + topology.dead_letter_plan(self.dead_letter_queue)
-                + parking.plan(self.config["worker.delay_queue_prefix"]))
+        return self.consumer.tags
 
     async def _declare_topology(self):
         """Declare the topology again (a copy found a queue missing)."""
-        if self.consumer is not None and self.consumer.is_open:
-            await self._declare(self._topology_ops())
+        await self.consumer.redeclare(self.queues)
 
-    async def _declare(self, ops):
-        channel = self.consumer.channel
-        for op in ops:
-            try:
-                if isinstance(op, topology.DeclareExchange):
-                    await self.consumer.call(channel.exchange_declare, op.name,
-                                             exchange_type=op.type, durable=op.durable)
-                elif isinstance(op, topology.DeclareQueue):
-                    await self.consumer.call(channel.queue_declare, op.name, durable=op.durable,
-                                             arguments=op.argument_dict)
-                else:
-                    await self.consumer.call(channel.queue_bind, op.queue, op.exchange,
-                                             routing_key=op.routing_key)
-            except ChannelLost as exc:
-                if exc.refused:
-                    raise ConfigError([topology.explain_channel_error(op, exc)], "broker") from None
-                raise
-
-    @property
     def ack_batch(self):
         """Completed deliveries that are acked at once, without waiting for ACK_DELAY."""
         return max(1, self.concurrency * self.config["worker.prefetch_multiplier"] // 4)
 
-    def _prefetch(self):
-        return self.concurrency * self.config["worker.prefetch_multiplier"] + self._qos_extra
+    def _prefetch_base(self):
+        return self.concurrency * self.config["worker.prefetch_multiplier"]
 
-    def _update_qos(self):
-        """Raise the prefetch by the ETA jobs held, so they do not starve the rest."""
-        base = self.concurrency * self.config["worker.prefetch_multiplier"]
-        held = len(self.schedule)
-        if held > self._qos_extra or held + 2 * base < self._qos_extra:
-            self._qos_extra = held + base if held else 0
-            if self.consumer.is_open:
-                self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
+    @property
+    def connected(self):
+        return self.consumer.is_open and not self._reconnecting
+
+    def in_hand(self):
+        """Work in hand besides what just completed: jobs ready or running."""
+        return self.ready or self.pool.busy()
 
     async def _connect_with_retry(self):
         cfg = self.config
@@ -286,9 +247,9 @@ class Supervisor(Intake, Outcomes):
                                                  cfg["broker.retry_max_interval"])
 
     async def close_connections(self):
-        for conn in (self.consumer, self.publisher):
-            if conn is not None:
-                await conn.close()
+        await self.consumer.close()
+        if self.publisher is not None:
+            await self.publisher.close()
 
     def on_connection_lost(self, reason):
         """A connection dropped: keep the children running, reconnect, resume."""
@@ -306,7 +267,7 @@ class Supervisor(Intake, Outcomes):
                   dropped, f" in {pause:.1f}s (it died young)" if pause else "")
         self.ready.clear()
         self.schedule.drain()
-        self.acks.reset()
+        self.acker.reset()
         self.forsake_channel()
         self.loop.create_task(self._recover(pause))
 
@@ -362,8 +323,7 @@ class Supervisor(Intake, Outcomes):
         ``worker.max_deliveries``), so a bug that recurs on one message cannot loop; if even
         that raises, the delivery goes back to the broker a second later. It may run
         again; it is not lost."""
-        if self.consumer is None or job.channel is not self.consumer.channel \
-                or self.acks.settled(job.tag):
+        if job.channel is not self.consumer.channel or self.acker.settled(job.tag):
             return
         try:
             self.redeliver(job, "ran it, but the supervisor failed to handle that (internal error)")
@@ -373,7 +333,7 @@ class Supervisor(Intake, Outcomes):
             self.loop.call_later(1.0, self._give_back_unsettled, job)
 
     def _give_back_unsettled(self, job):
-        if job.channel is self.consumer.channel and not self.acks.settled(job.tag):
+        if job.channel is self.consumer.channel and not self.acker.settled(job.tag):
             self.give_back(job, delay=0)
 
     # == signals ==========================================================================
@@ -398,15 +358,14 @@ class Supervisor(Intake, Outcomes):
 
     def handle_hup(self):
         """HUP: reload the configuration and replace the children gracefully."""
-        from .reload import reload
-        reload(self)
+        self.reloader.request()
 
     def handle_ttin(self):
         """TTIN: one more child."""
         self.concurrency += 1
         log.info("SIGTTIN: concurrency now %d", self.concurrency)
         self.manage_children()
-        self._update_qos_base()
+        self._resize()
 
     def handle_ttou(self):
         """TTOU: one child fewer (never below one)."""
@@ -419,7 +378,7 @@ class Supervisor(Intake, Outcomes):
             victim = min(serving, key=lambda c: (c.job is not None, -c.index))
             self.pool.retire(victim)
         log.info("SIGTTOU: concurrency now %d", self.concurrency)
-        self._update_qos_base()
+        self._resize()
 
     def handle_usr1(self):
         """USR1: log a dump of the state (children, running tasks, schedule, counters)."""
@@ -437,9 +396,53 @@ class Supervisor(Intake, Outcomes):
         """CHLD: reap exited children (their tasks are redelivered, they are replaced)."""
         self.pool.reap()
 
-    def _update_qos_base(self):
-        if self.consumer is not None and self.consumer.is_open:
-            self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
+    def _resize(self):
+        self.acker.batch = self.ack_batch()
+        self.consumer.resize(self._prefetch_base())
+
+    # == reload ==========================================================================
+    @property
+    def last_reload(self):
+        return self.reloader.last
+
+    def apply_config(self, new):
+        """A reload checked ``new``: make it the configuration, start its generation."""
+        self.config = new
+        self._apply_settings(new)
+        self.config_loaded_at = time.time()
+        pool = self.pool
+        pool.imports = tuple(new["imports"])
+        pool.memory_limit = new["worker.max_memory_per_child"]
+        pool.generation += 1
+        self.task_names = None
+        self.acker.batch = self.ack_batch()
+        self.manage_children()          # the new generation first ...
+        for child in list(pool.children.values()):
+            if child.generation < pool.generation:
+                pool.retire(child)      # ... then the old one leaves as it goes idle
+        log.info("SIGHUP: configuration reloaded from %s; generation %d, queues %s, %d "
+                 "children", new.source, pool.generation, ", ".join(self.queues),
+                 self.concurrency)
+
+    async def rebind(self, ops, old_queues):
+        """Consume the queues of a reloaded configuration (``ops`` declares them)."""
+        consumer = self.consumer
+        if not consumer.is_open:
+            return      # reconnecting: the new connection declares and consumes the new set
+        try:
+            await consumer.declare(ops)
+            consumers = consumer.consumers
+            for queue in sorted(set(consumers.tags.values())):
+                if queue not in self.queues:
+                    await consumers.cancel(queue)
+                    log.info("SIGHUP: stopped consuming %s", queue)
+            for queue in self.queues:
+                if queue not in old_queues:
+                    consumers.consume(queue)
+                    log.info("SIGHUP: now consuming %s", queue)
+            consumer.resize(self._prefetch_base())
+        except (ConfigError, ChannelLost) as exc:
+            log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)
 
     # == stopping ==========================================================================
     async def _shutdown(self, cold):
@@ -447,9 +450,9 @@ class Supervisor(Intake, Outcomes):
         self.stopping = True
         self.stop_requested.set()
         self.notifier.stopping()
-        if first and self.consumers is not None and self.consumer.is_open:
+        if first:
             try:
-                await self.consumers.cancel_all()
+                await self.consumer.cancel_all()
             except ChannelLost:
                 pass
         # Unstarted and held jobs stay unacked: the broker requeues them on close.
@@ -492,14 +495,14 @@ class Supervisor(Intake, Outcomes):
                 await asyncio.wait_for(self.publisher.all_confirmed(), timeout)
             except asyncio.TimeoutError:
                 pass
-        if self._ack_timer is not None:
-            self._flush_acks()
+        if self.acker.waiting:
+            self.acker.flush()
 
     def _maybe_finish_stop(self):
-        done = getattr(self, "_drain_done", None)
+        done = self._drain_done
         if done is None or done.done() or not self.stopping:
             return
-        if not self.pool.busy() and self._ack_timer is None and \
+        if not self.pool.busy() and not self.acker.waiting and \
                 not (self.publisher and self.publisher.unconfirmed):
             done.set_result(None)
 

@@ -1,0 +1,94 @@
+"""The acker: every acknowledgement the worker sends, on the consuming channel.
+
+Owns the tag frontier (:class:`~taskd.worker.acks.AckTracker`, its pure core),
+the coalescing timer and the batch size. Under load acks are coalesced: sent
+once ``batch`` deliveries have completed, else ``ACK_DELAY`` later; with
+nothing else in hand, at once (a client waiting for its publisher confirm of a
+persistent message waits for this ack). A delivery of a channel that is gone is
+never acked: the broker has requeued it.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Optional
+
+from .acks import AckTracker
+
+# Longest time a completed delivery waits for its ack, so that the acks of tasks
+# finishing close together go out as one ``basic.ack(multiple=True)``: each ack
+# frame costs the supervisor and the broker about as much as a delivery.
+ACK_DELAY = 0.001
+
+
+class Acker:
+    """``in_hand()``: whether other work is in hand (acks may wait for company);
+    ``on_flushed()``: called after each flush (a warm shutdown waits for the last)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, in_hand: Callable[[], Any],
+                 on_flushed: Callable[[], None] = lambda: None, batch: int = 1) -> None:
+        self.loop = loop
+        self.tracker = AckTracker()
+        self.conn: Any = None           # the consuming AsyncChannel
+        self.batch = batch
+        self._in_hand, self._on_flushed = in_hand, on_flushed
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def attach(self, conn: Any) -> None:
+        """A new consuming channel: the tags of the old one are void."""
+        self.conn = conn
+        self.tracker.reset()
+
+    def reset(self) -> None:
+        self.tracker.reset()
+
+    @property
+    def waiting(self) -> bool:
+        """Completed deliveries are waiting for the coalescing timer."""
+        return self._timer is not None
+
+    def received(self, tag: int) -> None:
+        self.tracker.received(tag)
+
+    def settled(self, tag: int) -> bool:
+        return self.tracker.settled(tag)
+
+    def current(self, channel: Any) -> bool:
+        """``channel`` is the consuming channel, and open."""
+        conn = self.conn
+        return conn is not None and channel is conn.channel and conn.is_open
+
+    def complete(self, job: Any) -> None:
+        """``job`` is finished for good: ack its delivery (coalesced)."""
+        conn = self.conn
+        if conn is None or job.channel is not conn.channel:
+            return      # from a channel that is gone: the broker has requeued it
+        tracker = self.tracker
+        tracker.completed(job.tag)
+        if tracker.pending >= self.batch or not self._in_hand():
+            self.flush()
+        elif self._timer is None:
+            self._timer = self.loop.call_later(ACK_DELAY, self.flush)
+
+    def nack(self, job: Any) -> None:
+        """Return ``job``'s delivery to its queue now (if its channel is still open)."""
+        if self.current(job.channel):
+            self.tracker.forget(job.tag)
+            job.channel.basic_nack(job.tag, requeue=True)
+
+    def reject(self, job: Any) -> None:
+        """Drop ``job``'s delivery (to the queue's own dead-letter route, if any)."""
+        if self.current(job.channel):
+            self.tracker.forget(job.tag)
+            job.channel.basic_reject(job.tag, requeue=False)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self.conn
+        if conn is None or not conn.is_open:
+            return
+        channel = conn.channel
+        for tag, multiple in self.tracker.flush():
+            channel.basic_ack(tag, multiple=multiple)
+        self._on_flushed()
