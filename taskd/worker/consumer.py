@@ -29,7 +29,7 @@ class Consumer:
     def __init__(self, loop: asyncio.AbstractEventLoop, connect: Callable[[str], AsyncChannel],
                  on_delivery: Callable, settings: Callable[[], Any]) -> None:
         self.loop = loop
-        self._connect, self._on_delivery, self._settings = connect, on_delivery, settings
+        self._connect, self.on_delivery, self._settings = connect, on_delivery, settings
         self.conn: Optional[AsyncChannel] = None
         self.consumers: Optional[Consumers] = None
         self.base = 1               # concurrency * prefetch multiplier
@@ -55,7 +55,7 @@ class Consumer:
         await self.declare(self.topology(queues))
         self.base, self.extra = base, 0
         await self.conn.call(channel.basic_qos, prefetch_count=self.prefetch)
-        self.consumers = Consumers(self.loop, self.conn, self._on_delivery, self.declare_queue)
+        self.consumers = Consumers(self.loop, self.conn, self.on_delivery, self.declare_queue)
         for queue in queues:
             self.consumers.consume(queue)
         return self.conn

@@ -44,11 +44,24 @@ def snapshot(sup):
         "publishing_blocked": bool(sup.publisher and sup.publisher.blocked),
         "children": children,
         "child_start_failure": sup.pool.last_failure if sup.pool.failures else None,
-        "ready": len(sup.ready),
-        "held": len(sup.schedule),
+        "ready": len(sup.dispatcher.ready),
+        "held": len(sup.dispatcher.schedule),
         "counters": dict(sup.counters),
         "stopping": sup.stopping,
     }
+
+
+def dump(sup):
+    """The state as lines of text, for the log (SIGUSR1)."""
+    now = time.monotonic()
+    lines = [f"state: {sup.status_line()}"]
+    for c in sorted(sup.pool.children.values(), key=lambda c: c.index):
+        running = (f"{c.job.describe()} for {now - c.job_started:.1f}s" if c.job else "-")
+        lines.append(f"  child {c.index} pid={c.pid} gen={c.generation} {c.state} "
+                     f"tasks={c.tasks_done} rss={c.rss >> 20}MiB running={running}")
+    lines.append(f"  ready={len(sup.dispatcher.ready)} held={len(sup.dispatcher.schedule)} "
+                 f"counters={dict(sup.counters)}")
+    return "\n".join(lines)
 
 
 class ControlServer:
