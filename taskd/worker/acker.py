@@ -30,7 +30,7 @@ class Acker:
         self.tracker = AckTracker()
         self.conn: Any = None           # the consuming AsyncChannel
         self.batch = batch
-        self._in_hand, self._on_flushed = in_hand, on_flushed
+        self._in_hand, self.on_flushed = in_hand, on_flushed
         self._timer: Optional[asyncio.TimerHandle] = None
 
     def attach(self, conn: Any) -> None:
@@ -91,4 +91,4 @@ class Acker:
         channel = conn.channel
         for tag, multiple in self.tracker.flush():
             channel.basic_ack(tag, multiple=multiple)
-        self._on_flushed()
+        self.on_flushed()

@@ -24,12 +24,12 @@ MAX_PREFETCH = 65535
 
 class Consumer:
     """``connect(name)``: a new, unopened AsyncChannel; ``on_delivery``: pika's message
-    callback; ``settings()``: the current config (a reload replaces it)."""
+    callback; ``config``: the worker's (a reload replaces it)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, connect: Callable[[str], AsyncChannel],
-                 on_delivery: Callable, settings: Callable[[], Any]) -> None:
+                 on_delivery: Optional[Callable], config: Any) -> None:
         self.loop = loop
-        self._connect, self.on_delivery, self._settings = connect, on_delivery, settings
+        self._connect, self.on_delivery, self.config = connect, on_delivery, config
         self.conn: Optional[AsyncChannel] = None
         self.consumers: Optional[Consumers] = None
         self.base = 1               # concurrency * prefetch multiplier
@@ -62,13 +62,13 @@ class Consumer:
 
     def topology(self, queues: Iterable[str]) -> list:
         """The exchanges, queues and bindings this worker needs."""
-        cfg = self._settings()
+        cfg = self.config
         return (topology.plan(cfg, tuple(queues))
                 + topology.dead_letter_plan(cfg["worker.dead_letter_queue"])
                 + parking.plan(cfg["worker.delay_queue_prefix"]))
 
     async def declare_queue(self, queue: str) -> None:
-        await self.declare(topology.plan(self._settings(), (queue,)))
+        await self.declare(topology.plan(self.config, (queue,)))
 
     async def redeclare(self, queues: Iterable[str]) -> None:
         """Declare the topology again (a copy found a queue missing)."""

@@ -160,22 +160,24 @@ class ReconnectPacer:
         return backoff(self.quick_deaths - 1, rng=self.rng)
 
 
-async def connect_with_retry(sup, retry_for, cap):
-    """Call ``sup.connect()`` until it succeeds or ``retry_for`` seconds pass.
+async def connect_with_retry(connect, close, shutdown, notifier, retry_for, cap):
+    """Await ``connect()`` until it succeeds or ``retry_for`` seconds pass (``close()``
+    after each failure); a shutdown (``shutdown.stopping``, ``shutdown.requested``)
+    ends the wait.
 
     A declaration conflict (ConfigError) is not retried. Returns True when
     connected; False when it gave up or the worker is stopping.
     """
     deadline = time.monotonic() + retry_for
     attempt = 0
-    while not sup.stopping:
+    while not shutdown.stopping:
         try:
-            await sup.connect()
+            await connect()
             return True
         except ConfigError:
             raise
         except (TaskdConnectionError, ChannelLost, OSError) as exc:
-            await sup.close_connections()
+            await close()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log.error("%s; gave up after %gs (broker.retry_for)", exc, retry_for)
@@ -184,10 +186,10 @@ async def connect_with_retry(sup, retry_for, cap):
             message = f"waiting for the broker: {exc}; next attempt in {delay:.1f}s"
             if attempt == 0 or attempt % 10 == 0:
                 log.warning("%s", message)
-            sup.notifier.status(message)
+            notifier.status(message)
             attempt += 1
             try:        # a shutdown cuts the pause short
-                await asyncio.wait_for(sup.stop_requested.wait(), delay)
+                await asyncio.wait_for(shutdown.requested.wait(), delay)
             except asyncio.TimeoutError:
                 pass
     return False

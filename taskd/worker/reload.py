@@ -31,6 +31,7 @@ from ..broker import topology
 from ..broker.connection import connect_blocking
 from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 from . import parking
+from .amqp import ChannelLost
 
 log = logging.getLogger("taskd.supervisor")
 
@@ -39,13 +40,14 @@ IMPORT_TIMEOUT = 300.0      # seconds the new generation's first child may take 
 
 class Reloader:
     """Runs reloads one at a time. ``host`` is the supervisor, used through its public
-    face only: ``config``, ``config_path``, ``stopping``, ``queues_for(config)``,
-    ``apply_config(config)``, ``status_line()``, ``on_child_ready(child, limits)``
-    and ``rebind(ops, old_queues)``."""
+    face only: ``config``, ``config_path``, ``queues``, ``concurrency``, ``stopping``,
+    ``queues_for(config)``, ``configure(config)``, ``status_line()``,
+    ``manage_children()``, ``on_child_ready(child, limits)`` and ``resize()``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any,
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any, consumer: Any,
                  notifier: Any) -> None:
         self.loop, self.host, self.pool, self.notifier = loop, host, pool, notifier
+        self.consumer = consumer
         self.task: Optional[asyncio.Task] = None     # the reload under way
         self.again = False                           # a SIGHUP came during it
         self.last: Optional[dict] = None             # {"at", "ok", "errors"} of the last one
@@ -101,9 +103,43 @@ async def _reload(reloader: Reloader) -> None:
         return
     reloader.last = {"at": time.time(), "ok": True, "errors": []}
     old_queues = sup.queues
-    sup.apply_config(new)
+    sup.configure(new)
+    _next_generation(sup, pool, new)
     sup.on_child_ready(first, limits)
-    await sup.rebind(ops, old_queues)
+    await _rebind(sup, reloader.consumer, ops, old_queues)
+
+
+def _next_generation(sup: Any, pool: Any, new: Any) -> None:
+    """The checked child's generation becomes the current one; the old one leaves."""
+    pool.imports = tuple(new["imports"])
+    pool.memory_limit = new["worker.max_memory_per_child"]
+    pool.generation += 1
+    sup.manage_children()          # the new generation first ...
+    for child in list(pool.children.values()):
+        if child.generation < pool.generation:
+            pool.retire(child)     # ... then the old one leaves as it goes idle
+    log.info("SIGHUP: configuration reloaded from %s; generation %d, queues %s, %d children",
+             new.source, pool.generation, ", ".join(sup.queues), sup.concurrency)
+
+
+async def _rebind(sup: Any, consumer: Any, ops: list, old_queues: tuple) -> None:
+    """Consume the queues of the new configuration (``ops`` declares them)."""
+    if not consumer.is_open:
+        return          # reconnecting: the new connection declares and consumes the new set
+    try:
+        await consumer.declare(ops)
+        consumers = consumer.consumers
+        for queue in sorted(set(consumers.tags.values())):
+            if queue not in sup.queues:
+                await consumers.cancel(queue)
+                log.info("SIGHUP: stopped consuming %s", queue)
+        for queue in sup.queues:
+            if queue not in old_queues:
+                consumers.consume(queue)
+                log.info("SIGHUP: now consuming %s", queue)
+        sup.resize()
+    except (ConfigError, ChannelLost) as exc:
+        log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)
 
 
 async def _import_check(pool, new):

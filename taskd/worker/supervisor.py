@@ -45,12 +45,10 @@ import signal
 import time
 from typing import Any, Optional
 
-from setproctitle import setproctitle
-
 from ..exceptions import ConfigError
 from . import recovery
 from .acker import Acker
-from .amqp import AsyncChannel, ChannelLost, max_message_size
+from .amqp import AsyncChannel, max_message_size
 from .consumer import Consumer
 from . import control
 from .copies import Copies
@@ -59,14 +57,14 @@ from .duplicates import Duplicates
 from .frames import Outcome
 from .intake import Intake
 from .outcomes import Outcomes
-from .pool import BUSY, IDLE, Pool
+from .pool import Pool
 from .reload import Reloader
 from .replies import Replies
+from .status import Status
+from .stopping import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
-
-EX_OK, EX_TASKS_CUT, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
 
 
 class Supervisor:
@@ -76,22 +74,13 @@ class Supervisor:
         self.queue_override, self.concurrency_override = queues, concurrency
         self.queues = self.queues_for(config)
         self.concurrency = concurrency or config["worker.concurrency"]
-        self.exit_code = EX_OK
-        self.stopping = False
-        self.cutting = False                  # a shutdown is killing the children
-        self._reconnecting = True             # until the first connection is up
-        self._announced = False
+        self.reconnecting = True              # until the first connection is up
         self.counters: collections.Counter = collections.Counter()
         self.started_at = self.config_loaded_at = time.time()
-        self._title: Optional[str] = None
-        self._ticks = 0
         self._signals: tuple = ()
         self._spawn_timer: Optional[asyncio.TimerHandle] = None
-        self._drain_done: Optional[asyncio.Future] = None
         self._runner = asyncio.Runner()
         self.loop = loop = self._runner.get_loop()
-        self.stopped = loop.create_future()
-        self.stop_requested = asyncio.Event()     # set when a shutdown starts
         self.notifier = Notifier()
         self.pacer = recovery.ReconnectPacer()
         self.publisher: Optional[AsyncChannel] = None
@@ -99,8 +88,8 @@ class Supervisor:
         self.pool = Pool(loop, config["imports"], memory_limit=config["worker.max_memory_per_child"],
                          on_ready=self.on_child_ready, on_outcome=self.on_outcome,
                          on_lost=self.on_child_lost, on_fault=self.on_pool_fault)
-        self.acker = Acker(loop, self.in_hand, self._maybe_finish_stop, self.ack_batch())
-        self.consumer = Consumer(loop, self._channel, None, lambda: self.config)
+        self.acker = Acker(loop, self.in_hand, batch=self.ack_batch())
+        self.consumer = Consumer(loop, self._channel, None, config)
         self.replies = Replies(loop, self.acker.complete, self.counters,
                                re.compile(config["worker.reply_to_pattern"]),
                                config["worker.max_result_size"])
@@ -113,7 +102,12 @@ class Supervisor:
                              self.duplicates, self.pool, self.counters, config)
         self.consumer.on_delivery = self.intake.on_delivery
         self.pool.on_started = self.dispatcher.started
-        self.reloader = Reloader(loop, self, self.pool, self.notifier)
+        self.shutdown = Shutdown(loop, self.pool, self.consumer, self.dispatcher, self.acker,
+                                 self.replies, self.notifier, config, self.close_connections)
+        self.acker.on_flushed = self.shutdown.check_drained
+        self.reloader = Reloader(loop, self, self.pool, self.consumer, self.notifier)
+        self.status = Status(loop, self, self.pool, self.dispatcher, self.counters,
+                             self.notifier)
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
@@ -131,7 +125,7 @@ class Supervisor:
         except Exception:
             log.exception("internal error in the supervisor")
             return EX_SOFTWARE
-        return self.exit_code
+        return self.shutdown.exit_code
 
     async def _main(self) -> None:
         self._install_signals()
@@ -148,18 +142,18 @@ class Supervisor:
     async def _start(self) -> None:
         self.manage_children()
         if not await self._connect_with_retry():
-            if self.stopping:       # a signal came while connecting: _shutdown ends it
-                await self.stopped
+            if self.stopping:       # a signal came while connecting: the shutdown ends it
+                await self.shutdown.stopped
                 return
-            self.exit_code = self.exit_code or EX_UNAVAILABLE
-            await self._stop_children(cold=True)
+            self.shutdown.fail(EX_UNAVAILABLE)
+            await self.shutdown.stop_children(cold=True)
             return
-        self._reconnecting = False
+        self.reconnecting = False
         self.pacer.connected()
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
-        self.announce_ready()
-        self._tick()
-        await self.stopped
+        self.status.announce_ready()
+        self.status.tick()
+        await self.shutdown.stopped
 
     def _install_signals(self) -> None:
         handlers = {
@@ -175,7 +169,7 @@ class Supervisor:
     # == events from the children ===================================================
     def on_child_ready(self, child: Any, task_limits: dict) -> None:
         self.dispatcher.tasks(task_limits)
-        self.announce_ready()
+        self.status.announce_ready()
         self.dispatcher.dispatch()
 
     def on_outcome(self, child: Any, job: Any, outcome: Outcome) -> None:
@@ -188,10 +182,10 @@ class Supervisor:
         if unstarted:       # sent in advance, never started: first in line again
             self.dispatcher.first(unstarted)
         if job is not None:
-            self.outcomes.lost(job, reason, count=not self.cutting)
+            self.outcomes.lost(job, reason, count=not self.shutdown.cutting)
         self.manage_children()
         self.dispatcher.dispatch()
-        self._maybe_finish_stop()
+        self.shutdown.check_drained()
 
     def on_pool_fault(self, job: Any) -> None:
         """Handling ``job``'s outcome (or its child's death) raised. Unless its delivery is
@@ -237,7 +231,7 @@ class Supervisor:
             return
         for _ in range(1 if self.pool.failures else missing):
             self.pool.spawn()
-        self.update_title()
+        self.status.update_title()
 
     def _spawn_after_backoff(self) -> None:
         self._spawn_timer = None
@@ -251,7 +245,8 @@ class Supervisor:
         """Completed deliveries that are acked at once, without waiting for ACK_DELAY."""
         return max(1, self.concurrency * self.config["worker.prefetch_multiplier"] // 4)
 
-    def _resize(self) -> None:
+    def resize(self) -> None:
+        """The pool's size changed (TTIN, TTOU, a reload): so do the prefetch and batch."""
         self.acker.batch = self.ack_batch()
         self.consumer.resize(self.concurrency * self.config["worker.prefetch_multiplier"])
 
@@ -278,12 +273,13 @@ class Supervisor:
     async def _connect_with_retry(self) -> bool:
         cfg = self.config
         try:
-            return await recovery.connect_with_retry(self, cfg["broker.retry_for"],
-                                                     cfg["broker.retry_max_interval"])
+            return await recovery.connect_with_retry(
+                self.connect, self.close_connections, self.shutdown, self.notifier,
+                cfg["broker.retry_for"], cfg["broker.retry_max_interval"])
         except ConfigError as exc:
             for error in exc.errors:
                 log.error("%s", error)
-            self.exit_code = EX_CONFIG
+            self.shutdown.exit_code = EX_CONFIG
             return False
 
     async def close_connections(self) -> None:
@@ -293,13 +289,24 @@ class Supervisor:
 
     @property
     def connected(self) -> bool:
-        return self.consumer.is_open and not self._reconnecting
+        return self.consumer.is_open and not self.reconnecting
+
+    @property
+    def stopping(self) -> bool:
+        return self.shutdown.stopping
+
+    @property
+    def last_reload(self) -> Optional[dict]:
+        return self.reloader.last
+
+    def status_line(self) -> str:
+        return self.status.line()
 
     def on_connection_lost(self, reason: Any) -> None:
         """A connection dropped: keep the children running, reconnect, resume."""
-        if self.stopping or self._reconnecting:
+        if self.stopping or self.reconnecting:
             return
-        self._reconnecting = True
+        self.reconnecting = True
         self.counters["connection_lost"] += 1
         limit = max_message_size(reason)
         if limit:
@@ -317,15 +324,15 @@ class Supervisor:
         await self.close_connections()
         if pause:       # a shutdown cuts the pause short
             try:
-                await asyncio.wait_for(self.stop_requested.wait(), pause)
+                await asyncio.wait_for(self.shutdown.requested.wait(), pause)
             except asyncio.TimeoutError:
                 pass
         ok = await self._connect_with_retry()
-        self._reconnecting = False
+        self.reconnecting = False
         if not ok:
             if not self.stopping:
-                self.exit_code = self.exit_code or EX_UNAVAILABLE
-                await self._shutdown(cold=False)
+                self.shutdown.fail(EX_UNAVAILABLE)
+                await self.shutdown.run(cold=False)
             return
         self.pacer.connected()
         log.info("reconnected; consuming %s again", ", ".join(self.queues))
@@ -338,7 +345,7 @@ class Supervisor:
         if not self.stopping:
             log.info("SIGTERM: warm shutdown (waiting up to %gs for running tasks)",
                      self.config["worker.shutdown_timeout"])
-            self.loop.create_task(self._shutdown(cold=False))
+            self.shutdown.start(cold=False)
 
     def handle_int(self) -> None:
         """INT: as TERM; a second INT is a cold shutdown (QUIT)."""
@@ -350,14 +357,14 @@ class Supervisor:
     def handle_quit(self) -> None:
         """QUIT: cold shutdown: kill the children now; unfinished tasks go back to the queue."""
         log.warning("SIGQUIT: cold shutdown")
-        self.loop.create_task(self._shutdown(cold=True))
+        self.shutdown.start(cold=True)
 
     def handle_ttin(self) -> None:
         """TTIN: one more child."""
         self.concurrency += 1
         log.info("SIGTTIN: concurrency now %d", self.concurrency)
         self.manage_children()
-        self._resize()
+        self.resize()
 
     def handle_ttou(self) -> None:
         """TTOU: one child fewer (never below one)."""
@@ -370,176 +377,23 @@ class Supervisor:
             victim = min(serving, key=lambda c: (c.job is not None, -c.index))
             self.pool.retire(victim)
         log.info("SIGTTOU: concurrency now %d", self.concurrency)
-        self._resize()
+        self.resize()
 
     def handle_usr1(self) -> None:
         """USR1: log a dump of the state (children, running tasks, schedule, counters)."""
         log.info("%s", control.dump(self))
 
-    # == stopping ==========================================================================
-    async def _shutdown(self, cold: bool) -> None:
-        first = not self.stopping
-        self.stopping = True
-        self.stop_requested.set()
-        self.notifier.stopping()
-        if first:
-            try:
-                await self.consumer.cancel_all()
-            except ChannelLost:
-                pass
-        # Unstarted and held jobs stay unacked: the broker requeues them on close.
-        returned = self.dispatcher.drop()
-        if returned:
-            log.info("giving %d unstarted task(s) back to the broker", returned)
-        if not cold:
-            self._drain_done = self.loop.create_future()
-            self._maybe_finish_stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._drain_done),
-                                       self.config["worker.shutdown_timeout"])
-            except asyncio.TimeoutError:
-                cut = [c.job.describe() for c in self.pool.busy()]
-                log.error("shutdown_timeout reached: killing children; these tasks go back to "
-                          "the queue: %s", ", ".join(cut))
-                self.exit_code = self.exit_code or EX_TASKS_CUT
-                cold = True
-        elif self.pool.busy():
-            cut = [c.job.describe() for c in self.pool.busy()]
-            log.warning("cold shutdown: these tasks are cut and go back to the queue: %s",
-                        ", ".join(cut))
-            self.exit_code = self.exit_code or EX_TASKS_CUT
-        self.cutting = cold
-        await self._stop_children(cold)
-        await self._settle(timeout=5.0)
-        self.replies.report_unsent()
-        await self.close_connections()
-        log.info("stopped (exit code %d)", self.exit_code)
-        if not self.stopped.done():
-            self.stopped.set_result(None)
-
-    async def _settle(self, timeout: float) -> None:
-        """Before closing: wait (bounded) for the confirms of copies just published for
-        cut tasks, so that their originals are acked rather than delivered twice."""
-        if self.publisher is not None and self.publisher.is_open:
-            try:
-                await asyncio.wait_for(self.publisher.all_confirmed(), timeout)
-            except asyncio.TimeoutError:
-                pass
-        if self.acker.waiting:
-            self.acker.flush()
-
-    def _maybe_finish_stop(self) -> None:
-        """A warm shutdown is drained once no task runs and no ack or confirm waits."""
-        done = self._drain_done
-        if done is None or done.done():
-            return
-        if not self.pool.busy() and not self.acker.waiting and \
-                not (self.publisher and self.publisher.unconfirmed):
-            done.set_result(None)
-
-    async def _stop_children(self, cold: bool) -> None:
-        for child in list(self.pool.children.values()):
-            if cold:
-                self.pool.kill(child)
-            else:
-                self.pool.retire(child)
-        self.pool.reap()        # those gone already; SIGCHLD reports the others
-        try:
-            await asyncio.wait_for(self.pool.emptied(), 10)
-        except asyncio.TimeoutError:
-            pass
-        for child in list(self.pool.children.values()):
-            self.pool.kill(child)
-
-    # == reload (the Reloader calls these) ====================================================
-    @property
-    def last_reload(self) -> Optional[dict]:
-        return self.reloader.last
-
-    def apply_config(self, new: Any) -> None:
-        """A reload checked ``new``: make it the configuration, start its generation."""
+    # == reload (the Reloader calls this) ===================================================
+    def configure(self, new: Any) -> None:
+        """Make ``new`` (checked by a reload) the configuration of the worker and its parts."""
         self.config = new
         self.queues = self.queues_for(new)
         self.concurrency = self.concurrency_override or new["worker.concurrency"]
         self.config_loaded_at = time.time()
         self.replies.pattern = re.compile(new["worker.reply_to_pattern"])
         self.replies.max_result_size = new["worker.max_result_size"]
-        self.outcomes.config = self.dispatcher.config = new
+        self.outcomes.config = self.dispatcher.config = self.consumer.config = new
+        self.shutdown.config = new
         self.intake.configure(new)
         self.acker.batch = self.ack_batch()
-        pool = self.pool
-        pool.imports = tuple(new["imports"])
-        pool.memory_limit = new["worker.max_memory_per_child"]
-        pool.generation += 1
         self.dispatcher.tasks(None)
-        self.manage_children()          # the new generation first ...
-        for child in list(pool.children.values()):
-            if child.generation < pool.generation:
-                pool.retire(child)      # ... then the old one leaves as it goes idle
-        log.info("SIGHUP: configuration reloaded from %s; generation %d, queues %s, %d "
-                 "children", new.source, pool.generation, ", ".join(self.queues),
-                 self.concurrency)
-
-    async def rebind(self, ops: list, old_queues: tuple) -> None:
-        """Consume the queues of a reloaded configuration (``ops`` declares them)."""
-        consumer = self.consumer
-        if not consumer.is_open:
-            return      # reconnecting: the new connection declares and consumes the new set
-        try:
-            await consumer.declare(ops)
-            consumers = consumer.consumers
-            for queue in sorted(set(consumers.tags.values())):
-                if queue not in self.queues:
-                    await consumers.cancel(queue)
-                    log.info("SIGHUP: stopped consuming %s", queue)
-            for queue in self.queues:
-                if queue not in old_queues:
-                    consumers.consume(queue)
-                    log.info("SIGHUP: now consuming %s", queue)
-            self._resize()
-        except (ConfigError, ChannelLost) as exc:
-            log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)
-
-    # == status ==============================================================================
-    def announce_ready(self) -> None:
-        """READY=1 to systemd, once: connected, and a child has imported the task modules
-        (a deployment whose modules do not import never reports ready)."""
-        if self._announced or self._reconnecting or self.stopping:
-            return
-        if not any(c.state in (IDLE, BUSY) for c in self.pool.serving()):
-            return
-        self._announced = True
-        log.info("ready")
-        self.notifier.ready(self.status_line())
-
-    def _tick(self) -> None:
-        """Every few seconds: STATUS= and, under a systemd watchdog, WATCHDOG=1. Sent from
-        the loop itself, so a loop that stalls stops the pings and systemd notices."""
-        if self.stopping:
-            return
-        self.update_title()
-        self._ticks += 1
-        if self._ticks % 5 == 1:
-            self.notifier.status(self.status_line())
-        if self.notifier.watchdog_interval:
-            self.notifier.watchdog()
-        self.loop.call_later(min(1.0, self.notifier.watchdog_interval or 1.0), self._tick)
-
-    def status_line(self) -> str:
-        line = (f"{len(self.pool.busy())}/{len(self.pool.serving())} busy, "
-                f"{self.counters['succeeded']} ok, {self.counters['failed']} failed, "
-                f"{len(self.dispatcher.schedule)} held")
-        if self._reconnecting:
-            line += ", broker: reconnecting"
-        if self.last_reload and not self.last_reload["ok"]:
-            line += f", last reload failed: {self.last_reload['errors'][0]}"
-        return line
-
-    def update_title(self) -> None:
-        """``taskd: supervisor [queues] busy/total busy``, refreshed by the 1 s tick (not per
-        task: setting the title on every task cost about 10% of the supervisor's time)."""
-        title = (f"taskd: supervisor [{','.join(self.queues)}] "
-                 f"{len(self.pool.busy())}/{self.concurrency} busy")
-        if title != self._title:
-            self._title = title
-            setproctitle(title)
