@@ -26,12 +26,14 @@ class Consumer:
     """``connect(name)``: a new, unopened AsyncChannel; ``on_delivery``: pika's message
     callback; ``config``: the worker's (a reload replaces it)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, connect: Callable[[str], AsyncChannel],
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 connect: Optional[Callable[[str], AsyncChannel]],
                  on_delivery: Optional[Callable], config: Any) -> None:
         self.loop = loop
-        self._connect, self.on_delivery, self.config = connect, on_delivery, config
+        self.connect, self.on_delivery, self.config = connect, on_delivery, config
         self.conn: Optional[AsyncChannel] = None
         self.consumers: Optional[Consumers] = None
+        self.queues: tuple = ()     # the queues it consumes
         self.base = 1               # concurrency * prefetch multiplier
         self.extra = 0              # room for the ETA jobs held
 
@@ -50,7 +52,8 @@ class Consumer:
 
     async def open(self, queues: Iterable[str], base: int) -> AsyncChannel:
         """Open the consuming channel, declare the topology, set QoS, consume ``queues``."""
-        self.conn = self._connect("taskd-worker-consume")
+        self.queues = tuple(queues)
+        self.conn = self.connect("taskd-worker-consume")
         channel = await self.conn.open()
         await self.declare(self.topology(queues))
         self.base, self.extra = base, 0
@@ -70,10 +73,10 @@ class Consumer:
     async def declare_queue(self, queue: str) -> None:
         await self.declare(topology.plan(self.config, (queue,)))
 
-    async def redeclare(self, queues: Iterable[str]) -> None:
+    async def redeclare(self) -> None:
         """Declare the topology again (a copy found a queue missing)."""
         if self.is_open:
-            await self.declare(self.topology(queues))
+            await self.declare(self.topology(self.queues))
 
     async def declare(self, ops: Iterable) -> None:
         conn = self.conn

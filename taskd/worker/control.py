@@ -37,24 +37,24 @@ def snapshot(sup):
         "uptime": round(time.time() - sup.started_at, 1),
         "config": sup.config.source,
         "config_loaded_at": sup.config_loaded_at,
-        "last_reload": sup.last_reload,
+        "last_reload": sup.reloader.last,
         "queues": list(sup.queues),
         "concurrency": sup.concurrency,
-        "connected": sup.connected,
-        "publishing_blocked": bool(sup.publisher and sup.publisher.blocked),
+        "connected": sup.link.connected,
+        "publishing_blocked": bool(sup.link.publisher and sup.link.publisher.blocked),
         "children": children,
         "child_start_failure": sup.pool.last_failure if sup.pool.failures else None,
         "ready": len(sup.dispatcher.ready),
         "held": len(sup.dispatcher.schedule),
         "counters": dict(sup.counters),
-        "stopping": sup.stopping,
+        "stopping": sup.shutdown.stopping,
     }
 
 
 def dump(sup):
     """The state as lines of text, for the log (SIGUSR1)."""
     now = time.monotonic()
-    lines = [f"state: {sup.status_line()}"]
+    lines = [f"state: {sup.status.line()}"]
     for c in sorted(sup.pool.children.values(), key=lambda c: c.index):
         running = (f"{c.job.describe()} for {now - c.job_started:.1f}s" if c.job else "-")
         lines.append(f"  child {c.index} pid={c.pid} gen={c.generation} {c.state} "

@@ -85,6 +85,31 @@ class Outcomes:
         self.fail(job, TaskRevokedError(f"expired at {expires.isoformat()}"), protocol.REVOKED)
         return True
 
+    def fault(self, job: Any) -> None:
+        """Handling ``job``'s outcome (or its child's death) raised. Unless its delivery is
+        settled, it is redelivered with its count + 1 (dead-lettered after
+        ``worker.max_deliveries``), so a bug that recurs on one message cannot loop; if even
+        that raises, the delivery goes back to the broker a second later. It may run
+        again; it is not lost."""
+        if not self._unsettled(job):
+            return
+        try:
+            self.redeliver(job, "ran it, but the supervisor failed to handle that "
+                                "(internal error)")
+        except Exception:
+            log.exception("task %s: could not redeliver it; returning it to the broker in 1s",
+                          job.describe())
+            self.loop.call_later(1.0, self._give_back_unsettled, job)
+
+    def _unsettled(self, job: Any) -> bool:
+        conn = self.acker.conn
+        return conn is not None and job.channel is conn.channel \
+            and not self.acker.settled(job.tag)
+
+    def _give_back_unsettled(self, job: Any) -> None:
+        if self._unsettled(job):
+            self.give_back(job, delay=0)
+
     # == settling ============================================================================
     def settle(self, job: Any, reply: Optional[tuple] = None) -> None:
         """``job`` is finished for good: publish its reply (confirmed) if it has one,

@@ -40,14 +40,14 @@ IMPORT_TIMEOUT = 300.0      # seconds the new generation's first child may take 
 
 class Reloader:
     """Runs reloads one at a time. ``host`` is the supervisor, used through its public
-    face only: ``config``, ``config_path``, ``queues``, ``concurrency``, ``stopping``,
-    ``queues_for(config)``, ``configure(config)``, ``status_line()``,
-    ``manage_children()``, ``on_child_ready(child, limits)`` and ``resize()``."""
+    face only: ``config``, ``config_path``, ``queues``, ``concurrency``,
+    ``queues_for(config)``, ``configure(config)``, ``manage_children()``,
+    ``on_child_ready(child, limits)`` and ``resize()``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any, consumer: Any,
-                 notifier: Any) -> None:
-        self.loop, self.host, self.pool, self.notifier = loop, host, pool, notifier
-        self.consumer = consumer
+                 shutdown: Any, status: Any) -> None:
+        self.loop, self.host, self.pool, self.consumer = loop, host, pool, consumer
+        self.shutdown, self.status = shutdown, status
         self.task: Optional[asyncio.Task] = None     # the reload under way
         self.again = False                           # a SIGHUP came during it
         self.last: Optional[dict] = None             # {"at", "ok", "errors"} of the last one
@@ -63,20 +63,20 @@ class Reloader:
 
     async def _loop(self) -> None:
         while True:
-            self.notifier.reloading()
+            self.status.notifier.reloading()
             try:
                 await _reload(self)
             except Exception:       # a bug: say so, keep the worker as it was
                 log.exception("SIGHUP: internal error during the reload")
             finally:
-                self.notifier.ready(self.host.status_line())
-            if not self.again or self.host.stopping:
+                self.status.notifier.ready(self.status.line())
+            if not self.again or self.shutdown.stopping:
                 return
             self.again = False
 
 
 async def _reload(reloader: Reloader) -> None:
-    sup, pool = reloader.host, reloader.pool
+    sup, pool, shutdown = reloader.host, reloader.pool, reloader.shutdown
     try:
         new = config_mod.load(sup.config_path)
         errors = serialization.check_config(new)
@@ -88,7 +88,7 @@ async def _reload(reloader: Reloader) -> None:
                + parking.plan_if_new(new["worker.delay_queue_prefix"],
                                      sup.config["worker.delay_queue_prefix"]))
         await reloader.loop.run_in_executor(None, _declare_aside, new, ops)
-        if sup.stopping:
+        if shutdown.stopping:
             return
         first, limits = await _import_check(pool, new)
     except (ConfigError, TaskdConnectionError) as exc:
@@ -99,7 +99,7 @@ async def _reload(reloader: Reloader) -> None:
                   "before")
         reloader.last = {"at": time.time(), "ok": False, "errors": list(errors)}
         return
-    if sup.stopping:
+    if shutdown.stopping:
         return
     reloader.last = {"at": time.time(), "ok": True, "errors": []}
     old_queues = sup.queues
@@ -137,6 +137,7 @@ async def _rebind(sup: Any, consumer: Any, ops: list, old_queues: tuple) -> None
             if queue not in old_queues:
                 consumers.consume(queue)
                 log.info("SIGHUP: now consuming %s", queue)
+        consumer.queues = tuple(sup.queues)
         sup.resize()
     except (ConfigError, ChannelLost) as exc:
         log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)

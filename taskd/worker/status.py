@@ -23,21 +23,22 @@ log = logging.getLogger("taskd.supervisor")
 
 
 class Status:
-    """``host``: the supervisor, read for ``queues``, ``concurrency``, ``reconnecting``,
-    ``stopping`` and ``last_reload``."""
+    """``host``: the supervisor, read for ``queues`` and ``concurrency``; ``link`` (the
+    broker link), ``shutdown`` and ``reloader`` are read for their state."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any, dispatcher: Any,
-                 counters: collections.Counter, notifier: Any) -> None:
+                 counters: collections.Counter, notifier: Any, shutdown: Any,
+                 reloader: Any = None, link: Any = None) -> None:
         self.loop, self.host, self.pool, self.dispatcher = loop, host, pool, dispatcher
-        self.counters, self.notifier = counters, notifier
+        self.counters, self.notifier, self.shutdown = counters, notifier, shutdown
+        self.reloader, self.link = reloader, link
         self.announced = False
         self._title: Optional[str] = None
         self._ticks = 0
 
     def announce_ready(self) -> None:
         """READY=1 to systemd, once (see the module's notes)."""
-        host = self.host
-        if self.announced or host.reconnecting or host.stopping:
+        if self.announced or self.link.reconnecting or self.shutdown.stopping:
             return
         if not any(c.state in (IDLE, BUSY) for c in self.pool.serving()):
             return
@@ -47,7 +48,7 @@ class Status:
 
     def tick(self) -> None:
         """Every second until stopping: the title; STATUS= every 5 s; WATCHDOG=1."""
-        if self.host.stopping:
+        if self.shutdown.stopping:
             return
         self.update_title()
         self._ticks += 1
@@ -59,13 +60,13 @@ class Status:
         self.loop.call_later(min(1.0, notifier.watchdog_interval or 1.0), self.tick)
 
     def line(self) -> str:
-        host, counters = self.host, self.counters
+        counters = self.counters
         line = (f"{len(self.pool.busy())}/{len(self.pool.serving())} busy, "
                 f"{counters['succeeded']} ok, {counters['failed']} failed, "
                 f"{len(self.dispatcher.schedule)} held")
-        if host.reconnecting:
+        if self.link.reconnecting:
             line += ", broker: reconnecting"
-        last = host.last_reload
+        last = self.reloader.last
         if last and not last["ok"]:
             line += f", last reload failed: {last['errors'][0]}"
         return line

@@ -30,10 +30,10 @@ class Shutdown:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: Any, consumer: Any,
                  dispatcher: Any, acker: Any, replies: Any, notifier: Any, config: Any,
-                 close: Callable[[], Awaitable[None]]) -> None:
+                 close: Optional[Callable[[], Awaitable[None]]]) -> None:
         self.loop, self.pool, self.consumer, self.dispatcher = loop, pool, consumer, dispatcher
         self.acker, self.replies, self.notifier, self.config = acker, replies, notifier, config
-        self._close = close
+        self.close = close
         self.stopping = False
         self.cutting = False                    # the children are being killed
         self.exit_code = EX_OK
@@ -80,7 +80,7 @@ class Shutdown:
         await self.stop_children(cold)
         await self._settle(timeout=5.0)
         self.replies.report_unsent()
-        await self._close()
+        await self.close()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
             self.stopped.set_result(None)

@@ -45,10 +45,7 @@ import signal
 import time
 from typing import Any, Optional
 
-from ..exceptions import ConfigError
-from . import recovery
 from .acker import Acker
-from .amqp import AsyncChannel, max_message_size
 from .consumer import Consumer
 from . import control
 from .copies import Copies
@@ -56,12 +53,13 @@ from .dispatch import Dispatcher
 from .duplicates import Duplicates
 from .frames import Outcome
 from .intake import Intake
+from .link import Link
 from .outcomes import Outcomes
 from .pool import Pool
 from .reload import Reloader
 from .replies import Replies
 from .status import Status
-from .stopping import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
+from .stopping import EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
@@ -74,40 +72,40 @@ class Supervisor:
         self.queue_override, self.concurrency_override = queues, concurrency
         self.queues = self.queues_for(config)
         self.concurrency = concurrency or config["worker.concurrency"]
-        self.reconnecting = True              # until the first connection is up
         self.counters: collections.Counter = collections.Counter()
         self.started_at = self.config_loaded_at = time.time()
         self._signals: tuple = ()
         self._spawn_timer: Optional[asyncio.TimerHandle] = None
         self._runner = asyncio.Runner()
         self.loop = loop = self._runner.get_loop()
-        self.notifier = Notifier()
-        self.pacer = recovery.ReconnectPacer()
-        self.publisher: Optional[AsyncChannel] = None
-        # The parts, each given what it works with:
-        self.pool = Pool(loop, config["imports"], memory_limit=config["worker.max_memory_per_child"],
-                         on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                         on_lost=self.on_child_lost, on_fault=self.on_pool_fault)
-        self.acker = Acker(loop, self.in_hand, batch=self.ack_batch())
-        self.consumer = Consumer(loop, self._channel, None, config)
-        self.replies = Replies(loop, self.acker.complete, self.counters,
-                               re.compile(config["worker.reply_to_pattern"]),
-                               config["worker.max_result_size"])
-        self.copies = Copies(loop, self._declare_topology)
+        # The parts, each given what it works with (the few that need each other are
+        # joined after they are built):
+        self.pool = pool = Pool(loop, config["imports"],
+                                memory_limit=config["worker.max_memory_per_child"],
+                                on_ready=self.on_child_ready, on_outcome=self.on_outcome,
+                                on_lost=self.on_child_lost)
+        self.acker = acker = Acker(loop, self.in_hand, batch=self.ack_batch())
+        self.consumer = consumer = Consumer(loop, None, None, config)
+        self.replies = replies = Replies(loop, acker.complete, self.counters,
+                                         re.compile(config["worker.reply_to_pattern"]),
+                                         config["worker.max_result_size"])
+        self.copies = copies = Copies(loop, consumer.redeclare)
         self.duplicates = Duplicates(self.counters)
-        self.outcomes = Outcomes(loop, self.acker, self.replies, self.copies, self.duplicates,
-                                 self.counters, config)
-        self.dispatcher = Dispatcher(loop, self.pool, self.outcomes, self.consumer.hold, config)
-        self.intake = Intake(self.consumer, self.acker, self.dispatcher, self.outcomes,
-                             self.duplicates, self.pool, self.counters, config)
-        self.consumer.on_delivery = self.intake.on_delivery
-        self.pool.on_started = self.dispatcher.started
-        self.shutdown = Shutdown(loop, self.pool, self.consumer, self.dispatcher, self.acker,
-                                 self.replies, self.notifier, config, self.close_connections)
-        self.acker.on_flushed = self.shutdown.check_drained
-        self.reloader = Reloader(loop, self, self.pool, self.consumer, self.notifier)
-        self.status = Status(loop, self, self.pool, self.dispatcher, self.counters,
-                             self.notifier)
+        self.outcomes = outcomes = Outcomes(loop, acker, replies, copies, self.duplicates,
+                                            self.counters, config)
+        self.dispatcher = dispatcher = Dispatcher(loop, pool, outcomes, consumer.hold, config)
+        self.intake = Intake(consumer, acker, dispatcher, outcomes, self.duplicates, pool,
+                             self.counters, config)
+        self.shutdown = shutdown = Shutdown(loop, pool, consumer, dispatcher, acker, replies,
+                                            Notifier(), config, None)
+        self.status = status = Status(loop, self, pool, dispatcher, self.counters,
+                                      shutdown.notifier, shutdown)
+        self.reloader = status.reloader = Reloader(loop, self, pool, consumer, shutdown, status)
+        self.link = status.link = Link(loop, self, consumer, acker, replies, copies, dispatcher,
+                                       self.intake, pool, shutdown, status, self.counters)
+        consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
+        pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
+        acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
@@ -141,15 +139,13 @@ class Supervisor:
 
     async def _start(self) -> None:
         self.manage_children()
-        if not await self._connect_with_retry():
-            if self.stopping:       # a signal came while connecting: the shutdown ends it
+        if not await self.link.connect():
+            if self.shutdown.stopping:  # a signal came while connecting: it ends the run
                 await self.shutdown.stopped
                 return
             self.shutdown.fail(EX_UNAVAILABLE)
             await self.shutdown.stop_children(cold=True)
             return
-        self.reconnecting = False
-        self.pacer.connected()
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
         self.status.announce_ready()
         self.status.tick()
@@ -187,26 +183,6 @@ class Supervisor:
         self.dispatcher.dispatch()
         self.shutdown.check_drained()
 
-    def on_pool_fault(self, job: Any) -> None:
-        """Handling ``job``'s outcome (or its child's death) raised. Unless its delivery is
-        settled, it is redelivered with its count + 1 (dead-lettered after
-        ``worker.max_deliveries``), so a bug that recurs on one message cannot loop; if even
-        that raises, the delivery goes back to the broker a second later. It may run
-        again; it is not lost."""
-        if job.channel is not self.consumer.channel or self.acker.settled(job.tag):
-            return
-        try:
-            self.outcomes.redeliver(job, "ran it, but the supervisor failed to handle that "
-                                         "(internal error)")
-        except Exception:
-            log.exception("task %s: could not redeliver it; returning it to the broker in 1s",
-                          job.describe())
-            self.loop.call_later(1.0, self._give_back_unsettled, job)
-
-    def _give_back_unsettled(self, job: Any) -> None:
-        if job.channel is self.consumer.channel and not self.acker.settled(job.tag):
-            self.outcomes.give_back(job, delay=0)
-
     def _check_recycle(self, child: Any) -> None:
         cfg = self.config
         max_tasks, max_memory = cfg["worker.max_tasks_per_child"], cfg["worker.max_memory_per_child"]
@@ -220,7 +196,7 @@ class Supervisor:
 
     def manage_children(self) -> None:
         """Fork children until the current generation has ``concurrency`` of them."""
-        if self.stopping or self._spawn_timer is not None:
+        if self.shutdown.stopping or self._spawn_timer is not None:
             return
         missing = self.concurrency - len(self.pool.serving())
         if missing <= 0:
@@ -250,106 +226,17 @@ class Supervisor:
         self.acker.batch = self.ack_batch()
         self.consumer.resize(self.concurrency * self.config["worker.prefetch_multiplier"])
 
-    # == the broker ======================================================================
-    def _channel(self, name: str) -> AsyncChannel:
-        cfg = self.config
-        return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
-                            heartbeat=cfg["broker.heartbeat"], name=name,
-                            on_lost=self.on_connection_lost, on_return=self.copies.on_return,
-                            tls=cfg["broker.tls"])
-
-    async def connect(self) -> None:
-        """Open both connections, declare the topology, set QoS and start consuming."""
-        self.publisher = self.replies.publisher = self._channel("taskd-worker-publish")
-        await self.publisher.open()
-        await self.publisher.enable_confirms()
-        base = self.concurrency * self.config["worker.prefetch_multiplier"]
-        self.acker.attach(await self.consumer.open(self.queues, base))
-
-    async def _declare_topology(self) -> None:
-        """Declare the topology again (a copy found a queue missing)."""
-        await self.consumer.redeclare(self.queues)
-
-    async def _connect_with_retry(self) -> bool:
-        cfg = self.config
-        try:
-            return await recovery.connect_with_retry(
-                self.connect, self.close_connections, self.shutdown, self.notifier,
-                cfg["broker.retry_for"], cfg["broker.retry_max_interval"])
-        except ConfigError as exc:
-            for error in exc.errors:
-                log.error("%s", error)
-            self.shutdown.exit_code = EX_CONFIG
-            return False
-
-    async def close_connections(self) -> None:
-        await self.consumer.close()
-        if self.publisher is not None:
-            await self.publisher.close()
-
-    @property
-    def connected(self) -> bool:
-        return self.consumer.is_open and not self.reconnecting
-
-    @property
-    def stopping(self) -> bool:
-        return self.shutdown.stopping
-
-    @property
-    def last_reload(self) -> Optional[dict]:
-        return self.reloader.last
-
-    def status_line(self) -> str:
-        return self.status.line()
-
-    def on_connection_lost(self, reason: Any) -> None:
-        """A connection dropped: keep the children running, reconnect, resume."""
-        if self.stopping or self.reconnecting:
-            return
-        self.reconnecting = True
-        self.counters["connection_lost"] += 1
-        limit = max_message_size(reason)
-        if limit:
-            self.replies.broker_max_size = limit
-        pause = self.pacer.lost()
-        dropped = self.dispatcher.drop()
-        log.error("lost the broker connection (%s); %d running task(s) go on, %d unstarted "
-                  "go back to the broker; reconnecting%s", reason, len(self.pool.busy()),
-                  dropped, f" in {pause:.1f}s (it died young)" if pause else "")
-        self.acker.reset()
-        self.intake.forsake_channel()
-        self.loop.create_task(self._recover(pause))
-
-    async def _recover(self, pause: float = 0.0) -> None:
-        await self.close_connections()
-        if pause:       # a shutdown cuts the pause short
-            try:
-                await asyncio.wait_for(self.shutdown.requested.wait(), pause)
-            except asyncio.TimeoutError:
-                pass
-        ok = await self._connect_with_retry()
-        self.reconnecting = False
-        if not ok:
-            if not self.stopping:
-                self.shutdown.fail(EX_UNAVAILABLE)
-                await self.shutdown.run(cold=False)
-            return
-        self.pacer.connected()
-        log.info("reconnected; consuming %s again", ", ".join(self.queues))
-        self.replies.resend()
-        self.notifier.ready(self.status_line())
-
     # == signals (SIGHUP: the reloader; SIGCHLD: the pool) ==================================
     def handle_term(self) -> None:
         """TERM: warm shutdown: stop consuming, finish running tasks, give the rest back."""
-        if not self.stopping:
+        if not self.shutdown.stopping:
             log.info("SIGTERM: warm shutdown (waiting up to %gs for running tasks)",
                      self.config["worker.shutdown_timeout"])
             self.shutdown.start(cold=False)
 
     def handle_int(self) -> None:
         """INT: as TERM; a second INT is a cold shutdown (QUIT)."""
-        if self.stopping:
+        if self.shutdown.stopping:
             self.handle_quit()
         else:
             self.handle_term()

@@ -16,19 +16,21 @@ class Notifier:
 
 
 class Sup:
+    """Stands in for the reloader's shutdown (never stopping) and status (its notifier,
+    its line)."""
     stopping = False
 
     def __init__(self, loop):
         self.loop, self.notifier = loop, Notifier()
 
-    def status_line(self):
+    def line(self):
         return "ok"
 
 
 def test_a_sighup_during_a_reload_runs_one_more_after_it(monkeypatch):
     async def main():
         sup = Sup(asyncio.get_running_loop())
-        reloader = reload_mod.Reloader(sup.loop, sup, None, None, sup.notifier)
+        reloader = reload_mod.Reloader(sup.loop, sup, None, None, sup, sup)
         started, release = [], asyncio.Event()
 
         async def fake_reload(s):
