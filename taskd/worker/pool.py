@@ -29,7 +29,6 @@ is abandoned and nothing else changes.
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import logging
 import os
@@ -37,51 +36,13 @@ import signal
 import time
 
 from . import child as child_mod
+from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
 from . import framing, frames
 from .frames import ImportFailed, Outcome, Ready
 
 log = logging.getLogger(__name__)
 
-STARTING, IDLE, BUSY, RETIRING, DEAD = "starting", "idle", "busy", "retiring", "dead"
 BACKOFF_MAX = 60.0
-
-
-class Child:
-    __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "writer",
-                 "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
-                 "exit_status", "fault", "trial")
-
-    def __init__(self, index, pid, generation, to_child, from_child, max_frame=framing.MAX_FRAME):
-        self.index, self.pid, self.generation = index, pid, generation
-        self.to_child, self.from_child = to_child, from_child
-        self.reader = framing.FrameReader(max_frame)
-        self.writer = framing.FrameWriter(to_child) if to_child is not None else None
-        self.state = STARTING
-        self.job = None                    # the job it is running
-        self.queued = collections.deque()  # jobs sent in advance (worker.child_prefetch)
-        self.tasks_done = 0
-        self.started_at = time.monotonic()
-        self.job_started = None
-        self.rss = 0                       # memory it reported: RSS, or USS over the limit
-        self.exit_status = None
-        self.fault = None                  # why the pool killed it, if it did
-        self.trial = None                  # a reload's first child: future of its start
-
-    def __repr__(self):
-        return f"<child {self.index} pid={self.pid} {self.state}>"
-
-
-def describe_exit(status):
-    if status is None:
-        return "exited"
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by {name}"
-    return f"exited with code {os.WEXITSTATUS(status)}"
 
 
 class Pool:
@@ -116,9 +77,6 @@ class Pool:
         self._emptied = []          # futures resolved once no child is left
 
     # -- queries ------------------------------------------------------------
-    def idle(self):
-        return [c for c in self.children.values() if c.state == IDLE]
-
     def busy(self):
         return [c for c in self.children.values() if c.state in (BUSY, RETIRING) and c.job]
 
@@ -145,29 +103,15 @@ class Pool:
         future = self.loop.create_future()
         self._emptied.append(future)
         if not self.children:
-            self._resolve_emptied()
+            self._emptied = _settle_all(self._emptied)
         return future
-
-    def _resolve_emptied(self) -> None:
-        emptied, self._emptied = self._emptied, []
-        for future in emptied:
-            _settle(future, None)
-
-    def free_index(self, generation=None):
-        generation = self.generation if generation is None else generation
-        used = {c.index for c in self.children.values()
-                if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
-        i = 1
-        while i in used:
-            i += 1
-        return i
 
     # -- spawning -----------------------------------------------------------
     def spawn(self, generation=None, imports=None, memory_limit=None):
         generation = self.generation if generation is None else generation
         imports = self.imports if imports is None else tuple(imports)
         memory_limit = self.memory_limit if memory_limit is None else memory_limit
-        index = self.free_index(generation)
+        index = _free_index(self.children.values(), generation)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         parent = os.getpid()
@@ -193,10 +137,6 @@ class Pool:
         child = self.spawn(self.generation + 1, imports, memory_limit)
         child.trial = self.loop.create_future()
         return child, child.trial
-
-    def backoff_remaining(self, now=None):
-        now = time.monotonic() if now is None else now
-        return max(0.0, self.next_spawn_at - now)
 
     # -- dispatch -------------------------------------------------------------
     def send(self, child, batch, data):
@@ -284,9 +224,9 @@ class Pool:
         if type(record) is Outcome:
             self._on_outcome(child, record)
         elif type(record) is Ready:
-            self._on_ready(child, record)
+            self._started_up(child, record.limits)
         elif type(record) is ImportFailed:
-            self._on_import_failed(child, record)
+            self._started_up(child, None, record)
         else:
             log.error("child %d sent a frame of no known kind: ignored", child.index)
 
@@ -306,26 +246,25 @@ class Pool:
         if started is not None:
             self._call(self.on_started, child, started)     # it runs: not given back
 
-    def _on_ready(self, child: Child, ready: Ready) -> None:
+    def _started_up(self, child: Child, limits, error=None) -> None:
+        """The child reports that it imported the task modules (``limits``), or could
+        not (``error``, and it exits)."""
+        if error is not None:
+            log.error("child %d could not start: %s\n%s", child.index, error.message,
+                      error.traceback)
         if child.trial is not None:         # the reload that started it decides
+            if child.state == STARTING and error is None:
+                child.state = IDLE
+            _settle(child.trial, (limits, error and error.message))
+        elif error is not None:
+            self.last_failure = error.message
+        else:
+            self.failures = 0
             if child.state == STARTING:
                 child.state = IDLE
-            _settle(child.trial, (ready.limits, None))
-            return
-        self.failures = 0
-        if child.state == STARTING:
-            child.state = IDLE
-            self._call(self.on_ready, child, ready.limits)
-        # else retired while importing (a reload): its job pipe is closed, so it
-        # reads end of file now and exits; it must not be given work.
-
-    def _on_import_failed(self, child: Child, failed: ImportFailed) -> None:
-        log.error("child %d could not start: %s\n%s", child.index, failed.message,
-                  failed.traceback)
-        if child.trial is not None:
-            _settle(child.trial, (None, failed.message))
-        else:
-            self.last_failure = failed.message
+                self._call(self.on_ready, child, limits)
+            # else retired while importing (a reload): its job pipe is closed, so it
+            # reads end of file now and exits; it must not be given work.
 
     # -- ending ---------------------------------------------------------------
     def retire(self, child):
@@ -398,7 +337,7 @@ class Pool:
             return
         del self.children[child.pid]
         if not self.children and self._emptied:
-            self._resolve_emptied()
+            self._emptied = _settle_all(self._emptied)
         child.exit_status = status
         was_starting = child.state == STARTING
         job, unstarted = child.job, list(child.queued)
@@ -439,3 +378,19 @@ class Pool:
 def _settle(future, value):
     if not future.done():
         future.set_result(value)
+
+
+def _free_index(children, generation):
+    """The lowest index no serving child of ``generation`` has."""
+    used = {c.index for c in children
+            if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
+    i = 1
+    while i in used:
+        i += 1
+    return i
+
+
+def _settle_all(futures):
+    for future in futures:
+        _settle(future, None)
+    return []

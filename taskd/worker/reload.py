@@ -41,13 +41,13 @@ IMPORT_TIMEOUT = 300.0      # seconds the new generation's first child may take 
 class Reloader:
     """Runs reloads one at a time. ``host`` is the supervisor, used through its public
     face only: ``config``, ``config_path``, ``queues``, ``concurrency``,
-    ``queues_for(config)``, ``configure(config)``, ``manage_children()``,
+    ``queues_for(config)``, ``configure(config)``,
     ``on_child_ready(child, limits)`` and ``resize()``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any, consumer: Any,
-                 shutdown: Any, status: Any) -> None:
+                 shutdown: Any, status: Any, spawner: Any) -> None:
         self.loop, self.host, self.pool, self.consumer = loop, host, pool, consumer
-        self.shutdown, self.status = shutdown, status
+        self.shutdown, self.status, self.spawner = shutdown, status, spawner
         self.task: Optional[asyncio.Task] = None     # the reload under way
         self.again = False                           # a SIGHUP came during it
         self.last: Optional[dict] = None             # {"at", "ok", "errors"} of the last one
@@ -104,17 +104,17 @@ async def _reload(reloader: Reloader) -> None:
     reloader.last = {"at": time.time(), "ok": True, "errors": []}
     old_queues = sup.queues
     sup.configure(new)
-    _next_generation(sup, pool, new)
+    _next_generation(sup, reloader.spawner, pool, new)
     sup.on_child_ready(first, limits)
     await _rebind(sup, reloader.consumer, ops, old_queues)
 
 
-def _next_generation(sup: Any, pool: Any, new: Any) -> None:
+def _next_generation(sup: Any, spawner: Any, pool: Any, new: Any) -> None:
     """The checked child's generation becomes the current one; the old one leaves."""
     pool.imports = tuple(new["imports"])
     pool.memory_limit = new["worker.max_memory_per_child"]
     pool.generation += 1
-    sup.manage_children()          # the new generation first ...
+    spawner.manage()               # the new generation first ...
     for child in list(pool.children.values()):
         if child.generation < pool.generation:
             pool.retire(child)     # ... then the old one leaves as it goes idle

@@ -58,6 +58,7 @@ from .outcomes import Outcomes
 from .pool import Pool
 from .reload import Reloader
 from .replies import Replies
+from .spawner import Spawner
 from .status import Status
 from .stopping import EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
 from .systemd import Notifier
@@ -75,7 +76,6 @@ class Supervisor:
         self.counters: collections.Counter = collections.Counter()
         self.started_at = self.config_loaded_at = time.time()
         self._signals: tuple = ()
-        self._spawn_timer: Optional[asyncio.TimerHandle] = None
         self._runner = asyncio.Runner()
         self.loop = loop = self._runner.get_loop()
         # The parts, each given what it works with (the few that need each other are
@@ -100,7 +100,10 @@ class Supervisor:
                                             Notifier(), config, None)
         self.status = status = Status(loop, self, pool, dispatcher, self.counters,
                                       shutdown.notifier, shutdown)
-        self.reloader = status.reloader = Reloader(loop, self, pool, consumer, shutdown, status)
+        self.spawner = spawner = Spawner(loop, pool, self, lambda: shutdown.stopping,
+                                         status.update_title)
+        self.reloader = status.reloader = Reloader(loop, self, pool, consumer, shutdown, status,
+                                                   spawner)
         self.link = status.link = Link(loop, self, consumer, acker, replies, copies, dispatcher,
                                        self.intake, pool, shutdown, status, self.counters)
         consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
@@ -138,7 +141,7 @@ class Supervisor:
                 self.loop.remove_signal_handler(sig)
 
     async def _start(self) -> None:
-        self.manage_children()
+        self.spawner.manage()
         if not await self.link.connect():
             if self.shutdown.stopping:  # a signal came while connecting: it ends the run
                 await self.shutdown.stopped
@@ -170,8 +173,8 @@ class Supervisor:
 
     def on_outcome(self, child: Any, job: Any, outcome: Outcome) -> None:
         self.outcomes.ran(job, outcome)
-        self._check_recycle(child)
-        self.manage_children()
+        self.spawner.recycle(child)
+        self.spawner.manage()
         self.dispatcher.dispatch()
 
     def on_child_lost(self, child: Any, job: Any, reason: str, unstarted: list = ()) -> None:
@@ -179,39 +182,9 @@ class Supervisor:
             self.dispatcher.first(unstarted)
         if job is not None:
             self.outcomes.lost(job, reason, count=not self.shutdown.cutting)
-        self.manage_children()
+        self.spawner.manage()
         self.dispatcher.dispatch()
         self.shutdown.check_drained()
-
-    def _check_recycle(self, child: Any) -> None:
-        cfg = self.config
-        max_tasks, max_memory = cfg["worker.max_tasks_per_child"], cfg["worker.max_memory_per_child"]
-        if max_tasks and child.tasks_done >= max_tasks:
-            log.info("child %d ran %d tasks: replacing it", child.index, child.tasks_done)
-            self.pool.retire(child)
-        elif max_memory and child.rss > max_memory:
-            log.info("child %d uses %d MiB (limit %d MiB): replacing it",
-                     child.index, child.rss >> 20, max_memory >> 20)
-            self.pool.retire(child)
-
-    def manage_children(self) -> None:
-        """Fork children until the current generation has ``concurrency`` of them."""
-        if self.shutdown.stopping or self._spawn_timer is not None:
-            return
-        missing = self.concurrency - len(self.pool.serving())
-        if missing <= 0:
-            return
-        wait = self.pool.backoff_remaining()
-        if wait > 0:
-            self._spawn_timer = self.loop.call_later(wait, self._spawn_after_backoff)
-            return
-        for _ in range(1 if self.pool.failures else missing):
-            self.pool.spawn()
-        self.status.update_title()
-
-    def _spawn_after_backoff(self) -> None:
-        self._spawn_timer = None
-        self.manage_children()
 
     def in_hand(self) -> Any:
         """Work in hand besides what just completed: jobs ready or running."""
@@ -250,7 +223,7 @@ class Supervisor:
         """TTIN: one more child."""
         self.concurrency += 1
         log.info("SIGTTIN: concurrency now %d", self.concurrency)
-        self.manage_children()
+        self.spawner.manage()
         self.resize()
 
     def handle_ttou(self) -> None:
@@ -259,10 +232,7 @@ class Supervisor:
             log.info("SIGTTOU: already at one child")
             return
         self.concurrency -= 1
-        serving = self.pool.serving()
-        if len(serving) > self.concurrency:
-            victim = min(serving, key=lambda c: (c.job is not None, -c.index))
-            self.pool.retire(victim)
+        self.spawner.shrink()
         log.info("SIGTTOU: concurrency now %d", self.concurrency)
         self.resize()
 

@@ -30,7 +30,7 @@ class Sup:
 def test_a_sighup_during_a_reload_runs_one_more_after_it(monkeypatch):
     async def main():
         sup = Sup(asyncio.get_running_loop())
-        reloader = reload_mod.Reloader(sup.loop, sup, None, None, sup, sup)
+        reloader = reload_mod.Reloader(sup.loop, sup, None, None, sup, sup, None)
         started, release = [], asyncio.Event()
 
         async def fake_reload(s):
