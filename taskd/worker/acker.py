@@ -75,12 +75,6 @@ class Acker:
             self.tracker.forget(job.tag)
             job.channel.basic_nack(job.tag, requeue=True)
 
-    def reject(self, job: Any) -> None:
-        """Drop ``job``'s delivery (to the queue's own dead-letter route, if any)."""
-        if self.current(job.channel):
-            self.tracker.forget(job.tag)
-            job.channel.basic_reject(job.tag, requeue=False)
-
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

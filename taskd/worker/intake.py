@@ -137,9 +137,11 @@ class Intake:
         try:
             self.outcomes.dead_letter(job, reason, TaskdError(reason))
         except Exception:
-            log.exception("could not dead-letter task %s either: rejecting it (the queue's "
-                          "own dead-letter route, if it has one, takes it)", job.describe())
-            self.acker.reject(job)
+            # Never lost: left unacknowledged, it holds one prefetch slot and goes back to
+            # its queue when this channel closes (a reconnect or a stop).
+            log.exception("could not dead-letter task %s either: it stays unacknowledged "
+                          "and goes back to its queue when this worker's channel closes",
+                          job.describe())
 
     def _schedule(self, job: jobs.Job, eta: datetime, delay: float) -> None:
         """An ETA task: revoke it if it would expire first, else park or hold it."""
