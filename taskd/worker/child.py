@@ -18,10 +18,10 @@ inherited from the supervisor through fork count in the RSS of every child,
 and would recycle each one after every task. USS costs a walk of
 ``/proc/self/smaps``, so it is measured only when the cheap RSS is over.
 
-The frames on the pipes are the records of :mod:`taskd.worker.frames`: a
-:class:`~taskd.worker.frames.Job` comes down, :class:`~taskd.worker.frames.Ready`
-(or :class:`~taskd.worker.frames.ImportFailed`) and one
-:class:`~taskd.worker.frames.Outcome` per job go up.
+The frames on the pipes hold the records of :mod:`taskd.worker.framing`: a
+:class:`~taskd.worker.framing.Job` comes down, :class:`~taskd.worker.framing.Ready`
+(or :class:`~taskd.worker.framing.ImportFailed`) and one
+:class:`~taskd.worker.framing.Outcome` per job go up.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from setproctitle import setproctitle
 
 from .. import protocol, task as task_mod
 from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
-from . import framing, frames
-from .frames import ImportFailed, Outcome, Ready, RetryMessage
+from . import framing
+from .framing import ImportFailed, Outcome, Ready, RetryMessage
 
 log = logging.getLogger("taskd.child")
 
@@ -116,11 +116,11 @@ def main(index, read_fd, write_fd, imports, memory_limit, parent):
                 importlib.import_module(module)
         except BaseException as exc:  # report any import failure, then leave
             message = f"cannot import task modules: {type(exc).__name__}: {exc}"
-            framing.write_all(write_fd, frames.encode(ImportFailed(message,
+            framing.write_all(write_fd, framing.encode_record(ImportFailed(message,
                                                                    traceback.format_exc())))
             os._exit(EXIT_IMPORT_FAILED)
         limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
-        framing.write_all(write_fd, frames.encode(Ready(os.getpid(), limits)))
+        framing.write_all(write_fd, framing.encode_record(Ready(os.getpid(), limits)))
         setproctitle(f"taskd: child {index} idle")
         _serve(index, read_fd, write_fd, memory_limit)
     except BaseException:  # anything escaping is a bug: say so, then exit non-zero
@@ -138,14 +138,14 @@ def _serve(index: int, read_fd: int, write_fd: int, memory_limit: int) -> None:
         import psutil
         process = psutil.Process()
     for frame in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
-        job = frames.job(frame)
+        job = framing.job(frame)
         setproctitle(f"taskd: child {index} {job.name}")
         started = time.monotonic()
         status, body, content_type, encoding, error, retry = run_job(
             job.task_id, job.name, job.args, job.kwargs, job.meta)
         runtime = time.monotonic() - started
         rss = memory_used(process, memory_limit) if process is not None else 0
-        framing.write_all(write_fd, frames.encode(Outcome(
+        framing.write_all(write_fd, framing.encode_record(Outcome(
             job.seq, status, body, content_type, encoding, runtime, rss, error, retry)))
         setproctitle(f"taskd: child {index} idle")
 
@@ -153,7 +153,7 @@ def _serve(index: int, read_fd: int, write_fd: int, memory_limit: int) -> None:
 def run_job(task_id, name, args, kwargs, meta):
     """Run one task; returns ``(status, result_body, content_type, encoding, error, retry)``.
 
-    ``retry`` is None, or the :class:`~taskd.worker.frames.RetryMessage` of a
+    ``retry`` is None, or the :class:`~taskd.worker.framing.RetryMessage` of a
     retried task.
     """
     serializer = meta.get("serializer", "json")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from .. import protocol
 from ..exceptions import InvalidTaskMessage, NotRegistered
-from .frames import encode_job
+from .framing import encode_job
 from .schedule import Schedule
 
 log = logging.getLogger("taskd.supervisor")

@@ -2,7 +2,7 @@
 
 A delivery is decoded and validated here; bad input is dead-lettered before
 any child sees it; a redelivered copy of work already done (after a connection
-drop) is settled without running (:class:`~taskd.worker.duplicates.Duplicates`);
+drop) is settled without running (:class:`~taskd.worker.recovery.Duplicates`);
 a task with an ETA is held or parked (:mod:`taskd.worker.parking`); the rest
 go to the :class:`~taskd.worker.dispatch.Dispatcher`.
 

@@ -16,7 +16,7 @@ import pika
 
 from .. import protocol
 from ..exceptions import InvalidTaskMessage
-from . import frames
+from . import framing
 from .headers import sanitise
 from .recovery import COPY_HEADER
 
@@ -76,7 +76,7 @@ class Job:
     def describe(self):
         return f"{self.task_name}[{self.task_id}]"
 
-    def job_frame(self, soft_time_limit: float | None = None) -> frames.Job:
+    def job_frame(self, soft_time_limit: float | None = None) -> framing.Job:
         r = self.request
         meta = {
             "serializer": r.serializer,
@@ -88,7 +88,7 @@ class Job:
                         "time_limit": r.time_limit, "soft_time_limit": r.soft_time_limit,
                         "headers": r.headers},
         }
-        return frames.Job(self.seq, r.id, r.name, r.args, r.kwargs, meta)
+        return framing.Job(self.seq, r.id, r.name, r.args, r.kwargs, meta)
 
 
 def check_headers(headers):
@@ -133,7 +133,7 @@ def redelivery(job, keep_count=False):
     return _copy_properties(job.properties, headers)
 
 
-def retry_properties(job, message: frames.RetryMessage):
+def retry_properties(job, message: framing.RetryMessage):
     """Properties of the message that retries ``job`` (made by the child)."""
     props = _copy_properties(job.properties, message.headers)
     props.content_type = message.content_type

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from .. import protocol
 from ..exceptions import TaskdError, TaskRevokedError, TimeLimitExceeded, WorkerLostError
 from . import headers, jobs
-from .frames import Outcome
+from .framing import Outcome
 
 log = logging.getLogger("taskd.supervisor")
 

@@ -37,8 +37,8 @@ import time
 
 from . import child as child_mod
 from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
-from . import framing, frames
-from .frames import ImportFailed, Outcome, Ready
+from . import framing
+from .framing import ImportFailed, Outcome, Ready
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Pool:
     """Children and their pipes. Callbacks go to the supervisor:
 
     ``on_ready(child, task_limits)``, ``on_outcome(child, job, outcome)`` (a
-    :class:`~taskd.worker.frames.Outcome`),
+    :class:`~taskd.worker.framing.Outcome`),
     ``on_started(child, job)`` (a job sent in advance starts),
     ``on_lost(child, job, reason, unstarted)`` (a child died; ``job`` is what it was
     running, ``unstarted`` the jobs it had been sent in advance),
@@ -220,7 +220,7 @@ class Pool:
                     log.exception("internal error giving back a job of child %d", child.index)
 
     def _on_frame(self, child: Child, frame: tuple) -> None:
-        record = frames.up(frame)
+        record = framing.up(frame)
         if type(record) is Outcome:
             self._on_outcome(child, record)
         elif type(record) is Ready:

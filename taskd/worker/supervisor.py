@@ -50,8 +50,8 @@ from .consumer import Consumer
 from . import control
 from .copies import Copies
 from .dispatch import Dispatcher
-from .duplicates import Duplicates
-from .frames import Outcome
+from .recovery import Duplicates
+from .framing import Outcome
 from .intake import Intake
 from .link import Link
 from .outcomes import Outcomes

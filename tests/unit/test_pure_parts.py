@@ -5,7 +5,7 @@ import pytest
 
 from taskd import config, routing
 from taskd.worker import framing
-from taskd.worker.acks import AckTracker
+from taskd.worker.acker import AckTracker
 from taskd.worker.schedule import Schedule
 
 

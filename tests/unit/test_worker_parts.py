@@ -10,11 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pika
 
 from taskd import config as config_mod, protocol
-from taskd.worker import frames, framing
+from taskd.worker import framing
 from taskd.worker.acker import Acker
 from taskd.worker.consumer import Consumer
 from taskd.worker.dispatch import Dispatcher
-from taskd.worker.duplicates import Duplicates
+from taskd.worker.recovery import Duplicates
 from taskd.worker.intake import Intake
 from taskd.worker.outcomes import Outcomes
 from taskd.worker.replies import Replies
@@ -163,12 +163,12 @@ def test_a_redelivered_copy_is_published_and_a_delivery_given_back_is_nacked():
 
 
 def test_frames_are_records_at_both_ends_and_tuples_on_the_wire():
-    outcome = frames.Outcome(7, "SUCCESS", b"{}", "application/json", "utf-8", 0.1, 0, None,
+    outcome = framing.Outcome(7, "SUCCESS", b"{}", "application/json", "utf-8", 0.1, 0, None,
                              None)
-    [wire] = framing.FrameReader().feed(frames.encode(outcome))
+    [wire] = framing.FrameReader().feed(framing.encode_record(outcome))
     assert type(wire) is tuple and wire[0] == "done"
-    assert frames.up(wire) == outcome and frames.up(wire).seq == 7
-    assert frames.up(("no-such-kind", 1)) is None and frames.up(("done", 1)) is None
-    job = frames.Job(1, "id", "t.add", [2, 2], {}, {})
-    [wire] = framing.FrameReader().feed(frames.encode_job(job))
-    assert frames.job(wire).name == "t.add"
+    assert framing.up(wire) == outcome and framing.up(wire).seq == 7
+    assert framing.up(("no-such-kind", 1)) is None and framing.up(("done", 1)) is None
+    job = framing.Job(1, "id", "t.add", [2, 2], {}, {})
+    [wire] = framing.FrameReader().feed(framing.encode_job(job))
+    assert framing.job(wire).name == "t.add"
