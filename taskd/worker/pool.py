@@ -179,7 +179,7 @@ class Pool:
         child.state = DEAD
         unstarted = [*child.queued, *batch]
         child.queued.clear()
-        self._gone(child, None, None, unstarted)
+        self._call(self.on_lost, child, None, "pipe closed", unstarted)
 
     def _on_readable(self, child):
         try:
@@ -188,10 +188,17 @@ class Pool:
             return
         except OSError:
             data = b""
-        if not data:
-            self._eof(child)
+        if data:
+            self._take(child, data)
             return
-        self._take(child, data)
+        self.loop.remove_reader(child.from_child)       # end of file: it has gone
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, None
+        if pid:
+            self._died(child, status)
+        # else: SIGCHLD will come and reap() will finish the job
 
     def _take(self, child, data, alive=True):
         """Handle every frame ``data`` completes, each on its own. A child whose stream
@@ -293,16 +300,6 @@ class Pool:
         except ProcessLookupError:
             pass
 
-    def _eof(self, child):
-        self.loop.remove_reader(child.from_child)
-        try:
-            pid, status = os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = child.pid, None
-        if pid:
-            self._died(child, status)
-        # else: SIGCHLD will come and reap() will finish the job
-
     def reap(self):
         """Collect every exited child (called on SIGCHLD)."""
         while True:
@@ -368,11 +365,7 @@ class Pool:
                       getattr(job, "describe", lambda: job)())
         else:
             log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
-        self._gone(child, reason, job, unstarted)
-
-    def _gone(self, child, reason, job, unstarted=()):
-        self._call(self.on_lost, child, job, reason or "pipe closed", list(unstarted),
-                   give_back=job)
+        self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
 
 
 def _settle(future, value):
