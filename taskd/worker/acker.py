@@ -100,27 +100,27 @@ class Acker:
 class AckTracker:
     __slots__ = ("_outstanding", "_completed")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._outstanding = {}   # tag -> None, in delivery order (dicts keep order)
         self._completed = set()  # completed tags not yet acked
 
-    def received(self, tag):
+    def received(self, tag: int) -> None:
         self._outstanding[tag] = None
 
-    def completed(self, tag):
+    def completed(self, tag: int) -> None:
         if tag in self._outstanding:
             self._completed.add(tag)
 
-    def settled(self, tag):
+    def settled(self, tag: int) -> bool:
         """True when ``tag`` is acked, about to be, or not held here at all."""
         return tag not in self._outstanding or tag in self._completed
 
-    def forget(self, tag):
+    def forget(self, tag: int) -> None:
         """The delivery will never be acked here (its channel is gone)."""
         self._outstanding.pop(tag, None)
         self._completed.discard(tag)
 
-    def flush(self):
+    def flush(self) -> list[tuple[int, bool]]:
         """Return the acks to send now: a list of ``(tag, multiple)``."""
         if not self._completed:
             return []
@@ -145,13 +145,13 @@ class AckTracker:
         return acks
 
     @property
-    def pending(self):
+    def pending(self) -> int:
         """Completed deliveries not yet acknowledged."""
         return len(self._completed)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._outstanding)
 
-    def reset(self):
+    def reset(self) -> None:
         self._outstanding.clear()
         self._completed.clear()

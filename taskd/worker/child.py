@@ -34,6 +34,7 @@ import sys
 import time
 import traceback
 from datetime import datetime, timedelta, timezone
+from typing import Any, Container, Iterable, NoReturn
 
 from setproctitle import setproctitle
 
@@ -47,11 +48,11 @@ log = logging.getLogger("taskd.child")
 EXIT_IMPORT_FAILED = 3
 
 
-def _on_soft_limit(signum, frame):
+def _on_soft_limit(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 
 
-def _reset_signals():
+def _reset_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                 signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
@@ -65,7 +66,7 @@ def _reset_signals():
         pass
 
 
-def close_inherited_fds(keep):
+def close_inherited_fds(keep: Container[int]) -> None:
     """Close every fd but stdio and ``keep``: the broker sockets, siblings' pipes."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -79,7 +80,7 @@ def close_inherited_fds(keep):
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent):
+def die_with_parent(parent: int) -> None:
     """SIGKILL this process when ``parent`` (the supervisor) dies; exit now if it has."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -90,7 +91,7 @@ def die_with_parent(parent):
         os._exit(1)
 
 
-def memory_used(process, limit):
+def memory_used(process: Any, limit: int) -> int:
     """Bytes this child uses for ``max_memory_per_child``: RSS, or USS once RSS > limit."""
     rss = process.memory_info().rss
     if rss <= limit:
@@ -101,7 +102,8 @@ def memory_used(process, limit):
         return rss
 
 
-def main(index, read_fd, write_fd, imports, memory_limit, parent):
+def main(index: int, read_fd: int, write_fd: int, imports: Iterable[str], memory_limit: int,
+         parent: int) -> NoReturn:
     """Entry point after fork; never returns."""
     code = 0
     try:
@@ -150,7 +152,7 @@ def _serve(index: int, read_fd: int, write_fd: int, memory_limit: int) -> None:
         setproctitle(f"taskd: child {index} idle")
 
 
-def run_job(task_id, name, args, kwargs, meta):
+def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tuple:
     """Run one task; returns ``(status, result_body, content_type, encoding, error, retry)``.
 
     ``retry`` is None, or the :class:`~taskd.worker.framing.RetryMessage` of a
@@ -201,7 +203,8 @@ def run_job(task_id, name, args, kwargs, meta):
     return status, body, ctype, enc, error, None
 
 
-def _retry_message(task, task_id, name, args, kwargs, meta, retry):
+def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,
+                   retry: Retry) -> RetryMessage:
     """The copy of the message that carries a retry: retries + 1, a new ETA."""
     req = meta.get("request", {})
     when = retry.when

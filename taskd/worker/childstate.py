@@ -10,6 +10,7 @@ import collections
 import os
 import signal
 import time
+from typing import Optional
 
 from . import framing
 
@@ -21,7 +22,8 @@ class Child:
                  "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
                  "exit_status", "fault", "trial")
 
-    def __init__(self, index, pid, generation, to_child, from_child, max_frame=framing.MAX_FRAME):
+    def __init__(self, index: int, pid: int, generation: int, to_child: Optional[int],
+                 from_child: Optional[int], max_frame: int = framing.MAX_FRAME) -> None:
         self.index, self.pid, self.generation = index, pid, generation
         self.to_child, self.from_child = to_child, from_child
         self.reader = framing.FrameReader(max_frame)
@@ -37,11 +39,11 @@ class Child:
         self.fault = None                  # why the pool killed it, if it did
         self.trial = None                  # a reload's first child: future of its start
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<child {self.index} pid={self.pid} {self.state}>"
 
 
-def describe_exit(status):
+def describe_exit(status: Optional[int]) -> str:
     if status is None:
         return "exited"
     if os.WIFSIGNALED(status):

@@ -33,13 +33,13 @@ import collections
 import os
 import pickle
 import struct
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 30
 
 
-def encode(obj) -> bytes:
+def encode(obj: Any) -> bytes:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return HEADER.pack(len(payload)) + payload
 
@@ -49,12 +49,12 @@ class FrameReader:
 
     __slots__ = ("_buf", "max_frame", "error")
 
-    def __init__(self, max_frame=MAX_FRAME):
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
         self.max_frame = max_frame
         self.error = None       # why the stream broke; nothing more is decoded
 
-    def feed(self, data) -> list:
+    def feed(self, data: bytes) -> list:
         """The whole frames completed by ``data``; none once ``error`` is set."""
         if self.error is not None:
             return []
@@ -81,7 +81,7 @@ class FrameReader:
             del buf[:offset]
         return frames
 
-    def _broken(self, reason):
+    def _broken(self, reason: str) -> None:
         self.error = reason
         self._buf = bytearray()
 
@@ -102,13 +102,13 @@ class FrameWriter:
 
     __slots__ = ("fd", "_chunks", "_offset", "_write")
 
-    def __init__(self, fd, write=os.write):
+    def __init__(self, fd: int, write: Callable[[int, Any], int] = os.write) -> None:
         self.fd = fd
         self._chunks = collections.deque()
         self._offset = 0            # bytes of _chunks[0] already written
         self._write = write
 
-    def send(self, data) -> bool:
+    def send(self, data: bytes) -> bool:
         if self._chunks:
             self._chunks.append(data)
             return False
@@ -142,7 +142,8 @@ class FrameWriter:
         return sum(map(len, self._chunks)) - self._offset
 
 
-def iter_frames(fd, read=os.read, chunk=1 << 16):
+def iter_frames(fd: int, read: Callable[[int, int], bytes] = os.read,
+                chunk: int = 1 << 16) -> Iterator[Any]:
     """Blocking: yield each frame read from ``fd`` until end of file. Reads
     ``chunk`` bytes at a time, so frames written together cost one read."""
     reader = FrameReader()
@@ -155,7 +156,7 @@ def iter_frames(fd, read=os.read, chunk=1 << 16):
             raise ValueError(f"broken job stream: {reader.error}")
 
 
-def write_all(fd, data, _write=os.write):
+def write_all(fd: int, data: bytes, _write: Callable[[int, Any], int] = os.write) -> None:
     written = _write(fd, data)
     if written == len(data):
         return

@@ -22,6 +22,7 @@ broker from taking them back:
 from __future__ import annotations
 
 import decimal
+from typing import Any
 
 from pika import data as amqp_data
 
@@ -32,7 +33,7 @@ TRUNCATED = "x-taskd-truncated"
 FRAME_OVERHEAD = 64
 
 
-def _encodes(value):
+def _encodes(value: Any) -> bool:
     try:
         amqp_data.encode_value([], value)
         return True
@@ -40,7 +41,7 @@ def _encodes(value):
         return False
 
 
-def _number(value):
+def _number(value: Any) -> Any:
     if value.is_integer() and -2 ** 63 <= value < 2 ** 63:
         return int(value)
     try:
@@ -50,7 +51,7 @@ def _number(value):
     return dec if _encodes(dec) else repr(value)
 
 
-def sanitise(value):
+def sanitise(value: Any) -> Any:
     """``value`` (a header table or any header value) as pika can encode it."""
     if isinstance(value, dict):
         return {k: sanitise(v) for k, v in value.items()
@@ -68,7 +69,7 @@ def sanitise(value):
     return str(value)
 
 
-def bounded(text, limit=MAX_REASON):
+def bounded(text: str, limit: int = MAX_REASON) -> str:
     """``text`` cut to at most ``limit`` bytes of UTF-8, saying how much was cut."""
     raw = text.encode("utf-8", "replace")
     if len(raw) <= limit:
@@ -77,16 +78,16 @@ def bounded(text, limit=MAX_REASON):
     return raw[:limit - len(note)].decode("utf-8", "ignore") + note
 
 
-def properties_size(properties):
+def properties_size(properties: Any) -> int:
     """Bytes of the encoded properties (the content header frame's payload)."""
     return sum(len(piece) for piece in properties.encode())
 
 
-def _value_size(key, value):
+def _value_size(key: str, value: Any) -> int:
     return amqp_data.encode_table([], {key: value})
 
 
-def fit(properties, frame_max):
+def fit(properties: Any, frame_max: int) -> list:
     """Make ``properties`` (already sanitised) fit one content header frame of
     ``frame_max`` bytes (0: no limit): cut the largest header values to their
     first bytes, largest first, then drop them; returns the names touched."""

@@ -148,7 +148,7 @@ class Outcomes:
 
     def _then_settle(self, job: Any, reply: Optional[tuple] = None) -> Callable:
         """on_confirm for a copy that replaces ``job``: settle it, or give it back."""
-        def confirmed(ok):
+        def confirmed(ok: Optional[bool]) -> None:
             if ok:
                 self.settle(job, reply)
             else:

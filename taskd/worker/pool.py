@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any, Callable, Iterable, Optional
 
 from . import child as child_mod
 from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
@@ -60,8 +61,10 @@ class Pool:
     outcome frame.
     """
 
-    def __init__(self, loop, imports, *, memory_limit, on_ready, on_outcome, on_lost,
-                 on_started=None, on_fault=None, max_frame=framing.MAX_FRAME):
+    def __init__(self, loop: asyncio.AbstractEventLoop, imports: Iterable[str], *,
+                 memory_limit: int, on_ready: Callable, on_outcome: Callable, on_lost: Callable,
+                 on_started: Optional[Callable] = None, on_fault: Optional[Callable] = None,
+                 max_frame: int = framing.MAX_FRAME) -> None:
         self.loop = loop
         self.imports = tuple(imports)
         self.memory_limit = memory_limit
@@ -77,10 +80,10 @@ class Pool:
         self._emptied = []          # futures resolved once no child is left
 
     # -- queries ------------------------------------------------------------
-    def busy(self):
+    def busy(self) -> list[Child]:
         return [c for c in self.children.values() if c.state in (BUSY, RETIRING) and c.job]
 
-    def room(self, depth):
+    def room(self, depth: int) -> dict[Child, int]:
         """``{child: free slots}`` for children of the current generation that may be given
         jobs: an idle child takes up to ``depth``, a busy one ``depth`` minus what it holds."""
         rooms = {}
@@ -93,7 +96,7 @@ class Pool:
                 rooms[c] = depth - 1 - len(c.queued)
         return rooms
 
-    def serving(self):
+    def serving(self) -> list[Child]:
         """Children of the current generation that are not retiring."""
         return [c for c in self.children.values()
                 if c.generation == self.generation and c.state in (STARTING, IDLE, BUSY)]
@@ -107,7 +110,8 @@ class Pool:
         return future
 
     # -- spawning -----------------------------------------------------------
-    def spawn(self, generation=None, imports=None, memory_limit=None):
+    def spawn(self, generation: Optional[int] = None, imports: Optional[Iterable[str]] = None,
+              memory_limit: Optional[int] = None) -> Child:
         generation = self.generation if generation is None else generation
         imports = self.imports if imports is None else tuple(imports)
         memory_limit = self.memory_limit if memory_limit is None else memory_limit
@@ -130,7 +134,7 @@ class Pool:
         log.debug("spawned child %d (pid %d, generation %d)", index, pid, generation)
         return child
 
-    def trial(self, imports, memory_limit):
+    def trial(self, imports: Iterable[str], memory_limit: int) -> tuple[Child, asyncio.Future]:
         """Fork the first child of the next generation with ``imports``. Returns it and a
         future of ``(task_limits, None)`` once it is ready, or ``(None, why)`` if it
         cannot import them or dies first. It serves once ``generation`` reaches its own."""
@@ -139,7 +143,7 @@ class Pool:
         return child, child.trial
 
     # -- dispatch -------------------------------------------------------------
-    def send(self, child, batch, data):
+    def send(self, child: Child, batch: list, data: bytes) -> Any:
         """Give a child the jobs of ``batch`` (``data``: their frames, written at once).
         It runs the first now if idle, the rest after. Returns the job that started
         now, or None; a child found gone is reported lost with every job it held.
@@ -161,7 +165,7 @@ class Pool:
         child.queued.extend(batch)
         return started
 
-    def _on_writable(self, child):
+    def _on_writable(self, child: Child) -> None:
         try:
             done = child.writer.flush()
         except OSError as exc:
@@ -172,7 +176,7 @@ class Pool:
         if done:
             self.loop.remove_writer(child.to_child)
 
-    def _unwritable(self, child, batch):
+    def _unwritable(self, child: Child, batch: Iterable) -> None:
         """The child's job pipe is closed at its end: it is gone (SIGCHLD follows). Jobs
         sent in advance never started; they are reported at once."""
         self._close_job_pipe(child)
@@ -181,7 +185,7 @@ class Pool:
         child.queued.clear()
         self._call(self.on_lost, child, None, "pipe closed", unstarted)
 
-    def _on_readable(self, child):
+    def _on_readable(self, child: Child) -> None:
         try:
             data = os.read(child.from_child, 1 << 16)
         except BlockingIOError:
@@ -200,7 +204,7 @@ class Pool:
             self._died(child, status)
         # else: SIGCHLD will come and reap() will finish the job
 
-    def _take(self, child, data, alive=True):
+    def _take(self, child: Child, data: bytes, alive: bool = True) -> None:
         """Handle every frame ``data`` completes, each on its own. A child whose stream
         broke is killed (if ``alive``: not yet reaped); its job is then reported lost."""
         for frame in child.reader.feed(data):
@@ -212,7 +216,7 @@ class Pool:
             if alive:
                 self.kill(child)    # its SIGCHLD reports the job lost, with this reason
 
-    def _call(self, callback, child, *args, give_back=None):
+    def _call(self, callback: Callable, child: Child, *args: Any, give_back: Any = None) -> None:
         """Run a supervisor callback; if it raises, log it and hand ``give_back`` (the job
         it was settling) to on_fault, so that one bad frame loses neither that job nor
         the frames read after it."""
@@ -253,7 +257,8 @@ class Pool:
         if started is not None:
             self._call(self.on_started, child, started)     # it runs: not given back
 
-    def _started_up(self, child: Child, limits, error=None) -> None:
+    def _started_up(self, child: Child, limits: Optional[dict],
+                    error: Optional[ImportFailed] = None) -> None:
         """The child reports that it imported the task modules (``limits``), or could
         not (``error``, and it exits)."""
         if error is not None:
@@ -274,7 +279,7 @@ class Pool:
             # reads end of file now and exits; it must not be given work.
 
     # -- ending ---------------------------------------------------------------
-    def retire(self, child):
+    def retire(self, child: Child) -> None:
         """Let ``child`` finish its current job, then exit (its job pipe is closed)."""
         if child.state == DEAD:
             return
@@ -284,7 +289,7 @@ class Pool:
         child.state = RETIRING
         self._close_job_pipe(child)
 
-    def _close_job_pipe(self, child):
+    def _close_job_pipe(self, child: Child) -> None:
         if child.to_child is not None:
             if child.writer.pending:
                 self.loop.remove_writer(child.to_child)
@@ -294,13 +299,13 @@ class Pool:
                 pass
             child.to_child = None
 
-    def kill(self, child, sig=signal.SIGKILL):
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
         try:
             os.kill(child.pid, sig)
         except ProcessLookupError:
             pass
 
-    def reap(self):
+    def reap(self) -> None:
         """Collect every exited child (called on SIGCHLD)."""
         while True:
             try:
@@ -316,7 +321,7 @@ class Pool:
                 finally:
                     self._died(child, status)
 
-    def _drain(self, child):
+    def _drain(self, child: Child) -> None:
         """Read what the child wrote before it died (its last outcome, maybe)."""
         if child.from_child is None:
             return
@@ -329,7 +334,7 @@ class Pool:
                 return
             self._take(child, data, alive=False)
 
-    def _died(self, child, status):
+    def _died(self, child: Child, status: Optional[int]) -> None:
         if child.pid not in self.children:
             return
         del self.children[child.pid]
@@ -368,12 +373,12 @@ class Pool:
         self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
 
 
-def _settle(future, value):
+def _settle(future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _free_index(children, generation):
+def _free_index(children: Iterable[Child], generation: int) -> int:
     """The lowest index no serving child of ``generation`` has."""
     used = {c.index for c in children
             if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
@@ -383,7 +388,7 @@ def _free_index(children, generation):
     return i
 
 
-def _settle_all(futures):
+def _settle_all(futures: list) -> list:
     for future in futures:
         _settle(future, None)
     return []

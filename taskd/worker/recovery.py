@@ -47,7 +47,7 @@ import hashlib
 import logging
 import random
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 from .amqp import ChannelLost
@@ -58,7 +58,7 @@ COPY_HEADER = "x-taskd-copy"
 ENTRY_OVERHEAD = 256        # bytes an entry costs besides its result: key, tuple, dict slot
 
 
-def delivery_key(request, body):
+def delivery_key(request: Any, body: bytes) -> bytes:
     """A digest that tells one task message from another (see the module's notes)."""
     ident = (request.id, request.name, request.retries, request.correlation_id,
              request.headers.get(COPY_HEADER), request.eta, request.expires)
@@ -70,7 +70,8 @@ def delivery_key(request, body):
 class Done:
     __slots__ = ("epoch", "result", "size", "expires_at")
 
-    def __init__(self, epoch, result, size, expires_at):
+    def __init__(self, epoch: int, result: Optional[tuple], size: int,
+                 expires_at: float) -> None:
         self.epoch, self.result, self.size, self.expires_at = epoch, result, size, expires_at
 
 
@@ -84,15 +85,16 @@ class RecentlyDone:
     second copy of the result.
     """
 
-    def __init__(self, max_entries=10000, max_bytes=32 << 20, max_result=64 << 10,
-                 max_age=600.0, clock=time.monotonic):
+    def __init__(self, max_entries: int = 10000, max_bytes: int = 32 << 20,
+                 max_result: int = 64 << 10, max_age: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.max_result, self.max_age, self.clock = max_result, max_age, clock
         self.epoch = 0
         self.bytes = 0
         self._done = collections.OrderedDict()     # key -> Done, oldest first
 
-    def next_channel(self):
+    def next_channel(self) -> None:
         """A new channel delivers: the entries of the old ones may now be looked up,
         for ``max_age`` from now at least."""
         self.epoch += 1
@@ -101,7 +103,7 @@ class RecentlyDone:
         for entry in self._done.values():
             entry.expires_at = max(entry.expires_at, expires_at)
 
-    def add(self, key, epoch, result=None):
+    def add(self, key: bytes, epoch: int, result: Optional[tuple] = None) -> None:
         """Record the delivery ``key`` received on channel ``epoch`` as finished."""
         if result is not None and len(result[0]) > self.max_result:
             result = None
@@ -113,7 +115,7 @@ class RecentlyDone:
         self.bytes += size
         self._prune()
 
-    def find(self, key, epoch):
+    def find(self, key: bytes, epoch: int) -> Optional[Done]:
         """The entry of a delivery finished before channel ``epoch`` took over, or None."""
         self._prune()
         entry = self._done.get(key)
@@ -121,7 +123,7 @@ class RecentlyDone:
             return None
         return entry
 
-    def _prune(self):
+    def _prune(self) -> None:
         now = self.clock()
         done = self._done
         while done:
@@ -131,7 +133,7 @@ class RecentlyDone:
                 return
             self.bytes -= done.popitem(last=False)[1].size
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._done)
 
 class Duplicates:
@@ -184,7 +186,8 @@ class Duplicates:
         return self.twins.pop(job.key, []) if job.key is not None else []
 
 
-def backoff(attempt, base=0.5, cap=10.0, rng=random.random):
+def backoff(attempt: int, base: float = 0.5, cap: float = 10.0,
+            rng: Callable[[], float] = random.random) -> float:
     """Capped exponential back-off with jitter: a delay in [d/2, d], d = base * 2**attempt."""
     delay = min(cap, base * (2 ** attempt))
     return delay / 2 + rng() * delay / 2
@@ -195,15 +198,16 @@ class ReconnectPacer:
     after one that lived ``young`` seconds or more; after one that died younger, a
     back-off that grows with each such death in a row."""
 
-    def __init__(self, young=5.0, clock=time.monotonic, rng=random.random):
+    def __init__(self, young: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] = random.random) -> None:
         self.young, self.clock, self.rng = young, clock, rng
         self.connected_at = None
         self.quick_deaths = 0
 
-    def connected(self):
+    def connected(self) -> None:
         self.connected_at = self.clock()
 
-    def lost(self):
+    def lost(self) -> float:
         """Seconds to wait before the next attempt."""
         lived = self.connected_at is not None and self.clock() - self.connected_at >= self.young
         self.connected_at = None
@@ -214,7 +218,9 @@ class ReconnectPacer:
         return backoff(self.quick_deaths - 1, rng=self.rng)
 
 
-async def connect_with_retry(connect, close, shutdown, notifier, retry_for, cap):
+async def connect_with_retry(connect: Callable[[], Awaitable[None]],
+                             close: Callable[[], Awaitable[None]], shutdown: Any, notifier: Any,
+                             retry_for: float, cap: float) -> bool:
     """Await ``connect()`` until it succeeds or ``retry_for`` seconds pass (``close()``
     after each failure); a shutdown (``shutdown.stopping``, ``shutdown.requested``)
     ends the wait.

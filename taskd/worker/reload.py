@@ -143,7 +143,7 @@ async def _rebind(sup: Any, consumer: Any, ops: list, old_queues: tuple) -> None
         log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)
 
 
-async def _import_check(pool, new):
+async def _import_check(pool: Any, new: Any) -> tuple:
     """Fork the new generation's first child; returns it and its task limits once it has
     imported the task modules. Raises ConfigError (and ends the child) if it cannot."""
     child, started = pool.trial(new["imports"], new["worker.max_memory_per_child"])
@@ -157,7 +157,7 @@ async def _import_check(pool, new):
     return child, limits
 
 
-def _declare_aside(config, ops):
+def _declare_aside(config: Any, ops: list) -> None:
     """Declare ``ops`` on a connection of their own (runs in a thread)."""
     conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0,
                             name="taskd-reload-check", tls=config["broker.tls"])

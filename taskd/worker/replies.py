@@ -70,7 +70,7 @@ class Replies:
             return
         body, props = self._within_limit(job, body, props)
 
-        def confirmed(ok):
+        def confirmed(ok: Optional[bool]) -> None:
             if ok:
                 self.complete(job)
             elif attempt >= RESULT_ATTEMPTS:
