@@ -19,18 +19,18 @@ log = logging.getLogger("taskd.supervisor")
 
 
 class Spawner:
-    """``host``: the supervisor, read for ``concurrency`` and ``config``; ``stopping()``:
-    no more children once it is true; ``forked()``: called after forking."""
+    """``host``: the supervisor, read for ``concurrency`` and ``config``; ``shutdown``:
+    no more children once it is ``stopping``; ``forked()``: called after forking."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Any, host: Any,
-                 stopping: Callable[[], bool], forked: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: Any, host: Any, shutdown: Any,
+                 forked: Callable[[], None]) -> None:
         self.loop, self.pool, self.host = loop, pool, host
-        self.stopping, self.forked = stopping, forked
+        self.shutdown, self.forked = shutdown, forked
         self._timer: Optional[asyncio.TimerHandle] = None   # the back-off's
 
     def manage(self) -> None:
         """Fork children until the current generation has ``concurrency`` of them."""
-        if self._timer is not None or self.stopping():
+        if self._timer is not None or self.shutdown.stopping:
             return
         pool = self.pool
         missing = self.host.concurrency - len(pool.serving())

@@ -100,7 +100,7 @@ class Supervisor:
                                             Notifier(), config, None)
         self.status = status = Status(loop, self, pool, dispatcher, self.counters,
                                       shutdown.notifier, shutdown)
-        self.spawner = spawner = Spawner(loop, pool, self, lambda: shutdown.stopping,
+        self.spawner = spawner = Spawner(loop, pool, self, shutdown,
                                          status.update_title)
         self.reloader = status.reloader = Reloader(loop, self, pool, consumer, shutdown, status,
                                                    spawner)
