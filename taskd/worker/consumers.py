@@ -40,9 +40,6 @@ class Consumers:
         self.closing = False        # stopping: a broker cancel is not answered any more
         conn.channel.add_on_cancel_callback(self._on_cancelled)
 
-    def queue_of(self, tag: str) -> str:
-        return self.tags.get(tag, "?")
-
     def consume(self, queue: str) -> str:
         tag = self.conn.channel.basic_consume(queue, self.on_delivery)
         self.tags[tag] = queue

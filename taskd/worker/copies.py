@@ -43,7 +43,6 @@ class Copies:
         self.loop = loop
         self._declare = declare     # coroutine function: declare the worker's topology
         self._redeclaring = None    # the task declaring it, while it runs
-        self.returned = 0
 
     def publish(self, channel: Any, exchange: str, routing_key: str, body: bytes,
                 properties: Any, on_confirm: Callable[[Optional[bool]], None]) -> None:
@@ -61,7 +60,6 @@ class Copies:
     def on_return(self, method: Any, properties: Any) -> None:
         """The broker returned a copy: no queue took it. Its confirm reports the failure;
         here the topology is declared again."""
-        self.returned += 1
         log.error("copy %s to exchange %r, routing key %r reached no queue (%s %s): the "
                   "original is kept; declaring the worker's exchanges and queues again",
                   (properties.headers or {}).get(COPY_HEADER), method.exchange,
