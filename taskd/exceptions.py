@@ -145,6 +145,3 @@ class Retry(TaskError):
 class MaxRetriesExceededError(TaskError):
     """The task asked for a retry past its ``max_retries``."""
 
-
-class Reject(TaskError):
-    """Raised by a task to dead-letter its message instead of completing."""

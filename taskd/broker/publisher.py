@@ -40,14 +40,20 @@ import dataclasses
 import logging
 import time
 
+from typing import TYPE_CHECKING, Any, Callable
+
 import pika
 import pika.exceptions
-from pika.adapters.blocking_connection import _IoloopTimerContext
 
-from . import topology
+from . import pikashim, topology
 from .connection import CONNECTION_ERRORS, connect_blocking
 from ..exceptions import ConnectionError as TaskdConnectionError
 from ..exceptions import ConfirmTimeout, NotDeliveredError, PublishError, UnroutableError
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..options import Route, SendOptions
+    from ..protocol import OutgoingMessage
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,8 @@ class Publisher:
 
     CONFIRM_TIMEOUT = 30.0
 
-    def __init__(self, app, connection=None, connect_timeout=None, window=0):
+    def __init__(self, app: App, connection: pika.BlockingConnection | None = None,
+                 connect_timeout: float | None = None, window: int = 0):
         self.app = app
         self.connect_timeout = connect_timeout if connect_timeout is not None else \
             app.config["broker.connect_timeout"]
@@ -69,7 +76,7 @@ class Publisher:
         self.connection = connection
         self.channel = None
         self.window = window            # 0: wait for each confirm
-        self._declared = set()
+        self._declared = set()         # ops and routes declared on this channel
         self._unconfirmed = collections.OrderedDict()   # publish seq -> task id
         self._failed = []               # (task id, reason) not taken by the broker
         self._returned = {}             # task id -> reply text of its basic.return
@@ -78,7 +85,7 @@ class Publisher:
         self._blocked = None           # why the broker blocks our connection, while it does
 
     # -- life cycle ---------------------------------------------------------
-    def _ensure_open(self):
+    def _ensure_open(self) -> pika.adapters.blocking_connection.BlockingChannel:
         if self.connection is None or not self.connection.is_open:
             if not self._owns_connection:
                 raise TaskdConnectionError("the connection passed to taskd is closed")
@@ -93,30 +100,22 @@ class Publisher:
             self._lost_unconfirmed("its channel closed")
             self.channel = self.connection.channel()
             self._close_reason = None
-            self.channel._impl.add_on_close_callback(self._on_channel_closed)
-            self._enable_confirms(self.channel)
+            selected = []
+            pikashim.watch_channel(self.channel, on_confirm=self._on_confirm,
+                                   on_return=self._on_return, on_close=self._on_channel_closed,
+                                   on_selected=selected.append)
+            self._seq = 0
+            self._pump_until(lambda: selected, "confirm.select")
             self._declared = set()
         return self.channel
-
-    def _enable_confirms(self, channel):
-        # Confirms are handled on pika's underlying channel so that several
-        # can be outstanding at once (pika's blocking channel waits for each).
-        selected = []
-        channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm,
-                                       callback=lambda frame: selected.append(frame))
-        channel._impl.add_on_return_callback(self._on_return)
-        self._seq = 0
-        self._pump_until(lambda: selected, "confirm.select")
 
     def _pump_until(self, predicate, what):
         """Run the connection's I/O until ``predicate()`` is true (bounded). If the
         broker closes the channel meanwhile, every unconfirmed publish fails with why."""
         if predicate():
             return
-        timer = _IoloopTimerContext(self.CONFIRM_TIMEOUT, self.connection._impl)
-        with timer:
-            self.connection._flush_output(timer.is_ready, predicate,
-                                          lambda: self._close_reason is not None)
+        pikashim.pump_until(self.connection, self.CONFIRM_TIMEOUT, predicate,
+                            lambda: self._close_reason is not None)
         if self._close_reason is not None:
             self._lost_unconfirmed(self._close_reason)
             self.channel = None
@@ -183,7 +182,7 @@ class Publisher:
             self._unconfirmed.clear()
         self._returned.clear()      # returns whose confirm will never come
 
-    def flush(self):
+    def flush(self) -> None:
         """Wait for every outstanding confirm; raise PublishError for any not taken."""
         if self._unconfirmed and self.connection is not None and self.connection.is_open:
             try:
@@ -198,7 +197,7 @@ class Publisher:
             raise PublishError(f"{len(failed)} task(s) were not taken by the broker: "
                                f"{detail}{more}", [tid for tid, _ in failed])
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.flush()
         finally:
@@ -214,7 +213,7 @@ class Publisher:
             if self._owns_connection:
                 self.connection = None
 
-    def __enter__(self):
+    def __enter__(self) -> Publisher:
         self._ensure_open()
         return self
 
@@ -228,22 +227,23 @@ class Publisher:
                 pass
 
     # -- declarations ---------------------------------------------------------
-    def ensure(self, ops):
+    def ensure(self, ops: list) -> None:
         """Declare what is not yet declared on this channel (idempotent)."""
         todo = [op for op in ops if op not in self._declared]
         if todo:
             topology.execute_blocking(self._ensure_open(), todo)
             self._declared.update(todo)
 
-    def consumer_count(self, queue):
+    def consumer_count(self, queue: str) -> int:
         frame = self._ensure_open().queue_declare(queue, passive=True)
         return frame.method.consumer_count
 
     # -- publishing -----------------------------------------------------------
-    def publish(self, message, route, *, mandatory=False, immediate=False, retry=True,
-                retry_policy=None, reply=None):
+    def publish(self, message: OutgoingMessage, route: Route, options: SendOptions, *,
+                reply: Callable[[], str] | None = None) -> OutgoingMessage:
         """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc);
-        returns the message as published.
+        returns the message as published. ``options`` (resolved) say how:
+        ``mandatory``, ``immediate``, ``retry``, ``retry_policy``.
 
         ``reply``, when given, is called on each attempt, once connected, and
         returns the ``reply_to`` queue for it (a new connection has a new one).
@@ -259,11 +259,12 @@ class Publisher:
         """
         policy = dict(max_retries=self.app.config["broker.publish_retries"], interval_start=0.0,
                       interval_step=0.2, interval_max=1.0)
-        policy.update(retry_policy or {})
-        attempts = 1 + (policy["max_retries"] if retry and self._owns_connection else 0)
+        policy.update(options.retry_policy or {})
+        attempts = 1 + (policy["max_retries"] if options.retry and self._owns_connection else 0)
         for attempt in range(attempts):
             try:
-                return self._publish_once(message, route, mandatory, immediate, reply)
+                return self._publish_once(message, route, bool(options.mandatory),
+                                          bool(options.immediate), reply)
             except (*CONNECTION_ERRORS, pika.exceptions.AMQPChannelError,
                     TaskdConnectionError) as exc:
                 self._lost_unconfirmed(f"the connection failed ({exc})")
@@ -295,8 +296,9 @@ class Publisher:
             self._check_consumers(message, route)
             channel = self._ensure_open()
             mandatory = True
-        elif route.declare:
+        elif route.declare and route.declare not in self._declared:
             self.ensure(topology.plan_queues(self.app.config, route.declare))
+            self._declared.add(route.declare)
         properties = pika.BasicProperties(
             content_type=message.content_type,
             content_encoding=message.content_encoding,
