@@ -1,19 +1,23 @@
 """The application: configuration, task registration, and sending.
 
 ``App("tasks", config="/etc/taskd.yaml")`` or ``App("tasks", broker="amqp://...")``.
-Each process keeps one pooled broker connection per app (re-created after
-``fork`` and after it dies); every publish on it is confirmed by the broker.
+Each process keeps one pooled broker connection per app, its :class:`Session`
+(a publisher and the result consumer), held in a :class:`ProcessLocal`: made
+on first use, re-created after ``fork`` (a child never speaks on its parent's
+socket) and after it dies. Threads take turns on it through a fair
+:class:`TurnLock` (pika is not thread-safe). Every publish on it is confirmed
+by the broker.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import config as config_mod
 from . import current
-from .broker.connection import ProcessLocal, TurnLock
 from .broker.publisher import Publisher
 from .options import SendOptions
 from .result import AsyncResult, ResultConsumer
@@ -30,14 +34,88 @@ def current_app() -> App:
     return current.get_app()
 
 
-def _app_from_environment() -> App:
-    path = os.environ.get("TASKD_CONFIG")
-    if path is None and os.path.exists(config_mod.DEFAULT_PATH):
-        path = config_mod.DEFAULT_PATH
-    return App(config=path)
+class TurnLock:
+    """A reentrant lock handed over in arrival order.
+
+    ``threading.RLock`` is not fair: a thread that waits for results in short
+    slices, releasing the lock between them, takes it straight back while a
+    sending thread is still waking up, so the sender can wait for the whole
+    ``get()``. Here each acquirer takes a ticket and the lock goes to the
+    oldest ticket, so a sender waits at most for the slice under way.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner = None
+        self._depth = 0
+        self._next = 0          # next ticket to hand out
+        self._serving = 0       # ticket whose turn it is
+
+    def acquire(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket, self._next = self._next, self._next + 1
+            while self._serving != ticket:
+                self._cond.wait()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self):
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release a TurnLock held by another thread")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._cond.notify_all()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
 
 
-current.set_default_factory(_app_from_environment)
+class ProcessLocal:
+    """One object per process, re-created after ``fork`` (never shared with a parent).
+
+    Holds a lock so that threads of one process take turns: pika is not
+    thread-safe. The object is created under that lock, so threads that
+    first touch it at the same moment share one.
+    """
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._pid = None
+        self._value = None
+        self.lock = TurnLock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        # The inherited object's socket belongs to the parent's connection:
+        # never speak on it, just drop it.
+        self._value, self._pid = None, None
+        self.lock = TurnLock()
+
+    def get(self):
+        value = self._value
+        if value is not None and self._pid == os.getpid():
+            return value
+        with self.lock:
+            if self._pid != os.getpid() or self._value is None:
+                self._value = self._factory()
+                self._pid = os.getpid()
+            return self._value
+
+    def peek(self):
+        return self._value if self._pid == os.getpid() else None
+
+    def reset(self):
+        value, self._value = self._value, None
+        return value
 
 
 class Session:
@@ -75,6 +153,15 @@ class App:
         self._session = ProcessLocal(lambda: Session(self))
         if set_as_current:
             current.set_app(self)
+
+    @classmethod
+    def from_environment(cls) -> App:
+        """An app from ``$TASKD_CONFIG``, else ``/etc/taskd.yaml`` if it exists, else
+        the defaults (``$TASKD_BROKER_URL`` applies to all three)."""
+        path = os.environ.get("TASKD_CONFIG") or None
+        if path is None and os.path.exists(config_mod.DEFAULT_PATH):
+            path = config_mod.DEFAULT_PATH
+        return cls(config=path)
 
     def __repr__(self):
         return f"<taskd.App {self.main or ''} {self.config.source}>"
@@ -180,3 +267,6 @@ class App:
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, app=self)
+
+
+current.set_default_factory(App.from_environment)

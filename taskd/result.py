@@ -28,7 +28,7 @@ Design notes:
   a small LRU (:data:`UNCLAIMED_MAX`), where an ``AsyncResult`` made later
   from the id finds it.
 * **get() does not hold the send lock.** pika is not thread-safe, so all I/O
-  happens under the session lock (a fair :class:`~taskd.broker.connection.TurnLock`);
+  happens under the session lock (a fair :class:`~taskd.app.TurnLock`);
   ``get()`` reads the socket in slices of at most :data:`WAIT_SLICE` seconds
   and releases the lock between them, so another thread's send waits at most
   one slice.
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from . import current, protocol, serialization
 from .broker.connection import CONNECTION_ERRORS
 from .exceptions import ConnectionError as TaskdConnectionError
-from .exceptions import TaskRevokedError
+from .exceptions import TaskRevokedError, dict_to_exception
 from .exceptions import TimeoutError as TaskdTimeoutError
 
 if TYPE_CHECKING:
@@ -260,7 +260,7 @@ class AsyncResult:
         """Wait for the task to finish and return its value.
 
         Raises the task's exception when it failed and ``propagate`` is true
-        (rebuilt from its type name; see ``taskd.protocol.dict_to_exception``),
+        (rebuilt from its type name; see ``taskd.exceptions.dict_to_exception``),
         ``TaskRevokedError`` when it was not run,
         ``taskd.exceptions.TimeoutError`` when ``timeout`` seconds pass first
         (``timeout=0``: at once unless the result is there), and
@@ -307,7 +307,7 @@ class AsyncResult:
             value = meta.get("result")
             if meta["status"] == protocol.REVOKED and not isinstance(value, dict):
                 return TaskRevokedError(str(value or "revoked"))
-            return protocol.dict_to_exception(value)
+            return dict_to_exception(value)
         return meta.get("result")
 
     info = result

@@ -25,6 +25,7 @@ them back into a ``set``, but a stock Celery peer rejects that marker.
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import pickle
 import uuid
@@ -263,7 +264,6 @@ def accept_set(accept_content):
 def check_config(config):
     """Import ``serializer_modules`` and check the serializer names ``config`` uses;
     returns a list of errors (empty when all is well)."""
-    import importlib
     errors = []
     for module in config["serializer_modules"]:
         try:
