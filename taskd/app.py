@@ -51,7 +51,7 @@ class TurnLock:
         self._next = 0          # next ticket to hand out
         self._serving = 0       # ticket whose turn it is
 
-    def acquire(self):
+    def acquire(self) -> bool:
         me = threading.get_ident()
         with self._cond:
             if self._owner == me:
@@ -63,7 +63,7 @@ class TurnLock:
             self._owner, self._depth = me, 1
             return True
 
-    def release(self):
+    def release(self) -> None:
         with self._cond:
             if self._owner != threading.get_ident():
                 raise RuntimeError("cannot release a TurnLock held by another thread")
@@ -87,7 +87,7 @@ class ProcessLocal:
     first touch it at the same moment share one.
     """
 
-    def __init__(self, factory):
+    def __init__(self, factory: Callable[[], Any]):
         self._factory = factory
         self._pid = None
         self._value = None
@@ -100,7 +100,7 @@ class ProcessLocal:
         self._value, self._pid = None, None
         self.lock = TurnLock()
 
-    def get(self):
+    def get(self) -> Any:
         value = self._value
         if value is not None and self._pid == os.getpid():
             return value
@@ -110,10 +110,10 @@ class ProcessLocal:
                 self._pid = os.getpid()
             return self._value
 
-    def peek(self):
+    def peek(self) -> Any:
         return self._value if self._pid == os.getpid() else None
 
-    def reset(self):
+    def reset(self) -> Any:
         value, self._value = self._value, None
         return value
 

@@ -52,7 +52,8 @@ _by_name: dict[str, Serializer] = {}
 _by_type: dict[str, Serializer] = {}
 
 
-def register(name, dumps, loads, content_type, content_encoding="utf-8"):
+def register(name: str, dumps: Callable[[Any], bytes | str], loads: Callable[[bytes], Any],
+             content_type: str, content_encoding: str = "utf-8") -> Serializer:
     """Register a serializer under ``name`` and ``content_type``.
 
     Register it in the client *and* in the worker: the worker learns custom
@@ -66,13 +67,13 @@ def register(name, dumps, loads, content_type, content_encoding="utf-8"):
     return entry
 
 
-def unregister(name):
+def unregister(name: str) -> None:
     entry = _by_name.pop(name, None)
     if entry is not None:
         _by_type.pop(entry.content_type, None)
 
 
-def get(name) -> Serializer:
+def get(name: str) -> Serializer:
     try:
         return _by_name[name]
     except KeyError:
@@ -94,7 +95,7 @@ def content_type_of(name_or_type):
     raise UnknownSerializer(f"no serializer named {name_or_type!r}")
 
 
-def dumps(obj, name="json"):
+def dumps(obj: Any, name: str = "json") -> tuple[bytes, str, str]:
     """Encode ``obj``; returns ``(body_bytes, content_type, content_encoding)``."""
     entry = get(name)
     try:
@@ -106,7 +107,8 @@ def dumps(obj, name="json"):
     return body, entry.content_type, entry.content_encoding
 
 
-def loads(body, content_type, content_encoding=None, accept=None):
+def loads(body: bytes, content_type: str | None, content_encoding: str | None = None,
+          accept: set[str] | None = None) -> Any:
     """Decode ``body`` by its content type.
 
     ``accept`` is a set of content types; a type outside it raises
