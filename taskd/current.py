@@ -15,6 +15,12 @@ taskd keeps exactly three things per process, and only here:
 
 ``taskd.app``, ``taskd.task`` and ``taskd.result`` all import this module and
 none of them imports another for this state, so they form no import cycle.
+
+Other module-level values of the client are registries filled at import time
+or bounded caches, each kept beside the only code that reads it: the
+serializers (:func:`taskd.serialization.register`), the float-field fix's
+"installed" flag (:mod:`taskd.broker.pikashim`), and the stand-in classes for
+remote exceptions (:func:`taskd.exceptions.dict_to_exception`, at most 256).
 """
 from __future__ import annotations
 

@@ -158,8 +158,7 @@ class Request:
 
     @property
     def serializer(self):
-        entry = serialization._by_type.get(self.content_type)
-        return entry.name if entry else "json"
+        return serialization.name_of(self.content_type)
 
 
 def parse_datetime(value, what):

@@ -82,6 +82,12 @@ def get(name: str) -> Serializer:
         ) from None
 
 
+def name_of(content_type: str | None, default: str = "json") -> str:
+    """The name of the serializer registered for ``content_type`` (else ``default``)."""
+    entry = _by_type.get(content_type)
+    return entry.name if entry else default
+
+
 def names():
     return sorted(_by_name)
 
