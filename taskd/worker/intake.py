@@ -118,11 +118,11 @@ class Intake:
         try:
             self.dead_letter(job, reason, TaskdError(reason))
         except Exception:
-            log.exception("could not dead-letter task %s either: rejecting it (the queue's "
-                          "own dead-letter route, if it has one, takes it)", job.describe())
-            if job.channel is self.consumer.channel and self.consumer.is_open:
-                self.acks.forget(job.tag)
-                job.channel.basic_reject(job.tag, requeue=False)
+            # Never lost: left unacknowledged, it holds one prefetch slot and goes back to
+            # its queue when this channel closes (a reconnect or a stop).
+            log.exception("could not dead-letter task %s either: it stays unacknowledged "
+                          "and goes back to its queue when this worker's channel closes",
+                          job.describe())
 
     def schedule_job(self, job, eta, delay):
         """An ETA task: revoke it if it would expire first, else park or hold it."""
