@@ -143,10 +143,10 @@ class SendOptions:
     retry_policy: Mapping | None = _option(_mapping)
 
     def __post_init__(self):
-        for f in _FIELDS:
-            value = getattr(self, f.name)
-            if value is not None and f.metadata["check"] is not None:
-                f.metadata["check"](f.name, value)
+        for name, check in _CHECKS:
+            value = getattr(self, name)
+            if value is not None:
+                check(name, value)
 
     @classmethod
     def of(cls, options: Mapping[str, Any], caller: str = "send_task") -> SendOptions:
@@ -163,8 +163,8 @@ class SendOptions:
         the call left out, ``countdown``/``expires`` seconds become datetimes (out of
         range: OptionError), and the task id is picked."""
         now = now or datetime.now(timezone.utc)
-        changes = {f.name: getattr(task, f.name, None) for f in _FIELDS
-                   if f.metadata["task"] and getattr(self, f.name) is None}
+        changes = {name: getattr(task, name, None) for name in _FROM_TASK
+                   if getattr(self, name) is None}
         if not _routed(self.queue, self.exchange, self.routing_key):
             changes.update(queue=getattr(task, "queue", None),
                            exchange=getattr(task, "exchange", None),
@@ -198,6 +198,8 @@ class SendOptions:
 
 _FIELDS = dataclasses.fields(SendOptions)
 _NAMES = frozenset(f.name for f in _FIELDS)
+_CHECKS = tuple((f.name, f.metadata["check"]) for f in _FIELDS if f.metadata["check"])
+_FROM_TASK = tuple(f.name for f in _FIELDS if f.metadata["task"])
 
 
 def _after(now, seconds, option):
