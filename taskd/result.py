@@ -101,7 +101,7 @@ class ResultConsumer:
             if self._live() is not None:
                 self.connection.process_data_events(0)   # a cancel may be waiting
             if self._live() is None:
-                self.publisher._ensure_open()
+                self.publisher.open_channel()
                 self._declare(self.publisher.connection)
         except (*CONNECTION_ERRORS, pika.exceptions.AMQPChannelError) as exc:
             self._lose(f"the connection failed ({exc})")

@@ -150,7 +150,9 @@ class Publisher:
         self._blocked = None           # why the broker blocks our connection, while it does
 
     # -- life cycle ---------------------------------------------------------
-    def _ensure_open(self) -> pika.adapters.blocking_connection.BlockingChannel:
+    def open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        """The confirming channel, after opening the connection (when owned) and the
+        channel if they are closed. A borrowed connection that is closed raises."""
         if self.connection is None or not self.connection.is_open:
             if not self._owns_connection:
                 raise TaskdConnectionError("the connection passed to taskd is closed")
@@ -242,7 +244,7 @@ class Publisher:
                 self.connection = None
 
     def __enter__(self) -> Publisher:
-        self._ensure_open()
+        self.open_channel()
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -259,11 +261,11 @@ class Publisher:
         """Declare what is not yet declared on this channel (idempotent)."""
         todo = [op for op in ops if op not in self._declared]
         if todo:
-            topology.execute_blocking(self._ensure_open(), todo)
+            topology.execute_blocking(self.open_channel(), todo)
             self._declared.update(todo)
 
     def consumer_count(self, queue: str) -> int:
-        frame = self._ensure_open().queue_declare(queue, passive=True)
+        frame = self.open_channel().queue_declare(queue, passive=True)
         return frame.method.consumer_count
 
     # -- publishing -----------------------------------------------------------
@@ -316,13 +318,13 @@ class Publisher:
                 time.sleep(pause)
 
     def _publish_once(self, message, route, mandatory, immediate, reply):
-        channel = self._ensure_open()
+        channel = self.open_channel()
         if reply is not None:
             message = dataclasses.replace(message, reply_to=reply())
         if immediate:
             # A queue with a consumer exists already: nothing to declare.
             self._check_consumers(message, route)
-            channel = self._ensure_open()
+            channel = self.open_channel()
             mandatory = True
         elif route.declare and route.declare not in self._declared:
             self.ensure(topology.plan_queues(self.app.config, route.declare))
