@@ -1,68 +1,140 @@
 """The application: configuration, task registration, and sending.
 
 ``App("tasks", config="/etc/taskd.yaml")`` or ``App("tasks", broker="amqp://...")``.
-Each process keeps one pooled broker connection per app (re-created after
-``fork`` and after it dies); every publish on it is confirmed by the broker.
+Each process keeps one pooled broker connection per app, its :class:`Session`
+(a publisher and the result consumer), held in a :class:`ProcessLocal`: made
+on first use, re-created after ``fork`` (a child never speaks on its parent's
+socket) and after it dies. Threads take turns on it through a fair
+:class:`TurnLock` (pika is not thread-safe). Every publish on it is confirmed
+by the broker.
 """
 from __future__ import annotations
 
 import importlib
-import math
 import os
-import uuid
-from datetime import datetime, timedelta, timezone
-from numbers import Real
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from . import config as config_mod
-from . import protocol, routing
-from .broker.connection import ProcessLocal
+from . import current
 from .broker.publisher import Publisher
-from .exceptions import OptionError
+from .options import SendOptions
 from .result import AsyncResult, ResultConsumer
 from .task import Task, registry
 
-_current = None
 
-
-def current_app():
+def current_app() -> App:
     """The most recently created :class:`App`, or one built from the environment.
 
     The environment app reads ``$TASKD_CONFIG`` when set (else
     ``/etc/taskd.yaml`` if it exists, else the defaults), and honours
     ``$TASKD_BROKER_URL``.
     """
-    if _current is None:
-        path = os.environ.get("TASKD_CONFIG")
-        if path is None and os.path.exists(config_mod.DEFAULT_PATH):
-            path = config_mod.DEFAULT_PATH
-        App(config=path)
-    return _current
+    return current.get_app()
 
 
-def _seconds_from(now, seconds, option):
-    """``now`` plus ``seconds``, or an OptionError naming ``option``."""
-    if not math.isfinite(seconds):
-        raise OptionError(f"{option} must be a finite number of seconds, got {seconds!r}")
-    try:
-        return now + timedelta(seconds=seconds)
-    except OverflowError:
-        raise OptionError(f"{option}={seconds!r} seconds is out of range (a date must fall "
-                          "between the years 1 and 9999)") from None
+class TurnLock:
+    """A reentrant lock handed over in arrival order.
+
+    ``threading.RLock`` is not fair: a thread that waits for results in short
+    slices, releasing the lock between them, takes it straight back while a
+    sending thread is still waking up, so the sender can wait for the whole
+    ``get()``. Here each acquirer takes a ticket and the lock goes to the
+    oldest ticket, so a sender waits at most for the slice under way.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner = None
+        self._depth = 0
+        self._next = 0          # next ticket to hand out
+        self._serving = 0       # ticket whose turn it is
+
+    def acquire(self) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket, self._next = self._next, self._next + 1
+            while self._serving != ticket:
+                self._cond.wait()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("cannot release a TurnLock held by another thread")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._serving += 1
+                self._cond.notify_all()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class ProcessLocal:
+    """One object per process, re-created after ``fork`` (never shared with a parent).
+
+    Holds a lock so that threads of one process take turns: pika is not
+    thread-safe. The object is created under that lock, so threads that
+    first touch it at the same moment share one.
+    """
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory = factory
+        self._pid = None
+        self._value = None
+        self.lock = TurnLock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self):
+        # The inherited object's socket belongs to the parent's connection:
+        # never speak on it, just drop it.
+        self._value, self._pid = None, None
+        self.lock = TurnLock()
+
+    def get(self) -> Any:
+        value = self._value
+        if value is not None and self._pid == os.getpid():
+            return value
+        with self.lock:
+            if self._pid != os.getpid() or self._value is None:
+                self._value = self._factory()
+                self._pid = os.getpid()
+            return self._value
+
+    def peek(self) -> Any:
+        return self._value if self._pid == os.getpid() else None
+
+    def reset(self) -> Any:
+        value, self._value = self._value, None
+        return value
 
 
 class Session:
     """The per-process pooled connection: a publisher and the result consumer."""
 
-    def __init__(self, app):
+    def __init__(self, app: App):
         self.publisher = Publisher(app)
         self.results = ResultConsumer(self.publisher)
 
-    def close(self):
+    def close(self) -> None:
         self.publisher.close()
 
 
 class App:
-    def __init__(self, main=None, *, config=None, broker=None, set_as_current=True):
+    """A taskd application: its configuration, its tasks, its per-process session."""
+
+    def __init__(self, main: str | None = None, *,
+                 config: str | os.PathLike | Mapping | config_mod.Config | None = None,
+                 broker: str | None = None, set_as_current: bool = True):
         if isinstance(config, config_mod.Config):
             self.config = config
         elif isinstance(config, dict):
@@ -80,14 +152,22 @@ class App:
             importlib.import_module(module)
         self._session = ProcessLocal(lambda: Session(self))
         if set_as_current:
-            global _current
-            _current = self
+            current.set_app(self)
+
+    @classmethod
+    def from_environment(cls) -> App:
+        """An app from ``$TASKD_CONFIG``, else ``/etc/taskd.yaml`` if it exists, else
+        the defaults (``$TASKD_BROKER_URL`` applies to all three)."""
+        path = os.environ.get("TASKD_CONFIG") or None
+        if path is None and os.path.exists(config_mod.DEFAULT_PATH):
+            path = config_mod.DEFAULT_PATH
+        return cls(config=path)
 
     def __repr__(self):
         return f"<taskd.App {self.main or ''} {self.config.source}>"
 
     # -- tasks ------------------------------------------------------------------
-    def task(self, fn=None, **options):
+    def task(self, fn: Callable | None = None, **options: Any) -> Any:
         """Decorator turning a function into a task: ``@app.task`` or ``@app.task(name=...)``."""
         def make(fn):
             module = fn.__module__
@@ -113,17 +193,19 @@ class App:
         return make
 
     @property
-    def tasks(self):
+    def tasks(self) -> dict[str, Task]:
+        """Every task defined in this process, by name (:data:`taskd.current.registry`)."""
         return registry
 
     # -- connections ------------------------------------------------------------
     def session(self) -> Session:
         return self._session.get()
 
-    def session_lock(self):
+    def session_lock(self) -> TurnLock:
         return self._session.lock
 
-    def get_publisher(self, connect_timeout=None, connection=None, window=1000) -> Publisher:
+    def get_publisher(self, connect_timeout: float | None = None, connection: Any = None,
+                      window: int = 1000) -> Publisher:
         """A publisher with its own connection (or ``connection``), for many sends.
 
         Its sends are pipelined: up to ``window`` messages await their confirm
@@ -134,7 +216,7 @@ class App:
         return Publisher(self, connection=connection, connect_timeout=connect_timeout,
                          window=window)
 
-    def close(self):
+    def close(self) -> None:
         """Close this process's pooled connection (it reopens on the next send)."""
         session = self._session.peek()
         if session is not None:
@@ -142,63 +224,49 @@ class App:
             self._session.reset()
 
     # -- sending ----------------------------------------------------------------
-    def send_task(self, name, args=None, kwargs=None, *, task=None, countdown=None, eta=None,
-                  expires=None, serializer=None, exchange=None, routing_key=None, queue=None,
-                  priority=None, mandatory=None, immediate=None, connect_timeout=None,
-                  publisher=None, connection=None, task_id=None, headers=None,
-                  time_limit=None, soft_time_limit=None, ignore_result=None, retries=0,
-                  retry=True, retry_policy=None):
-        """Send a task by name; the task's code is not needed here."""
-        attr = (lambda key, value: value if value is not None else getattr(task, key, None))
-        serializer = attr("serializer", serializer) or self.config["default_serializer"]
-        ignore_result = bool(attr("ignore_result", ignore_result))
-        route = routing.resolve(
-            self.config, name, queue=queue, exchange=exchange, routing_key=routing_key,
-            task_queue=getattr(task, "queue", None), task_exchange=getattr(task, "exchange", None),
-            task_routing_key=getattr(task, "routing_key", None))
-        task_id = task_id or str(uuid.uuid4())
-        now = datetime.now(timezone.utc)
-        if countdown is not None:
-            if not isinstance(countdown, Real) or isinstance(countdown, bool):
-                raise TypeError(f"countdown must be a number of seconds, got {countdown!r}")
-            eta = _seconds_from(now, countdown, "countdown")
-        if eta is not None and not isinstance(eta, datetime):
-            raise TypeError(f"eta must be a datetime, got {type(eta).__name__}")
-        if isinstance(expires, Real) and not isinstance(expires, bool):
-            expires = _seconds_from(now, expires, "expires")
-        elif expires is not None and not isinstance(expires, datetime):
-            raise TypeError(f"expires must be seconds or a datetime, got {type(expires).__name__}")
+    def send_task(self, name: str, args: Sequence | None = None,
+                  kwargs: Mapping | None = None, *, task: type[Task] | None = None,
+                  **options: Any) -> AsyncResult:
+        """Send a task by name; the task's code is not needed here.
 
+        ``options`` are those of :meth:`Task.apply_async` (the fields of
+        :class:`~taskd.options.SendOptions`); an unknown one raises TypeError.
+        ``task``, when given, fills in what the options leave out.
+        """
+        return self.send(name, args, kwargs, SendOptions.of(options), task=task)
+
+    def send(self, name: str, args: Sequence | None, kwargs: Mapping | None,
+             options: SendOptions, task: type[Task] | None = None) -> AsyncResult:
+        """Send one task with its options (what ``apply_async`` and ``send_task`` do)."""
+        options = options.resolved(self.config, task)
+        route = options.route(self.config, name)
         session = self.session()
         with self.session_lock():
-            if connect_timeout is not None:
-                session.publisher.connect_timeout = connect_timeout
-            pooled = publisher is None and connection is None
-            message = protocol.encode_task(
-                task_id, name, args or (), kwargs or {}, serializer=serializer, eta=eta,
-                expires=expires, retries=retries,
-                time_limit=attr("time_limit", time_limit),
-                soft_time_limit=attr("soft_time_limit", soft_time_limit),
-                reply_to=None if ignore_result or pooled else session.results.reply_to(),
-                priority=routing.amqp_priority(attr("priority", priority)),
-                ignore_result=ignore_result, extra_headers=headers)
-            options = dict(mandatory=bool(attr("mandatory", mandatory)),
-                           immediate=bool(attr("immediate", immediate)),
-                           retry=retry, retry_policy=retry_policy)
+            if options.connect_timeout is not None:
+                session.publisher.connect_timeout = options.connect_timeout
+            pooled = options.publisher is None and options.connection is None
+            message = options.encode(
+                name, args, kwargs, reply_to=None if options.ignore_result or pooled
+                else session.results.reply_to())
             if pooled:
                 # The reply queue belongs to the connection: resolved on each
                 # attempt, so a send retried on a new connection names the new one.
                 sent = session.publisher.publish(
-                    message, route, reply=None if ignore_result else session.results.reply_to,
-                    **options)
-            elif publisher is not None:
-                sent = publisher.publish(message, route, **options)
+                    message, route, options,
+                    reply=None if options.ignore_result else session.results.reply_to)
+            elif options.publisher is not None:
+                sent = options.publisher.publish(message, route, options)
             else:
                 # A publisher per call, closed after it (its channel with it).
-                with Publisher(self, connection=connection) as borrowed:
-                    sent = borrowed.publish(message, route, **options)
-            result = AsyncResult(task_id, app=self, task_name=name, reply_to=sent.reply_to)
+                with Publisher(self, connection=options.connection) as borrowed:
+                    sent = borrowed.publish(message, route, options)
+            result = AsyncResult(options.task_id, app=self, task_name=name,
+                                 reply_to=sent.reply_to)
             result._claim(session.results)
         return result
-    def AsyncResult(self, task_id):
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, app=self)
+
+
+current.set_default_factory(App.from_environment)

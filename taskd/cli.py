@@ -6,8 +6,11 @@ import json
 import logging
 import sys
 
-from . import config as config_mod, logsafe, serialization
+from . import __version__, config as config_mod, deadletters, logsafe, serialization
+from .app import App
+from .broker.tls import for_url
 from .exceptions import ConfigError, TaskdError
+from .masking import mask_url
 
 EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 64, 69, 78
 
@@ -117,7 +120,6 @@ def _config_arg(p):
 
 
 def _version():
-    from . import __version__
     return f"taskd {__version__}"
 
 
@@ -170,8 +172,6 @@ def cmd_check_config(args):
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)
         return EX_CONFIG
-    from .broker.connection import mask_url
-    from .broker.tls import for_url
     queues = ", ".join(q.name for q in config_mod.effective_queues(config))
     print(f"{config.source}: OK")
     print(f"  broker:    {mask_url(config.broker_url)}")
@@ -195,8 +195,7 @@ def cmd_call(args):
         print("taskd call: ARGS must be a JSON list and --kwargs a JSON object", file=sys.stderr)
         return EX_USAGE
     try:
-        from .app import App
-        app = App(config=args.config) if args.config else App(config=_default_config_path())
+        app = App(config=args.config) if args.config else App.from_environment()
         result = app.send_task(args.name, call_args, call_kwargs, queue=args.queue,
                                countdown=args.countdown, ignore_result=args.no_wait)
         if args.no_wait:
@@ -238,7 +237,6 @@ def cmd_dead_letters(args):
     config, code = _load(args)
     if config is None:
         return code
-    from . import deadletters
     try:
         if args.replay:
             replayed, skipped = deadletters.replay(config, args.queue, args.limit, args.task,
@@ -265,14 +263,6 @@ def cmd_dead_letters(args):
         print(f"{shown} message(s)" + (f" (only the first {limit} looked at; --limit for more)"
                                        if more else ""))
     return 0
-
-
-def _default_config_path():
-    import os
-    path = os.environ.get("TASKD_CONFIG")
-    if path:
-        return path
-    return config_mod.DEFAULT_PATH if os.path.exists(config_mod.DEFAULT_PATH) else None
 
 
 def main(argv=None):

@@ -1,7 +1,18 @@
 """Every error taskd raises on purpose, in one hierarchy.
 
 Messages name the cause and, where there is one, the fix.
+
+An exception raised by a task in a worker reaches the caller as a dict (see
+:func:`taskd.protocol.exception_to_dict`); :func:`dict_to_exception` picks the
+class that stands in for it here, never importing or calling anything else.
 """
+from __future__ import annotations
+
+import collections
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
 
 
 class TaskdError(Exception):
@@ -17,7 +28,7 @@ class ConfigError(TaskdError):
     key, the line and what was expected.
     """
 
-    def __init__(self, errors, source="configuration"):
+    def __init__(self, errors: str | Iterable[str], source: str = "configuration"):
         if isinstance(errors, str):
             errors = [errors]
         self.errors = list(errors)
@@ -37,7 +48,7 @@ class PublishError(TaskdError):
     ``task_ids`` lists the tasks concerned.
     """
 
-    def __init__(self, message, task_ids=()):
+    def __init__(self, message: str, task_ids: Iterable[str] = ()):
         super().__init__(message)
         self.task_ids = list(task_ids)
 
@@ -135,7 +146,9 @@ class Retry(TaskError):
     ``when`` is a countdown in seconds or an ETA datetime.
     """
 
-    def __init__(self, message=None, exc=None, when=None, args=None, kwargs=None):
+    def __init__(self, message: str | None = None, exc: BaseException | None = None,
+                 when: float | datetime | None = None, args: Sequence | None = None,
+                 kwargs: dict | None = None):
         self.exc = exc
         self.when = when
         self.new_args, self.new_kwargs = args, kwargs
@@ -146,5 +159,62 @@ class MaxRetriesExceededError(TaskError):
     """The task asked for a retry past its ``max_retries``."""
 
 
-class Reject(TaskError):
-    """Raised by a task to dead-letter its message instead of completing."""
+# --- exceptions of other processes ------------------------------------------------
+
+#: Synthetic RemoteError subclasses by (module, name), most recently used last;
+#: bounded, so a stream of unique remote type names cannot grow it for ever.
+_synthetic = collections.OrderedDict()
+SYNTHETIC_CLASSES_MAX = 256
+
+
+def _synthetic_class(name, module):
+    key = (module, name)
+    cls = _synthetic.get(key)
+    if cls is None:
+        cls = type(name.rsplit(".", 1)[-1], (RemoteError,), {
+            "__module__": module or "taskd.remote",
+            "remote_type": f"{module}.{name}" if module else name})
+        _synthetic[key] = cls
+        while len(_synthetic) > SYNTHETIC_CLASSES_MAX:
+            _synthetic.popitem(last=False)
+    else:
+        _synthetic.move_to_end(key)
+    return cls
+
+
+def dict_to_exception(data: Any) -> Exception:
+    """Rebuild an exception from ``{"exc_type", "exc_message", "exc_module"}``.
+
+    Only classes already imported in this process and deriving from
+    ``Exception`` are used (never an import, never another callable: see
+    CVE-2021-23727). Anything else, including ``SystemExit``,
+    ``KeyboardInterrupt``, ``GeneratorExit`` and ``CancelledError`` (which
+    ``except Exception`` would not catch), becomes a ``RemoteError`` subclass
+    of the same name whose ``remote_type`` names the remote class.
+    """
+    if isinstance(data, Exception):
+        return data
+    if isinstance(data, BaseException):
+        cls = type(data)
+        return _synthetic_class(cls.__qualname__, cls.__module__)(*data.args)
+    if not isinstance(data, dict) or "exc_type" not in data:
+        return RemoteError(repr(data))
+    exc_type, module = str(data["exc_type"]), data.get("exc_module")
+    module = None if module is None else str(module)
+    cls = None
+    if module in sys.modules:
+        obj = sys.modules[module]
+        for part in exc_type.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            cls = obj
+    if cls is None:
+        cls = _synthetic_class(exc_type, module)
+    message = data.get("exc_message", ())
+    args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
+    try:
+        return cls(*args)
+    except Exception:
+        return _synthetic_class(exc_type, module)(*args)

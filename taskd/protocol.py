@@ -20,7 +20,6 @@ backend produces and consumes, so both sides interoperate with Celery.
 """
 from __future__ import annotations
 
-import collections
 import os
 import socket
 import sys
@@ -31,7 +30,7 @@ from decimal import Decimal
 from reprlib import Repr
 
 from . import serialization
-from .exceptions import ContentDisallowed, InvalidTaskMessage, RemoteError, TaskdError
+from .exceptions import ContentDisallowed, InvalidTaskMessage, TaskdError
 
 # States, with Celery's names.
 PENDING = "PENDING"
@@ -87,27 +86,10 @@ def to_utc_iso(value):
     return value.astimezone(timezone.utc).isoformat()
 
 
-def encode_task(
-    task_id,
-    name,
-    args=(),
-    kwargs=None,
-    *,
-    serializer="json",
-    eta=None,
-    expires=None,
-    retries=0,
-    time_limit=None,
-    soft_time_limit=None,
-    reply_to=None,
-    priority=None,
-    root_id=None,
-    parent_id=None,
-    group=None,
-    ignore_result=False,
-    extra_headers=None,
-    origin=None,
-) -> OutgoingMessage:
+def encode_task(task_id, name, args=(), kwargs=None, *, serializer="json", eta=None,
+                expires=None, retries=0, time_limit=None, soft_time_limit=None, reply_to=None,
+                priority=None, root_id=None, parent_id=None, group=None, ignore_result=False,
+                extra_headers=None, origin=None) -> OutgoingMessage:
     """Build a protocol v2 task message. ``eta``/``expires`` are datetimes or None."""
     kwargs = kwargs or {}
     if not isinstance(args, (list, tuple)):
@@ -176,8 +158,7 @@ class Request:
 
     @property
     def serializer(self):
-        entry = serialization._by_type.get(self.content_type)
-        return entry.name if entry else "json"
+        return serialization.name_of(self.content_type)
 
 
 def parse_datetime(value, what):
@@ -330,65 +311,6 @@ def exception_to_dict(exc):
     except Exception:
         args = (repr(exc),)
     return {"exc_type": cls.__qualname__, "exc_message": list(args), "exc_module": cls.__module__}
-
-
-#: Synthetic RemoteError subclasses by (module, name), most recently used last;
-#: bounded, so a stream of unique remote type names cannot grow it for ever.
-_synthetic = collections.OrderedDict()
-SYNTHETIC_CLASSES_MAX = 256
-
-
-def _synthetic_class(name, module):
-    key = (module, name)
-    cls = _synthetic.get(key)
-    if cls is None:
-        cls = type(name.rsplit(".", 1)[-1], (RemoteError,), {
-            "__module__": module or "taskd.remote",
-            "remote_type": f"{module}.{name}" if module else name})
-        _synthetic[key] = cls
-        while len(_synthetic) > SYNTHETIC_CLASSES_MAX:
-            _synthetic.popitem(last=False)
-    else:
-        _synthetic.move_to_end(key)
-    return cls
-
-
-def dict_to_exception(data):
-    """Rebuild an exception from ``{"exc_type", "exc_message", "exc_module"}``.
-
-    Only classes already imported in this process and deriving from
-    ``Exception`` are used (never an import, never another callable: see
-    CVE-2021-23727). Anything else, including ``SystemExit``,
-    ``KeyboardInterrupt``, ``GeneratorExit`` and ``CancelledError`` (which
-    ``except Exception`` would not catch), becomes a ``RemoteError`` subclass
-    of the same name whose ``remote_type`` names the remote class.
-    """
-    if isinstance(data, Exception):
-        return data
-    if isinstance(data, BaseException):
-        cls = type(data)
-        return _synthetic_class(cls.__qualname__, cls.__module__)(*data.args)
-    if not isinstance(data, dict) or "exc_type" not in data:
-        return RemoteError(repr(data))
-    exc_type, module = str(data["exc_type"]), data.get("exc_module")
-    module = None if module is None else str(module)
-    cls = None
-    if module in sys.modules:
-        obj = sys.modules[module]
-        for part in exc_type.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, type) and issubclass(obj, Exception):
-            cls = obj
-    if cls is None:
-        cls = _synthetic_class(exc_type, module)
-    message = data.get("exc_message", ())
-    args = tuple(message) if isinstance(message, (list, tuple)) else (message,)
-    try:
-        return cls(*args)
-    except Exception:
-        return _synthetic_class(exc_type, module)(*args)
 
 
 def format_traceback(exc):

@@ -28,7 +28,7 @@ Design notes:
   a small LRU (:data:`UNCLAIMED_MAX`), where an ``AsyncResult`` made later
   from the id finds it.
 * **get() does not hold the send lock.** pika is not thread-safe, so all I/O
-  happens under the session lock (a fair :class:`~taskd.broker.connection.TurnLock`);
+  happens under the session lock (a fair :class:`~taskd.app.TurnLock`);
   ``get()`` reads the socket in slices of at most :data:`WAIT_SLICE` seconds
   and releases the lock between them, so another thread's send waits at most
   one slice.
@@ -42,10 +42,16 @@ import weakref
 
 import pika.exceptions
 
-from . import protocol, serialization
+from typing import TYPE_CHECKING, Any
+
+from . import current, protocol, serialization
 from .broker.connection import CONNECTION_ERRORS
 from .exceptions import ConnectionError as TaskdConnectionError
+from .exceptions import TaskRevokedError, dict_to_exception
 from .exceptions import TimeoutError as TaskdTimeoutError
+
+if TYPE_CHECKING:
+    from .app import App
 
 #: Longest time ``get()`` holds the session lock while it reads the socket.
 WAIT_SLICE = 0.1
@@ -95,7 +101,7 @@ class ResultConsumer:
             if self._live() is not None:
                 self.connection.process_data_events(0)   # a cancel may be waiting
             if self._live() is None:
-                self.publisher._ensure_open()
+                self.publisher.open_channel()
                 self._declare(self.publisher.connection)
         except (*CONNECTION_ERRORS, pika.exceptions.AMQPChannelError) as exc:
             self._lose(f"the connection failed ({exc})")
@@ -213,11 +219,11 @@ class ResultConsumer:
 class AsyncResult:
     """A handle on the outcome of one task: ``get()``, ``state``, ``ready()``, ..."""
 
-    def __init__(self, id, app=None, task_name=None, *, reply_to=None):
-        from .app import current_app
+    def __init__(self, id: str, app: App | None = None, task_name: str | None = None, *,
+                 reply_to: str | None = None):
         self.id = id
         self.task_id = id
-        self.app = app or current_app()
+        self.app = app or current.get_app()
         self.task_name = task_name
         self._meta = None
         self._reply_to = reply_to       # the reply queue it was sent with, if sent here
@@ -249,11 +255,12 @@ class AsyncResult:
             self._meta = slot.meta
         return self._meta
 
-    def get(self, timeout=None, propagate=True, interval=None, **_ignored):
+    def get(self, timeout: float | None = None, propagate: bool = True,
+            interval: float | None = None, **_ignored: Any) -> Any:
         """Wait for the task to finish and return its value.
 
         Raises the task's exception when it failed and ``propagate`` is true
-        (rebuilt from its type name; see ``taskd.protocol.dict_to_exception``),
+        (rebuilt from its type name; see ``taskd.exceptions.dict_to_exception``),
         ``TaskRevokedError`` when it was not run,
         ``taskd.exceptions.TimeoutError`` when ``timeout`` seconds pass first
         (``timeout=0``: at once unless the result is there), and
@@ -276,42 +283,41 @@ class AsyncResult:
     wait = get
 
     @property
-    def state(self):
+    def state(self) -> str:
         meta = self._refresh()
         return meta["status"] if meta else protocol.PENDING
 
     status = state
 
-    def ready(self):
+    def ready(self) -> bool:
         return self.state in protocol.READY_STATES
 
-    def successful(self):
+    def successful(self) -> bool:
         return self.state == protocol.SUCCESS
 
-    def failed(self):
+    def failed(self) -> bool:
         return self.state == protocol.FAILURE
 
     @property
-    def result(self):
+    def result(self) -> Any:
         meta = self._refresh()
         if meta is None:
             return None
         if meta["status"] in protocol.EXCEPTION_STATES:
-            from .exceptions import TaskRevokedError
             value = meta.get("result")
             if meta["status"] == protocol.REVOKED and not isinstance(value, dict):
                 return TaskRevokedError(str(value or "revoked"))
-            return protocol.dict_to_exception(value)
+            return dict_to_exception(value)
         return meta.get("result")
 
     info = result
 
     @property
-    def traceback(self):
+    def traceback(self) -> str | None:
         meta = self._refresh()
         return meta.get("traceback") if meta else None
 
     @property
-    def date_done(self):
+    def date_done(self) -> str | None:
         meta = self._refresh()
         return meta.get("date_done") if meta else None

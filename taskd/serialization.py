@@ -25,6 +25,7 @@ them back into a ``set``, but a stock Celery peer rejects that marker.
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import pickle
 import uuid
@@ -51,7 +52,8 @@ _by_name: dict[str, Serializer] = {}
 _by_type: dict[str, Serializer] = {}
 
 
-def register(name, dumps, loads, content_type, content_encoding="utf-8"):
+def register(name: str, dumps: Callable[[Any], bytes | str], loads: Callable[[bytes], Any],
+             content_type: str, content_encoding: str = "utf-8") -> Serializer:
     """Register a serializer under ``name`` and ``content_type``.
 
     Register it in the client *and* in the worker: the worker learns custom
@@ -65,19 +67,25 @@ def register(name, dumps, loads, content_type, content_encoding="utf-8"):
     return entry
 
 
-def unregister(name):
+def unregister(name: str) -> None:
     entry = _by_name.pop(name, None)
     if entry is not None:
         _by_type.pop(entry.content_type, None)
 
 
-def get(name) -> Serializer:
+def get(name: str) -> Serializer:
     try:
         return _by_name[name]
     except KeyError:
         raise UnknownSerializer(
             f"no serializer named {name!r}; known: {', '.join(sorted(_by_name))}"
         ) from None
+
+
+def name_of(content_type: str | None, default: str = "json") -> str:
+    """The name of the serializer registered for ``content_type`` (else ``default``)."""
+    entry = _by_type.get(content_type)
+    return entry.name if entry else default
 
 
 def names():
@@ -93,7 +101,7 @@ def content_type_of(name_or_type):
     raise UnknownSerializer(f"no serializer named {name_or_type!r}")
 
 
-def dumps(obj, name="json"):
+def dumps(obj: Any, name: str = "json") -> tuple[bytes, str, str]:
     """Encode ``obj``; returns ``(body_bytes, content_type, content_encoding)``."""
     entry = get(name)
     try:
@@ -105,7 +113,8 @@ def dumps(obj, name="json"):
     return body, entry.content_type, entry.content_encoding
 
 
-def loads(body, content_type, content_encoding=None, accept=None):
+def loads(body: bytes, content_type: str | None, content_encoding: str | None = None,
+          accept: set[str] | None = None) -> Any:
     """Decode ``body`` by its content type.
 
     ``accept`` is a set of content types; a type outside it raises
@@ -263,7 +272,6 @@ def accept_set(accept_content):
 def check_config(config):
     """Import ``serializer_modules`` and check the serializer names ``config`` uses;
     returns a list of errors (empty when all is well)."""
-    import importlib
     errors = []
     for module in config["serializer_modules"]:
         try:

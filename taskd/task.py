@@ -11,12 +11,23 @@ Attributes a task may set (all optional), overridden by the options of a call:
 """
 from __future__ import annotations
 
-import threading
+import random
+from datetime import datetime
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-# name -> Task instance, for every task defined in this process (all apps).
-registry: dict = {}
+from . import current
+from .exceptions import MaxRetriesExceededError, Retry
+from .options import SendOptions
+from .result import AsyncResult
 
-_request = threading.local()
+if TYPE_CHECKING:
+    from .app import App
+    from .broker.publisher import Publisher
+
+# The process-wide state lives in taskd.current; these names stay for the worker's child.
+registry = current.registry
+_request = current.request
 
 
 class Request:
@@ -83,29 +94,30 @@ class Task:
         if "name" not in cls.__dict__ or cls.name is None:
             module = cls.__module__
             if module == "__main__":
-                app = cls.app or _current_app_or_none()
+                app = cls.app or current.peek_app()
                 if app is not None and app.main:
                     module = app.main
             cls.name = f"{module}.{cls.__name__}"
         registry[cls.name] = cls()
 
     # -- running ----------------------------------------------------------------
-    def run(self, *args, **kwargs):
+    def run(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(f"task {self.name} defines no run()")
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.run(*args, **kwargs)
 
     @property
-    def request(self):
+    def request(self) -> Request:
         """The current message's :class:`Request` while the task runs in a worker."""
         return getattr(_request, "value", None) or Request()
 
     def __repr__(self):
         return f"<@task: {self.name}>"
 
-    def retry(self, exc=None, countdown=None, eta=None, max_retries=None, args=None,
-              kwargs=None):
+    def retry(self, exc: BaseException | None = None, countdown: float | None = None,
+              eta: datetime | None = None, max_retries: int | None = None,
+              args: Sequence | None = None, kwargs: Mapping | None = None) -> Retry:
         """Retry the running task (raises; ``raise self.retry(...)`` reads well too).
 
         The worker publishes a copy of the message with ``retries`` + 1 and an
@@ -114,7 +126,6 @@ class Task:
         ``get()`` follows the task to its final outcome. Past ``max_retries``
         the task fails with ``exc`` (or ``MaxRetriesExceededError``).
         """
-        from .exceptions import MaxRetriesExceededError, Retry
         request = self.request
         limit = self.max_retries if max_retries is None else max_retries
         if limit is not None and request.retries >= limit:
@@ -127,9 +138,8 @@ class Task:
         raise Retry(exc=exc, when=eta if eta is not None else countdown,
                     args=args, kwargs=kwargs)
 
-    def backoff_delay(self, retries):
+    def backoff_delay(self, retries: int) -> float:
         """Seconds before automatic retry number ``retries + 1``."""
-        import random
         if not self.retry_backoff:
             delay = self.default_retry_delay
         else:
@@ -139,52 +149,51 @@ class Task:
 
     # -- sending ----------------------------------------------------------------
     @classmethod
-    def _app(cls):
-        return cls.app or _current_app()
+    def _app(cls) -> App:
+        return cls.app or current.get_app()
 
     @classmethod
-    def delay(cls, *args, **kwargs):
+    def delay(cls, *args: Any, **kwargs: Any) -> AsyncResult:
         """Shortcut for ``apply_async(args, kwargs)``."""
         return cls.apply_async(args, kwargs)
 
     @classmethod
-    def apply_async(cls, args=None, kwargs=None, *, countdown=None, eta=None, expires=None,
-                    serializer=None, exchange=None, routing_key=None, queue=None,
-                    priority=None, mandatory=None, immediate=None, connect_timeout=None,
-                    publisher=None, connection=None, task_id=None, headers=None,
-                    time_limit=None, soft_time_limit=None, ignore_result=None, retries=0,
-                    retry=True, retry_policy=None):
+    def apply_async(cls, args: Sequence | None = None, kwargs: Mapping | None = None, *,
+                    countdown: float | None = None, eta: datetime | None = None,
+                    expires: float | datetime | None = None, serializer: str | None = None,
+                    exchange: str | None = None, routing_key: str | None = None,
+                    queue: str | None = None, priority: int | None = None,
+                    mandatory: bool | None = None, immediate: bool | None = None,
+                    connect_timeout: float | None = None, publisher: Publisher | None = None,
+                    connection: Any = None, task_id: str | None = None,
+                    headers: Mapping | None = None, time_limit: float | None = None,
+                    soft_time_limit: float | None = None, ignore_result: bool | None = None,
+                    retries: int = 0, retry: bool = True,
+                    retry_policy: Mapping | None = None) -> AsyncResult:
         """Send the task; returns an :class:`~taskd.result.AsyncResult`.
 
-        See ``docs/executing-tasks.md`` for every option. Unknown options
-        raise ``TypeError`` naming them.
+        Each option is a field of :class:`~taskd.options.SendOptions` (its
+        meaning and check are declared there; ``docs/executing-tasks.md`` lists
+        them). The keywords are spelled out here so that ``help()`` and editors
+        show them, and an unknown one raises ``TypeError`` naming it.
         """
-        return cls._app().send_task(
-            cls.name, args, kwargs, task=cls, countdown=countdown, eta=eta, expires=expires,
-            serializer=serializer, exchange=exchange, routing_key=routing_key, queue=queue,
-            priority=priority, mandatory=mandatory, immediate=immediate,
-            connect_timeout=connect_timeout, publisher=publisher, connection=connection,
-            task_id=task_id, headers=headers, time_limit=time_limit,
-            soft_time_limit=soft_time_limit, ignore_result=ignore_result, retries=retries,
-            retry=retry, retry_policy=retry_policy)
+        options = SendOptions(
+            countdown=countdown, eta=eta, expires=expires, serializer=serializer,
+            exchange=exchange, routing_key=routing_key, queue=queue, priority=priority,
+            mandatory=mandatory, immediate=immediate, connect_timeout=connect_timeout,
+            publisher=publisher, connection=connection, task_id=task_id, headers=headers,
+            time_limit=time_limit, soft_time_limit=soft_time_limit,
+            ignore_result=ignore_result, retries=retries, retry=retry,
+            retry_policy=retry_policy)
+        return cls._app().send(cls.name, args, kwargs, options, task=cls)
 
     @classmethod
-    def get_publisher(cls, connect_timeout=None, connection=None, window=1000):
+    def get_publisher(cls, connect_timeout: float | None = None, connection: Any = None,
+                      window: int = 1000) -> Publisher:
         """A publisher holding its own broker connection, for many sends (pipelined)."""
         return cls._app().get_publisher(connect_timeout=connect_timeout, connection=connection,
                                         window=window)
 
     @classmethod
-    def AsyncResult(cls, task_id):
-        from .result import AsyncResult
+    def AsyncResult(cls, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, app=cls._app(), task_name=cls.name)
-
-
-def _current_app():
-    from .app import current_app
-    return current_app()
-
-
-def _current_app_or_none():
-    from . import app
-    return app._current

@@ -1,8 +1,8 @@
 """Talking to RabbitMQ: URLs and connections, topology, publishing.
 
 Importing this package corrects pika's handling of floating-point header
-values (see :mod:`taskd.broker.fields`) for the whole process.
+values (see :mod:`taskd.broker.pikashim`) for the whole process.
 """
-from . import fields
+from . import pikashim
 
-fields.install()
+pikashim.install()

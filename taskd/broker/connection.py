@@ -1,4 +1,4 @@
-"""Broker URLs, connection parameters and the client's per-process connection.
+"""Broker URLs, connection parameters, and opening a connection.
 
 ``connect_timeout`` bounds the whole establishment of a connection: the TCP
 connect *and* the AMQP handshake (pika's ``stack_timeout``), so a port that
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import urllib.parse
 
 import pika
@@ -101,87 +100,3 @@ def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd", tls=N
         return pika.BlockingConnection(params)
     except Exception as exc:
         raise TaskdConnectionError(describe_failure(url, exc, connect_timeout, tls)) from None
-
-
-class TurnLock:
-    """A reentrant lock handed over in arrival order.
-
-    ``threading.RLock`` is not fair: a thread that waits for results in short
-    slices, releasing the lock between them, takes it straight back while a
-    sending thread is still waking up, so the sender can wait for the whole
-    ``get()``. Here each acquirer takes a ticket and the lock goes to the
-    oldest ticket, so a sender waits at most for the slice under way.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._owner = None
-        self._depth = 0
-        self._next = 0          # next ticket to hand out
-        self._serving = 0       # ticket whose turn it is
-
-    def acquire(self):
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner == me:
-                self._depth += 1
-                return True
-            ticket, self._next = self._next, self._next + 1
-            while self._serving != ticket:
-                self._cond.wait()
-            self._owner, self._depth = me, 1
-            return True
-
-    def release(self):
-        with self._cond:
-            if self._owner != threading.get_ident():
-                raise RuntimeError("cannot release a TurnLock held by another thread")
-            self._depth -= 1
-            if self._depth == 0:
-                self._owner = None
-                self._serving += 1
-                self._cond.notify_all()
-
-    __enter__ = acquire
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-class ProcessLocal:
-    """One object per process, re-created after ``fork`` (never shared with a parent).
-
-    Holds a lock so that threads of one process take turns: pika is not
-    thread-safe. The object is created under that lock, so threads that
-    first touch it at the same moment share one.
-    """
-
-    def __init__(self, factory):
-        self._factory = factory
-        self._pid = None
-        self._value = None
-        self.lock = TurnLock()
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self):
-        # The inherited object's socket belongs to the parent's connection:
-        # never speak on it, just drop it.
-        self._value, self._pid = None, None
-        self.lock = TurnLock()
-
-    def get(self):
-        value = self._value
-        if value is not None and self._pid == os.getpid():
-            return value
-        with self.lock:
-            if self._pid != os.getpid() or self._value is None:
-                self._value = self._factory()
-                self._pid = os.getpid()
-            return self._value
-
-    def peek(self):
-        return self._value if self._pid == os.getpid() else None
-
-    def reset(self):
-        value, self._value = self._value, None
-        return value

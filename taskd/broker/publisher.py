@@ -40,16 +40,90 @@ import dataclasses
 import logging
 import time
 
+from typing import TYPE_CHECKING, Any, Callable
+
 import pika
 import pika.exceptions
-from pika.adapters.blocking_connection import _IoloopTimerContext
 
-from . import topology
+from . import pikashim, topology
 from .connection import CONNECTION_ERRORS, connect_blocking
 from ..exceptions import ConnectionError as TaskdConnectionError
 from ..exceptions import ConfirmTimeout, NotDeliveredError, PublishError, UnroutableError
 
+if TYPE_CHECKING:
+    from ..app import App
+    from ..options import Route, SendOptions
+    from ..protocol import OutgoingMessage
+
 log = logging.getLogger(__name__)
+
+
+class Confirms:
+    """The ledger of one publisher's confirms: publishes awaiting theirs, and the tasks
+    the broker did not take, not yet reported (pure: fed pika's frames, no I/O)."""
+
+    def __init__(self):
+        self.pending = collections.OrderedDict()   # publish seq -> task id
+        self.failed = []                # (task id, reason) not taken by the broker
+        self.returned = {}              # task id -> why, from its basic.return
+        self.seq = 0                    # the channel's last publish sequence number
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, task_id: str) -> int:
+        """Register a publish before it is written (pika may read its confirm meanwhile)."""
+        self.seq += 1
+        self.pending[self.seq] = task_id
+        return self.seq
+
+    def on_confirm(self, frame) -> None:
+        """A basic.ack or basic.nack, for one publish or all up to its tag."""
+        method = frame.method
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        if method.multiple:
+            while self.pending and next(iter(self.pending)) <= method.delivery_tag:
+                self._settle(self.pending.popitem(last=False)[1], ok)
+        elif method.delivery_tag in self.pending:
+            self._settle(self.pending.pop(method.delivery_tag), ok)
+
+    def _settle(self, task_id, ok):
+        if not ok:
+            self.failed.append((task_id, "the broker refused it (basic.nack)"))
+        elif task_id in self.returned:
+            self.failed.append((task_id, self.returned.pop(task_id)))
+
+    def on_return(self, _channel, method, properties, _body) -> None:
+        """A basic.return: the publish reached no queue (its confirm follows)."""
+        if properties.correlation_id not in self.pending.values():
+            return      # given up on (see give_up): its outcome was reported unknown
+        self.returned[properties.correlation_id] = (
+            f"reached no queue: exchange {method.exchange or '(default)'!r} has no binding "
+            f"for routing key {method.routing_key!r}")
+
+    def lost(self, why: str, *, channel_closed: bool = False) -> None:
+        """No confirm will come for what is pending: each fails with ``why``."""
+        for task_id in self.pending.values():
+            self.failed.append((task_id, f"no confirm: {why}"))
+        self.pending.clear()
+        self.returned.clear()       # returns whose confirm will never come
+        if channel_closed:
+            self.seq = 0            # a new channel numbers its publishes from 1
+
+    def give_up(self) -> list[str]:
+        """Forget what is pending (a late confirm or return then settles nothing);
+        returns its task ids, whose outcome is unknown."""
+        unknown = list(self.pending.values())
+        self.pending.clear()
+        for task_id in unknown:
+            self.returned.pop(task_id, None)
+        return unknown
+
+    def take_failures(self, task_id: str | None = None) -> list[tuple[str, str]]:
+        """Remove and return the failures of ``task_id`` (None: all of them)."""
+        taken = [(t, why) for t, why in self.failed if task_id is None or t == task_id]
+        self.failed = [(t, why) for t, why in self.failed if task_id is not None and t != task_id]
+        return taken
 
 
 class Publisher:
@@ -61,7 +135,8 @@ class Publisher:
 
     CONFIRM_TIMEOUT = 30.0
 
-    def __init__(self, app, connection=None, connect_timeout=None, window=0):
+    def __init__(self, app: App, connection: pika.BlockingConnection | None = None,
+                 connect_timeout: float | None = None, window: int = 0):
         self.app = app
         self.connect_timeout = connect_timeout if connect_timeout is not None else \
             app.config["broker.connect_timeout"]
@@ -69,16 +144,15 @@ class Publisher:
         self.connection = connection
         self.channel = None
         self.window = window            # 0: wait for each confirm
-        self._declared = set()
-        self._unconfirmed = collections.OrderedDict()   # publish seq -> task id
-        self._failed = []               # (task id, reason) not taken by the broker
-        self._returned = {}             # task id -> reply text of its basic.return
-        self._seq = 0
+        self._declared = set()         # ops and routes declared on this channel
+        self.confirms = Confirms()
         self._close_reason = None      # why the broker closed our channel, when it did
         self._blocked = None           # why the broker blocks our connection, while it does
 
     # -- life cycle ---------------------------------------------------------
-    def _ensure_open(self):
+    def open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        """The confirming channel, after opening the connection (when owned) and the
+        channel if they are closed. A borrowed connection that is closed raises."""
         if self.connection is None or not self.connection.is_open:
             if not self._owns_connection:
                 raise TaskdConnectionError("the connection passed to taskd is closed")
@@ -90,54 +164,38 @@ class Publisher:
             self.connection.add_on_connection_blocked_callback(self._on_blocked)
             self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
         if self.channel is None or not self.channel.is_open:
-            self._lost_unconfirmed("its channel closed")
+            self.confirms.lost("its channel closed", channel_closed=True)
             self.channel = self.connection.channel()
             self._close_reason = None
-            self.channel._impl.add_on_close_callback(self._on_channel_closed)
-            self._enable_confirms(self.channel)
+            selected = []
+            pikashim.watch_channel(self.channel, on_confirm=self.confirms.on_confirm,
+                                   on_return=self.confirms.on_return,
+                                   on_close=self._on_channel_closed, on_selected=selected.append)
+            self._pump_until(lambda: selected, "confirm.select")
             self._declared = set()
         return self.channel
-
-    def _enable_confirms(self, channel):
-        # Confirms are handled on pika's underlying channel so that several
-        # can be outstanding at once (pika's blocking channel waits for each).
-        selected = []
-        channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm,
-                                       callback=lambda frame: selected.append(frame))
-        channel._impl.add_on_return_callback(self._on_return)
-        self._seq = 0
-        self._pump_until(lambda: selected, "confirm.select")
 
     def _pump_until(self, predicate, what):
         """Run the connection's I/O until ``predicate()`` is true (bounded). If the
         broker closes the channel meanwhile, every unconfirmed publish fails with why."""
         if predicate():
             return
-        timer = _IoloopTimerContext(self.CONFIRM_TIMEOUT, self.connection._impl)
-        with timer:
-            self.connection._flush_output(timer.is_ready, predicate,
-                                          lambda: self._close_reason is not None)
+        pikashim.pump_until(self.connection, self.CONFIRM_TIMEOUT, predicate,
+                            lambda: self._close_reason is not None)
         if self._close_reason is not None:
-            self._lost_unconfirmed(self._close_reason)
+            self.confirms.lost(self._close_reason)
             self.channel = None
             if not predicate():
                 raise PublishError(f"no answer from the broker to {what}: {self._close_reason}")
         if not predicate():
-            self._give_up(what)
-
-    def _give_up(self, what):
-        """No confirm within CONFIRM_TIMEOUT: the broker may or may not have the
-        messages. Forget them (a late confirm or return finds nothing to settle,
-        so nothing stale is left) and raise ConfirmTimeout naming every one."""
-        unknown = list(self._unconfirmed.values())
-        self._unconfirmed.clear()
-        for task_id in unknown:
-            self._returned.pop(task_id, None)
-        blocked = f" (the broker blocks this connection: {self._blocked})" if self._blocked else ""
-        raise ConfirmTimeout(
-            f"no answer from the broker to {what} within {self.CONFIRM_TIMEOUT:g}s{blocked}: "
-            f"whether it took task(s) {', '.join(unknown[:10])} is unknown; sending again "
-            "may run a task twice", unknown)
+            # No confirm within CONFIRM_TIMEOUT: the broker may or may not have the
+            # messages. Forget them, so nothing stale is left, and name every one.
+            unknown = self.confirms.give_up()
+            blocked = f" (the broker blocks this connection: {self._blocked})" if self._blocked else ""
+            raise ConfirmTimeout(
+                f"no answer from the broker to {what} within {self.CONFIRM_TIMEOUT:g}s"
+                f"{blocked}: whether it took task(s) {', '.join(unknown[:10])} is unknown; "
+                "sending again may run a task twice", unknown)
 
     def _on_blocked(self, _connection, frame):
         self._blocked = getattr(frame.method, "reason", None) or "a resource alarm"
@@ -154,51 +212,22 @@ class Publisher:
         else:
             self._close_reason = f"the broker closed the channel: ({code}) {text}"
 
-    def _on_confirm(self, frame):
-        method = frame.method
-        ok = isinstance(method, pika.spec.Basic.Ack)
-        if method.multiple:
-            while self._unconfirmed and next(iter(self._unconfirmed)) <= method.delivery_tag:
-                self._settle(self._unconfirmed.popitem(last=False)[1], ok)
-        elif method.delivery_tag in self._unconfirmed:
-            self._settle(self._unconfirmed.pop(method.delivery_tag), ok)
-
-    def _settle(self, task_id, ok):
-        if not ok:
-            self._failed.append((task_id, "the broker refused it (basic.nack)"))
-        elif task_id in self._returned:
-            self._failed.append((task_id, self._returned.pop(task_id)))
-
-    def _on_return(self, channel, method, properties, body):
-        if properties.correlation_id not in self._unconfirmed.values():
-            return      # given up on (see _give_up): its outcome was reported unknown
-        self._returned[properties.correlation_id] = (
-            f"reached no queue: exchange {method.exchange or '(default)'!r} has no binding "
-            f"for routing key {method.routing_key!r}")
-
-    def _lost_unconfirmed(self, why):
-        if self._unconfirmed:
-            for task_id in self._unconfirmed.values():
-                self._failed.append((task_id, f"no confirm: {why}"))
-            self._unconfirmed.clear()
-        self._returned.clear()      # returns whose confirm will never come
-
-    def flush(self):
+    def flush(self) -> None:
         """Wait for every outstanding confirm; raise PublishError for any not taken."""
-        if self._unconfirmed and self.connection is not None and self.connection.is_open:
+        if self.confirms and self.connection is not None and self.connection.is_open:
             try:
-                self._pump_until(lambda: not self._unconfirmed, "published messages")
+                self._pump_until(lambda: not self.confirms, "published messages")
             except CONNECTION_ERRORS as exc:
-                self._lost_unconfirmed(f"the connection failed ({exc})")
-        self._lost_unconfirmed("the connection closed")
-        failed, self._failed = self._failed, []
+                self.confirms.lost(f"the connection failed ({exc})")
+        self.confirms.lost("the connection closed")
+        failed = self.confirms.take_failures()
         if failed:
             detail = "; ".join(f"{tid}: {why}" for tid, why in failed[:10])
             more = f" (and {len(failed) - 10} more)" if len(failed) > 10 else ""
             raise PublishError(f"{len(failed)} task(s) were not taken by the broker: "
                                f"{detail}{more}", [tid for tid, _ in failed])
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.flush()
         finally:
@@ -214,8 +243,8 @@ class Publisher:
             if self._owns_connection:
                 self.connection = None
 
-    def __enter__(self):
-        self._ensure_open()
+    def __enter__(self) -> Publisher:
+        self.open_channel()
         return self
 
     def __exit__(self, exc_type, *exc):
@@ -228,22 +257,23 @@ class Publisher:
                 pass
 
     # -- declarations ---------------------------------------------------------
-    def ensure(self, ops):
+    def ensure(self, ops: list) -> None:
         """Declare what is not yet declared on this channel (idempotent)."""
         todo = [op for op in ops if op not in self._declared]
         if todo:
-            topology.execute_blocking(self._ensure_open(), todo)
+            topology.execute_blocking(self.open_channel(), todo)
             self._declared.update(todo)
 
-    def consumer_count(self, queue):
-        frame = self._ensure_open().queue_declare(queue, passive=True)
+    def consumer_count(self, queue: str) -> int:
+        frame = self.open_channel().queue_declare(queue, passive=True)
         return frame.method.consumer_count
 
     # -- publishing -----------------------------------------------------------
-    def publish(self, message, route, *, mandatory=False, immediate=False, retry=True,
-                retry_policy=None, reply=None):
+    def publish(self, message: OutgoingMessage, route: Route, options: SendOptions, *,
+                reply: Callable[[], str] | None = None) -> OutgoingMessage:
         """Publish an :class:`~taskd.protocol.OutgoingMessage` (see the module doc);
-        returns the message as published.
+        returns the message as published. ``options`` (resolved) say how:
+        ``mandatory``, ``immediate``, ``retry``, ``retry_policy``.
 
         ``reply``, when given, is called on each attempt, once connected, and
         returns the ``reply_to`` queue for it (a new connection has a new one).
@@ -259,16 +289,17 @@ class Publisher:
         """
         policy = dict(max_retries=self.app.config["broker.publish_retries"], interval_start=0.0,
                       interval_step=0.2, interval_max=1.0)
-        policy.update(retry_policy or {})
-        attempts = 1 + (policy["max_retries"] if retry and self._owns_connection else 0)
+        policy.update(options.retry_policy or {})
+        attempts = 1 + (policy["max_retries"] if options.retry and self._owns_connection else 0)
         for attempt in range(attempts):
             try:
-                return self._publish_once(message, route, mandatory, immediate, reply)
+                return self._publish_once(message, route, bool(options.mandatory),
+                                          bool(options.immediate), reply)
             except (*CONNECTION_ERRORS, pika.exceptions.AMQPChannelError,
                     TaskdConnectionError) as exc:
-                self._lost_unconfirmed(f"the connection failed ({exc})")
+                self.confirms.lost(f"the connection failed ({exc})")
                 # this message is sent again below: forget its failure, keep the others'
-                self._failed = [(t, why) for t, why in self._failed if t != message.task_id]
+                self.confirms.take_failures(message.task_id)
                 self.channel = None
                 if self._owns_connection and self.connection is not None:
                     try:
@@ -287,16 +318,17 @@ class Publisher:
                 time.sleep(pause)
 
     def _publish_once(self, message, route, mandatory, immediate, reply):
-        channel = self._ensure_open()
+        channel = self.open_channel()
         if reply is not None:
             message = dataclasses.replace(message, reply_to=reply())
         if immediate:
             # A queue with a consumer exists already: nothing to declare.
             self._check_consumers(message, route)
-            channel = self._ensure_open()
+            channel = self.open_channel()
             mandatory = True
-        elif route.declare:
+        elif route.declare and route.declare not in self._declared:
             self.ensure(topology.plan_queues(self.app.config, route.declare))
+            self._declared.add(route.declare)
         properties = pika.BasicProperties(
             content_type=message.content_type,
             content_encoding=message.content_encoding,
@@ -308,35 +340,32 @@ class Publisher:
             expiration=message.expiration,
         )
         # Register before publishing: pika may read the confirm while it writes.
-        self._seq += 1
-        seq = self._seq
-        self._unconfirmed[seq] = message.task_id
+        seq = self.confirms.add(message.task_id)
         try:
             channel.basic_publish(route.exchange, route.routing_key, message.body,
                                   properties, mandatory=mandatory)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            self._unconfirmed.pop(seq, None)
+            self.confirms.pending.pop(seq, None)
             self.channel = None
             if exc.reply_code == 404:
                 raise UnroutableError(
                     f"task {message.task_id} not sent: exchange {route.exchange!r} does not exist "
                     "(declare it under exchanges: in the configuration)") from None
             raise PublishError(f"task {message.task_id} not sent: {exc.reply_text}") from None
-        if self.window and not mandatory and len(self._unconfirmed) <= self.window:
+        if self.window and not mandatory and len(self.confirms) <= self.window:
             return message
         if mandatory or not self.window:
-            self._pump_until(lambda: seq not in self._unconfirmed, "a publish")
+            self._pump_until(lambda: seq not in self.confirms.pending, "a publish")
         else:       # the window is full: let half of it drain
-            self._pump_until(lambda: len(self._unconfirmed) <= self.window // 2, "publishes")
+            self._pump_until(lambda: len(self.confirms) <= self.window // 2, "publishes")
         self._raise_for(message, route)
         return message
 
     def _raise_for(self, message, route):
-        mine = [why for tid, why in self._failed if tid == message.task_id]
+        mine = self.confirms.take_failures(message.task_id)
         if not mine:
             return
-        self._failed = [(tid, why) for tid, why in self._failed if tid != message.task_id]
-        why = mine[0]
+        why = mine[0][1]
         if why.startswith("reached no queue"):
             raise UnroutableError(f"task {message.task_name}[{message.task_id}] {why}")
         if "NOT_FOUND - no exchange" in why:

@@ -217,7 +217,8 @@ def test_a_publish_without_confirm_says_its_outcome_is_unknown(topo, app_for, br
         with pytest.raises(ConfirmTimeout, match="unknown.*twice") as caught:
             app.send_task("ttasks.add", [2, 2], publisher=publisher, ignore_result=True)
         assert len(caught.value.task_ids) == 1
-        assert not publisher._unconfirmed and not publisher._returned and not publisher._failed
+        assert not publisher.confirms.pending and not publisher.confirms.returned \
+            and not publisher.confirms.failed
     finally:
         proxy.stop()
         for s in proxy.frozen:

@@ -99,7 +99,9 @@ print('soft after', soft.get(timeout=10))
     assert hard_line.split()[1] == "TimeLimitExceeded", out.stdout
     assert "(0.5s)" in hard_line, out.stdout       # the limit the worker applied
     soft_after = float(out.stdout.split("soft after")[1])
-    assert 1.5 <= soft_after < 5, out.stdout        # never early: 1 would mean truncated
+    # 1.0 would mean truncated; the task's own clock starts a little after the timer
+    # the child arms for the limit, so it may read a hair under 1.5 s.
+    assert 1.45 <= soft_after < 5, out.stdout
 
 
 def test_two_workers_on_one_queue_run_each_task_exactly_once(topo, workers, app_for, tmp_path):

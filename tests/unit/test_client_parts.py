@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from taskd import App, protocol
-from taskd.broker.connection import ProcessLocal, TurnLock
+from taskd import App, exceptions
+from taskd.app import ProcessLocal, TurnLock
 from taskd.exceptions import OptionError, RemoteError
 
 
@@ -17,24 +17,24 @@ from taskd.exceptions import OptionError, RemoteError
     ("CancelledError", "asyncio"),
 ])
 def test_a_result_cannot_raise_what_except_exception_does_not_catch(exc_type, exc_module):
-    exc = protocol.dict_to_exception({"exc_type": exc_type, "exc_module": exc_module,
+    exc = exceptions.dict_to_exception({"exc_type": exc_type, "exc_module": exc_module,
                                       "exc_message": ["remote text"]})
     assert isinstance(exc, RemoteError) and isinstance(exc, Exception)
     assert type(exc).__name__ == exc_type and exc.remote_type == f"{exc_module}.{exc_type}"
     assert str(exc) == "remote text"
     # an unpickled instance is mapped the same way
-    rebuilt = protocol.dict_to_exception(asyncio.CancelledError("x"))
+    rebuilt = exceptions.dict_to_exception(asyncio.CancelledError("x"))
     assert isinstance(rebuilt, RemoteError) and not isinstance(rebuilt, asyncio.CancelledError)
     # real exception classes are still rebuilt
-    assert type(protocol.dict_to_exception({"exc_type": "ValueError", "exc_module": "builtins",
+    assert type(exceptions.dict_to_exception({"exc_type": "ValueError", "exc_module": "builtins",
                                             "exc_message": ["v"]})) is ValueError
 
 
 def test_synthetic_exception_classes_are_bounded():
-    for i in range(protocol.SYNTHETIC_CLASSES_MAX * 3):
-        protocol.dict_to_exception({"exc_type": f"E{i}", "exc_module": "not.imported",
+    for i in range(exceptions.SYNTHETIC_CLASSES_MAX * 3):
+        exceptions.dict_to_exception({"exc_type": f"E{i}", "exc_module": "not.imported",
                                     "exc_message": []})
-    assert len(protocol._synthetic) <= protocol.SYNTHETIC_CLASSES_MAX
+    assert len(exceptions._synthetic) <= exceptions.SYNTHETIC_CLASSES_MAX
 
 
 def test_threads_that_first_touch_the_session_together_share_one():

@@ -1,4 +1,4 @@
-"""Floating-point header values survive pika in both directions (taskd.broker.fields)."""
+"""Floating-point header values survive pika in both directions (taskd.broker.pikashim)."""
 import math
 import struct
 
@@ -8,7 +8,7 @@ import pika.data
 import pika.spec
 
 import taskd.broker  # noqa: F401  (installs the fix)
-from taskd.broker import fields
+from taskd.broker import pikashim as fields
 
 
 def _table(*items):
@@ -46,12 +46,12 @@ def test_nan_and_infinities_are_refused_before_rabbitmq_closes_the_connection_ov
 
 
 def test_the_pika_internals_the_fix_relies_on_are_unchanged():
-    """Fails when a pika upgrade moves what taskd.broker.fields wraps: read the message."""
+    """Fails when a pika upgrade moves what taskd.broker.pikashim wraps: read the message."""
     assert fields.check_pika() == [], f"pika {pika.__version__} changed: {fields.check_pika()}"
     assert pika.data.decode_value.__wrapped__ is not None, "the fix is not installed"
     truncated, _ = pika.data.decode_value.__wrapped__(struct.pack(">cd", b"d", 0.5), 0)
     assert truncated == 0, (f"pika {pika.__version__} decodes doubles itself now (got "
-                            f"{truncated!r}): taskd/broker/fields.py can go")
+                            f"{truncated!r}): the float part of taskd/broker/pikashim.py can go")
 
 
 def test_a_pika_that_no_longer_fits_the_wrappers_is_reported(monkeypatch):

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from taskd import protocol, serialization
+from taskd import exceptions, protocol, serialization
 from taskd.exceptions import ContentDisallowed, DecodeError, InvalidTaskMessage, RemoteError
 
 
@@ -75,7 +75,7 @@ def test_result_encoding_success_and_failure():
     status, body, ctype, _ = protocol.encode_result("id", protocol.FAILURE, KeyError("k"), "tb")
     meta = protocol.decode_result(body, ctype)
     assert meta["result"] == {"exc_type": "KeyError", "exc_message": ["k"], "exc_module": "builtins"}
-    exc = protocol.dict_to_exception(meta["result"])
+    exc = exceptions.dict_to_exception(meta["result"])
     assert isinstance(exc, KeyError) and exc.args == ("k",)
 
 
@@ -87,10 +87,10 @@ def test_unencodable_result_becomes_a_failure():
 
 def test_exception_rebuilding_never_calls_non_exceptions():
     # CVE-2021-23727: a result naming os.system must not run it.
-    exc = protocol.dict_to_exception({"exc_type": "system", "exc_module": "os",
+    exc = exceptions.dict_to_exception({"exc_type": "system", "exc_module": "os",
                                       "exc_message": ["touch /tmp/pwned"]})
     assert isinstance(exc, RemoteError) and type(exc).__name__ == "system"
-    unknown = protocol.dict_to_exception({"exc_type": "Weird", "exc_module": "not.imported",
+    unknown = exceptions.dict_to_exception({"exc_type": "Weird", "exc_module": "not.imported",
                                           "exc_message": ["x"]})
     assert isinstance(unknown, RemoteError) and str(unknown) == "x"
 

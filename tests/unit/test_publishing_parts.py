@@ -33,7 +33,7 @@ def test_header_values_pika_cannot_encode_are_made_encodable():
     clean = headers.sanitise(given)
     amqp_data.encode_table([], clean)       # raises if pika still cannot encode one
     assert clean["beyond-64-bits"] == str(10 ** 19)
-    # finite floats go out as doubles (taskd.broker.fields), unchanged
+    # finite floats go out as doubles (taskd.broker.pikashim), unchanged
     assert clean["integral-float"] == 30.0 and isinstance(clean["integral-float"], float)
     assert clean["fraction"] == 0.5 and clean["tiny"] == 1e-300
     assert clean["nan"] == "nan"

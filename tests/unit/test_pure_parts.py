@@ -1,9 +1,6 @@
-"""Framing, ack batching, the schedule and routing: pure parts, tested directly."""
+"""Framing, ack batching and the schedule: pure parts, tested directly."""
 import os
 
-import pytest
-
-from taskd import config, routing
 from taskd.worker import framing
 from taskd.worker.acker import AckTracker
 from taskd.worker.schedule import Schedule
@@ -83,51 +80,6 @@ def test_schedule_releases_in_due_order():
     assert s.pop_due(4.9) == ["a"]
     assert s.pop_due(9.0) == ["b", "c"]
     assert len(s) == 0 and s.next_due() is None
-
-
-SEED = config.loads("""
-exchanges: [{name: tasks, type: topic}]
-queues:
-  - {name: video, exchange: tasks, binding_key: "video.#"}
-  - {name: image, exchange: tasks, binding_key: "image.#"}
-routes:
-  "tasks.compress_*": {exchange: tasks, routing_key: video.compress}
-  "tasks.thumb": image
-""", environ={})
-
-
-def test_routing_precedence():
-    # call options win
-    r = routing.resolve(SEED, "tasks.compress_x", routing_key="image.crop", task_routing_key="x")
-    assert (r.exchange, r.routing_key) == ("tasks", "image.crop")
-    # then task attributes
-    r = routing.resolve(SEED, "tasks.compress_x", task_routing_key="image.rotate")
-    assert (r.exchange, r.routing_key) == ("tasks", "image.rotate")
-    # then routes:
-    r = routing.resolve(SEED, "tasks.compress_x")
-    assert (r.exchange, r.routing_key) == ("tasks", "video.compress")
-    r = routing.resolve(SEED, "tasks.thumb")
-    assert (r.exchange, r.routing_key) == ("tasks", "image.#")
-    # then the default queue, published as Celery does: default exchange, key = queue
-    r = routing.resolve(SEED, "tasks.other")
-    assert (r.exchange, r.routing_key) == ("", "celery")
-    assert r.declare[0].name == "celery"
-
-
-def test_unknown_queue_is_declared_like_celery():
-    r = routing.resolve(SEED, "t", queue="adhoc")
-    assert (r.exchange, r.routing_key) == ("", "adhoc")
-    spec = r.declare[0]
-    assert (spec.name, spec.exchange, spec.binding_key, spec.arguments) == \
-        ("adhoc", "adhoc", "adhoc", None)
-
-
-def test_priority_maps_zero_to_the_highest():
-    assert routing.amqp_priority(0) == 9
-    assert routing.amqp_priority(9) == 0
-    assert routing.amqp_priority(None) is None
-    with pytest.raises(ValueError, match="0 \\(highest\\) to 9"):
-        routing.amqp_priority(10)
 
 
 def test_reconnect_backoff_grows_with_jitter_to_a_cap():
