@@ -5,7 +5,7 @@ it replaces, and those came from any client. Two things can stop pika or the
 broker from taking them back:
 
 * **Values pika cannot encode.** pika decodes more than it encodes. With
-  :mod:`taskd.broker.fields` installed, doubles decode as floats and finite
+  :mod:`taskd.broker.pikashim` installed, doubles decode as floats and finite
   floats encode as doubles, but NaN and infinities (from task code), tuples,
   negative timestamps and keys over 255 bytes still fail. :func:`sanitise`
   turns every value into one pika encodes: a float that cannot go out as a
@@ -59,7 +59,7 @@ def sanitise(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [sanitise(v) for v in value]
     if isinstance(value, float):
-        # Finite floats go out as doubles (taskd.broker.fields); NaN and infinities
+        # Finite floats go out as doubles (taskd.broker.pikashim); NaN and infinities
         # cannot, and pika without that fix cannot encode any float.
         return value if _encodes(value) else _number(value)
     if isinstance(value, bytearray):
