@@ -4,6 +4,8 @@
     .venv/bin/python bench/run.py                       # full sizes, 3 rounds
     .venv/bin/python bench/run.py --quick               # small sizes, 1 round
     .venv/bin/python bench/run.py --write docs/benchmarks.md
+    .venv/bin/python bench/run.py --before ../taskd-main  # also "taskd-before": the worker
+                                                          # of another checkout, same client
 
 Every system runs the same task body (append one byte to a file, so completions
 are counted the same way) with 2 worker processes, on its own fresh queue. Rounds
@@ -102,7 +104,7 @@ class Run:
 
     def env(self):
         return dict(os.environ, BENCH_OUT=self.out, BENCH_QUEUE=self.queue, BENCH_BROKER=BROKER,
-                    PYTHONPATH=f"{HERE}:{ROOT}", BENCH_ACKS_LATE="1" if self.opts.get("acks_late") else "0")
+                    PYTHONPATH=f"{HERE}:{getattr(self.system, 'root', ROOT)}", BENCH_ACKS_LATE="1" if self.opts.get("acks_late") else "0")
 
     def count(self):
         return os.path.getsize(self.out)
@@ -133,12 +135,16 @@ class Taskd:
 
     TUNED = {"child_prefetch": 2, "prefetch_multiplier": 16}
 
-    def __init__(self, tuned=False, settings=None):
+    def __init__(self, tuned=False, settings=None, root=None):
         from taskd import App
         self.app = App("bench", broker=BROKER)
         self.settings = dict(self.TUNED if tuned else {}, **(settings or {}))
         self.key = "taskd_tuned" if tuned else "taskd"
         self.name = "taskd tuned" if tuned else "taskd"
+        self.root = root or ROOT        # the checkout whose taskd package the worker runs
+        if root:                        # --before: the same client, that checkout's worker
+            self.key += "_before"
+            self.name = self.name.replace("taskd", "taskd-before", 1)
         if settings:
             self.name += " " + " ".join(f"{k}={v}" for k, v in settings.items())
 
@@ -360,6 +366,18 @@ WHO = {
 }
 
 
+def before_checkout(path):
+    """The checkout ``--before`` names: a directory holding a ``taskd`` package."""
+    root = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(root, "taskd", "__init__.py")):
+        raise SystemExit(f"--before {path}: no taskd package there (expected "
+                         f"{os.path.join(root, 'taskd', '__init__.py')})")
+    return root
+
+
+BEFORE_AFTER = ("drain", "stream", "latency")     # the measures --before adds a system to
+
+
 def median_of(results, key):
     values = [r[key] for r in results if r]
     return statistics.median(values) if values else None
@@ -371,16 +389,28 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="comma-separated measures: " + ",".join(MEASURES))
     parser.add_argument("--write", metavar="FILE", help="write the Markdown table into FILE")
+    parser.add_argument("--before", metavar="PATH",
+                        help="another taskd checkout: its worker runs as \"taskd-before\" "
+                        "beside this one in drain, stream and latency (same client)")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
-    systems = {s.key: s for s in (Taskd(), Taskd(tuned=True), Celery(),
-                                  Celery(acks_late=True), Dramatiq(1), Dramatiq(8))}
+    candidates = [Taskd(), Taskd(tuned=True), Celery(), Celery(acks_late=True), Dramatiq(1),
+                  Dramatiq(8)]
+    who = {m: list(keys) for m, keys in WHO.items()}
+    if args.before:
+        root = before_checkout(args.before)
+        candidates += [Taskd(root=root), Taskd(tuned=True, root=root)]
+        for m in BEFORE_AFTER:
+            for key in ("taskd_tuned", "taskd"):
+                if key in who[m]:
+                    who[m].insert(who[m].index(key) + 1, f"{key}_before")
+    systems = {s.key: s for s in candidates}
     only = args.only.split(",") if args.only else list(MEASURES)
-    results = {m: {k: [] for k in WHO[m]} for m in only}
+    results = {m: {k: [] for k in who[m]} for m in only}
     for r in range(rounds):
         for m in only:
             fn, full, quick = MEASURES[m]
-            for key in WHO[m]:
+            for key in who[m]:
                 value = fn(systems[key], quick if args.quick else full)
                 results[m][key].append(value)
                 print(f"round {r + 1} {m:8} {systems[key].name:18} {value}", file=sys.stderr)
@@ -396,7 +426,8 @@ def fmt(v, unit=""):
 
 def render(results, systems, rounds, args):
     cmd = "bench/run.py" + (" --quick" if args.quick else f" --rounds {rounds}") + \
-        (f" --only {args.only}" if args.only else "")
+        (f" --only {args.only}" if args.only else "") + \
+        (f" --before {args.before}" if args.before else "")
     import celery
     import dramatiq
     import pika as pika_mod
@@ -417,6 +448,8 @@ def render(results, systems, rounds, args):
                 v = median_of(rs, key)
                 ratio = "" if who == "taskd" or not v else f"{base / v:.2f}×"
                 ratio2 = "" if not tuned or who.startswith("taskd") or not v else f"{tuned / v:.2f}×"
+                if who == "taskd_tuned_before" and tuned and v:
+                    ratio2 = f"{tuned / v:.2f}×"
                 out.append(f"| {m} | {systems[who].name} | {fmt(v)} {unit} | {ratio} | {ratio2} |")
         elif m == "latency":
             for who, rs in per.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from typing import Any, Callable, Optional
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -46,12 +47,12 @@ class ChannelLost(TaskdConnectionError):
     a ``reply_code`` when the broker refused something).
     """
 
-    def __init__(self, message, reason=None):
+    def __init__(self, message: str, reason: Any = None) -> None:
         super().__init__(message)
         self.reason = reason
 
     @property
-    def refused(self):
+    def refused(self) -> bool:
         """True when the broker closed the channel over a precondition or access error."""
         return getattr(self.reason, "reply_code", None) in (403, 405, 406)
 
@@ -59,7 +60,7 @@ class ChannelLost(TaskdConnectionError):
 _MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
-def max_message_size(reason):
+def max_message_size(reason: Any) -> int:
     """The broker's ``max_message_size`` when ``reason`` is its refusal of a larger
     message (``406 PRECONDITION_FAILED - message size N is larger than configured
     max size M``); else None."""
@@ -70,8 +71,9 @@ def max_message_size(reason):
 
 
 class AsyncChannel:
-    def __init__(self, loop, url, *, connect_timeout, heartbeat, name, on_lost,
-                 on_return=None, tls=None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, *, connect_timeout: float,
+                 heartbeat: Optional[int], name: str, on_lost: Callable[[Any], None],
+                 on_return: Optional[Callable] = None, tls: Any = None) -> None:
         self.loop, self.url, self.tls = loop, url, tls
         self.connect_timeout, self.heartbeat, self.name = connect_timeout, heartbeat, name
         self.on_lost = on_lost          # called with (reason) on an unexpected close
@@ -85,17 +87,18 @@ class AsyncChannel:
         self._returned = set()          # message_ids of mandatory publishes returned
         self._publish_seq = 0
         self._close_reason = None       # why the broker closed the channel, if it did
+        self._drained = []              # futures resolved once no confirm is awaited
 
     # -- opening ------------------------------------------------------------
-    async def open(self):
+    async def open(self) -> Any:
         opened = self.loop.create_future()
         params = parameters(self.url, self.connect_timeout, self.heartbeat, self.name, self.tls)
 
-        def on_open(connection):
+        def on_open(connection: Any) -> None:
             if not opened.done():
                 opened.set_result(connection)
 
-        def on_open_error(connection, exc):
+        def on_open_error(connection: Any, exc: BaseException) -> None:
             if not opened.done():
                 opened.set_exception(TaskdConnectionError(
                     describe_failure(self.url, exc, self.connect_timeout, self.tls)))
@@ -122,26 +125,27 @@ class AsyncChannel:
         self.channel.add_on_return_callback(self._on_return)
         return self.channel
 
-    async def enable_confirms(self):
+    async def enable_confirms(self) -> None:
         await self.call(self.channel.confirm_delivery, ack_nack_callback=self._on_confirm)
         self._publish_seq = 0
         self._confirms.clear()
         self._returned.clear()
 
     # -- calls ----------------------------------------------------------------
-    def call(self, method, *args, timeout=CALL_TIMEOUT, **kwargs):
+    def call(self, method: Callable, *args: Any, timeout: float = CALL_TIMEOUT,
+             **kwargs: Any) -> asyncio.Future:
         """Call a pika method taking ``callback=``; returns an awaitable of its frame.
         Without an answer in ``timeout`` seconds it fails (ChannelLost) and the
         connection is closed: a channel that does not answer is as good as lost."""
         future = self.loop.create_future()
         self._pending.add(future)
 
-        def done(frame=None):
+        def done(frame: Any = None) -> None:
             self._pending.discard(future)
             if not future.done():
                 future.set_result(frame)
 
-        def expired():
+        def expired() -> None:
             if future.done():
                 return
             text = f"no answer from the broker to {method.__name__} in {timeout:g}s"
@@ -157,11 +161,14 @@ class AsyncChannel:
         return future
 
     @property
-    def frame_max(self):
+    def frame_max(self) -> int:
         """The frame size negotiated with the broker (0: no limit)."""
         return self.connection.params.frame_max if self.connection is not None else 0
 
-    def publish(self, exchange, routing_key, body, properties, on_confirm=None, mandatory=False):
+    def publish(self, exchange: str, routing_key: str, body: bytes,
+                properties: pika.BasicProperties,
+                on_confirm: Optional[Callable[[Optional[bool]], None]] = None,
+                mandatory: bool = False) -> None:
         """Publish; ``on_confirm(ok)`` runs when the broker confirms (needs confirms on):
         True, False (nacked, or ``mandatory`` and returned) or None (connection lost).
         A ``mandatory`` message needs ``on_confirm`` and a ``message_id`` of its own."""
@@ -174,12 +181,12 @@ class AsyncChannel:
             self._confirms[self._publish_seq] = (on_confirm,
                                                  properties.message_id if mandatory else None)
 
-    def _on_return(self, channel, method, properties, body):
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         self._returned.add(properties.message_id)    # before its ack, on the same channel
         if self.on_return is not None:
             self.on_return(method, properties)
 
-    def _on_confirm(self, frame):
+    def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         ok = isinstance(method, pika.spec.Basic.Ack)
         tag = method.delivery_tag
@@ -192,13 +199,35 @@ class AsyncChannel:
             returned = message_id is not None and message_id in self._returned
             self._returned.discard(message_id)
             callback(ok and not returned)
+        if self._drained and not self._confirms:
+            self._resolve_drained()
 
     @property
-    def is_open(self):
+    def unconfirmed(self) -> int:
+        """Publishes whose confirm has not come yet."""
+        return len(self._confirms)
+
+    def all_confirmed(self) -> asyncio.Future:
+        """A future resolved once no confirm is awaited (at once if none is): each
+        publish confirmed, refused, or failed with the connection."""
+        future = self.loop.create_future()
+        self._drained.append(future)
+        if not self._confirms:
+            self._resolve_drained()
+        return future
+
+    def _resolve_drained(self) -> None:
+        drained, self._drained = self._drained, []
+        for future in drained:
+            if not future.done():
+                future.set_result(None)
+
+    @property
+    def is_open(self) -> bool:
         return self.channel is not None and self.channel.is_open
 
     # -- closing ----------------------------------------------------------------
-    def _fail_pending(self, text, reason=None):
+    def _fail_pending(self, text: str, reason: Any = None) -> None:
         for future in list(self._pending):
             if not future.done():
                 future.set_exception(ChannelLost(text, reason))
@@ -207,8 +236,10 @@ class AsyncChannel:
         self._returned.clear()
         for callback, _ in confirms.values():
             callback(None)   # None: unknown, the connection went away
+        if not self._confirms:
+            self._resolve_drained()
 
-    def _on_channel_closed(self, channel, reason):
+    def _on_channel_closed(self, channel: Any, reason: Any) -> None:
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             self._close_reason = reason
         self._fail_pending(f"channel closed: {reason}", reason)
@@ -216,21 +247,21 @@ class AsyncChannel:
             # A channel error (e.g. PRECONDITION_FAILED) closes only the channel.
             self.connection.close()
 
-    def _on_closed(self, connection, reason):
+    def _on_closed(self, connection: Any, reason: Any) -> None:
         self._fail_pending(f"connection closed: {reason}", reason)
         self.channel = None
         if not self.closing:
             self.on_lost(self._close_reason or reason)
 
-    def _on_blocked(self, connection, frame):
+    def _on_blocked(self, connection: Any, frame: Any) -> None:
         self.blocked = True
         log.warning("%s: the broker blocked this connection (resource alarm)", self.name)
 
-    def _on_unblocked(self, connection, frame):
+    def _on_unblocked(self, connection: Any, frame: Any) -> None:
         self.blocked = False
         log.info("%s: the broker unblocked this connection", self.name)
 
-    async def close(self):
+    async def close(self) -> None:
         self.closing = True
         if self.connection is None or self.connection.is_closed:
             return

@@ -18,14 +18,10 @@ inherited from the supervisor through fork count in the RSS of every child,
 and would recycle each one after every task. USS costs a walk of
 ``/proc/self/smaps``, so it is measured only when the cheap RSS is over.
 
-Frames, supervisor -> child: ``(seq, task_id, name, args, kwargs, meta)``.
-Frames, child -> supervisor:
-
-* ``("ready", pid, {task name: (time_limit, soft_time_limit)})`` once the
-  modules are imported;
-* ``("import-failed", message)`` then exit 3, when they cannot be;
-* ``("done", seq, status, body, content_type, content_encoding, runtime, rss, error,
-  retry)``; ``retry`` is the message of a retried task, or None.
+The frames on the pipes hold the records of :mod:`taskd.worker.framing`: a
+:class:`~taskd.worker.framing.Job` comes down, :class:`~taskd.worker.framing.Ready`
+(or :class:`~taskd.worker.framing.ImportFailed`) and one
+:class:`~taskd.worker.framing.Outcome` per job go up.
 """
 from __future__ import annotations
 
@@ -38,23 +34,25 @@ import sys
 import time
 import traceback
 from datetime import datetime, timedelta, timezone
+from typing import Any, Container, Iterable, NoReturn
 
 from setproctitle import setproctitle
 
 from .. import protocol, task as task_mod
 from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
 from . import framing
+from .framing import ImportFailed, Outcome, Ready, RetryMessage
 
 log = logging.getLogger("taskd.child")
 
 EXIT_IMPORT_FAILED = 3
 
 
-def _on_soft_limit(signum, frame):
+def _on_soft_limit(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded("soft time limit exceeded")
 
 
-def _reset_signals():
+def _reset_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                 signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
@@ -68,7 +66,7 @@ def _reset_signals():
         pass
 
 
-def close_inherited_fds(keep):
+def close_inherited_fds(keep: Container[int]) -> None:
     """Close every fd but stdio and ``keep``: the broker sockets, siblings' pipes."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -82,7 +80,7 @@ def close_inherited_fds(keep):
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent):
+def die_with_parent(parent: int) -> None:
     """SIGKILL this process when ``parent`` (the supervisor) dies; exit now if it has."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -93,7 +91,7 @@ def die_with_parent(parent):
         os._exit(1)
 
 
-def memory_used(process, limit):
+def memory_used(process: Any, limit: int) -> int:
     """Bytes this child uses for ``max_memory_per_child``: RSS, or USS once RSS > limit."""
     rss = process.memory_info().rss
     if rss <= limit:
@@ -104,7 +102,8 @@ def memory_used(process, limit):
         return rss
 
 
-def main(index, read_fd, write_fd, imports, memory_limit, parent):
+def main(index: int, read_fd: int, write_fd: int, imports: Iterable[str], memory_limit: int,
+         parent: int) -> NoReturn:
     """Entry point after fork; never returns."""
     code = 0
     try:
@@ -119,11 +118,11 @@ def main(index, read_fd, write_fd, imports, memory_limit, parent):
                 importlib.import_module(module)
         except BaseException as exc:  # report any import failure, then leave
             message = f"cannot import task modules: {type(exc).__name__}: {exc}"
-            framing.write_all(write_fd, framing.encode(
-                ("import-failed", message, traceback.format_exc())))
+            framing.write_all(write_fd, framing.encode_record(ImportFailed(message,
+                                                                   traceback.format_exc())))
             os._exit(EXIT_IMPORT_FAILED)
         limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
-        framing.write_all(write_fd, framing.encode(("ready", os.getpid(), limits)))
+        framing.write_all(write_fd, framing.encode_record(Ready(os.getpid(), limits)))
         setproctitle(f"taskd: child {index} idle")
         _serve(index, read_fd, write_fd, memory_limit)
     except BaseException:  # anything escaping is a bug: say so, then exit non-zero
@@ -135,29 +134,29 @@ def main(index, read_fd, write_fd, imports, memory_limit, parent):
         os._exit(code)
 
 
-def _serve(index, read_fd, write_fd, memory_limit):
+def _serve(index: int, read_fd: int, write_fd: int, memory_limit: int) -> None:
     process = None
     if memory_limit:
         import psutil
         process = psutil.Process()
-    for job in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
-        seq, task_id, name, args, kwargs, meta = job
-        setproctitle(f"taskd: child {index} {name}")
+    for frame in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
+        job = framing.job(frame)
+        setproctitle(f"taskd: child {index} {job.name}")
         started = time.monotonic()
         status, body, content_type, encoding, error, retry = run_job(
-            task_id, name, args, kwargs, meta)
+            job.task_id, job.name, job.args, job.kwargs, job.meta)
         runtime = time.monotonic() - started
         rss = memory_used(process, memory_limit) if process is not None else 0
-        framing.write_all(write_fd, framing.encode(
-            ("done", seq, status, body, content_type, encoding, runtime, rss, error, retry)))
+        framing.write_all(write_fd, framing.encode_record(Outcome(
+            job.seq, status, body, content_type, encoding, runtime, rss, error, retry)))
         setproctitle(f"taskd: child {index} idle")
 
 
-def run_job(task_id, name, args, kwargs, meta):
+def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tuple:
     """Run one task; returns ``(status, result_body, content_type, encoding, error, retry)``.
 
-    ``retry`` is None, or the new message of a retried task as a dict
-    (``body``, ``content_type``, ``content_encoding``, ``headers``).
+    ``retry`` is None, or the :class:`~taskd.worker.framing.RetryMessage` of a
+    retried task.
     """
     serializer = meta.get("serializer", "json")
     task = task_mod.registry.get(name)
@@ -185,7 +184,7 @@ def run_job(task_id, name, args, kwargs, meta):
         message = _retry_message(task, task_id, name, args, kwargs, meta, retry)
         cause = retry.exc if retry.exc is not None else retry
         log.info("task %s[%s] retrying (%d) in %s: %r", name, task_id,
-                 message["retries"], retry.when, cause)
+                 message.retries, retry.when, cause)
         status, body, ctype, enc = protocol.encode_result(
             task_id, protocol.RETRY, cause, protocol.format_traceback(cause),
             serializer=serializer, parent_id=parent_id)
@@ -204,7 +203,8 @@ def run_job(task_id, name, args, kwargs, meta):
     return status, body, ctype, enc, error, None
 
 
-def _retry_message(task, task_id, name, args, kwargs, meta, retry):
+def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,
+                   retry: Retry) -> RetryMessage:
     """The copy of the message that carries a retry: retries + 1, a new ETA."""
     req = meta.get("request", {})
     when = retry.when
@@ -224,6 +224,5 @@ def _retry_message(task, task_id, name, args, kwargs, meta, retry):
         root_id=req.get("root_id"), parent_id=req.get("parent_id"),
         extra_headers={k: v for k, v in original.items() if k.startswith("x-")
                        and not k.startswith("x-taskd-")})
-    return {"body": message.body, "content_type": message.content_type,
-            "content_encoding": message.content_encoding, "headers": message.headers,
-            "retries": retries}
+    return RetryMessage(message.body, message.content_type, message.content_encoding,
+                        message.headers, retries)

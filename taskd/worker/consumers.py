@@ -17,7 +17,9 @@ one of three ways:
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any, Awaitable, Callable
 
 from .amqp import ChannelLost
 from ..exceptions import ConfigError
@@ -30,22 +32,20 @@ class Consumers:
     ``on_delivery``: pika's message callback; ``declare(queue)``: a coroutine
     that declares the queue's topology on ``conn``."""
 
-    def __init__(self, loop, conn, on_delivery, declare):
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Any, on_delivery: Callable,
+                 declare: Callable[[str], Awaitable[None]]) -> None:
         self.loop, self.conn = loop, conn
         self.on_delivery, self.declare = on_delivery, declare
         self.tags = {}              # consumer tag -> queue
         self.closing = False        # stopping: a broker cancel is not answered any more
         conn.channel.add_on_cancel_callback(self._on_cancelled)
 
-    def queue_of(self, tag):
-        return self.tags.get(tag, "?")
-
-    def consume(self, queue):
+    def consume(self, queue: str) -> str:
         tag = self.conn.channel.basic_consume(queue, self.on_delivery)
         self.tags[tag] = queue
         return tag
 
-    async def cancel(self, queue):
+    async def cancel(self, queue: str) -> None:
         """Stop consuming ``queue``; returns once the broker has confirmed it."""
         channel = self.conn.channel
         for tag, name in list(self.tags.items()):
@@ -55,13 +55,13 @@ class Consumers:
             if channel is not None and tag in channel.consumer_tags:
                 await self.conn.call(channel.basic_cancel, tag)
 
-    async def cancel_all(self):
+    async def cancel_all(self) -> None:
         """Stop consuming everything (a shutdown); raises ChannelLost if the channel goes."""
         self.closing = True
         for queue in sorted(set(self.tags.values())):
             await self.cancel(queue)
 
-    def _on_cancelled(self, frame):
+    def _on_cancelled(self, frame: Any) -> None:
         queue = self.tags.pop(frame.method.consumer_tag, None)
         if queue is None or self.closing:
             return
@@ -70,7 +70,7 @@ class Consumers:
                     "it again", queue)
         self.loop.create_task(self._resume(queue))
 
-    async def _resume(self, queue):
+    async def _resume(self, queue: str) -> None:
         try:
             await self.declare(queue)
         except ConfigError as exc:

@@ -15,11 +15,12 @@ import logging
 import os
 import socket
 import time
+from typing import Any, Optional
 
 log = logging.getLogger("taskd.supervisor")
 
 
-def snapshot(sup):
+def snapshot(sup: Any) -> dict:
     """The supervisor's state as plain data."""
     now = time.monotonic()
     children = []
@@ -37,26 +38,39 @@ def snapshot(sup):
         "uptime": round(time.time() - sup.started_at, 1),
         "config": sup.config.source,
         "config_loaded_at": sup.config_loaded_at,
-        "last_reload": sup.last_reload,
+        "last_reload": sup.reloader.last,
         "queues": list(sup.queues),
         "concurrency": sup.concurrency,
-        "connected": bool(sup.consumer and sup.consumer.is_open and not sup._reconnecting),
-        "publishing_blocked": bool(sup.publisher and sup.publisher.blocked),
+        "connected": sup.link.connected,
+        "publishing_blocked": bool(sup.link.publisher and sup.link.publisher.blocked),
         "children": children,
         "child_start_failure": sup.pool.last_failure if sup.pool.failures else None,
-        "ready": len(sup.ready),
-        "held": len(sup.schedule),
+        "ready": len(sup.dispatcher.ready),
+        "held": len(sup.dispatcher.schedule),
         "counters": dict(sup.counters),
-        "stopping": sup.stopping,
+        "stopping": sup.shutdown.stopping,
     }
 
 
+def dump(sup: Any) -> str:
+    """The state as lines of text, for the log (SIGUSR1)."""
+    now = time.monotonic()
+    lines = [f"state: {sup.status.line()}"]
+    for c in sorted(sup.pool.children.values(), key=lambda c: c.index):
+        running = (f"{c.job.describe()} for {now - c.job_started:.1f}s" if c.job else "-")
+        lines.append(f"  child {c.index} pid={c.pid} gen={c.generation} {c.state} "
+                     f"tasks={c.tasks_done} rss={c.rss >> 20}MiB running={running}")
+    lines.append(f"  ready={len(sup.dispatcher.ready)} held={len(sup.dispatcher.schedule)} "
+                 f"counters={dict(sup.counters)}")
+    return "\n".join(lines)
+
+
 class ControlServer:
-    def __init__(self, sup, path):
+    def __init__(self, sup: Any, path: Optional[str]) -> None:
         self.sup, self.path = sup, path
         self.server = None
 
-    async def start(self):
+    async def start(self) -> None:
         if _in_use(self.path):
             log.warning("control socket %s is in use by another worker: `taskd status` will "
                         "not reach this one", self.path)
@@ -75,7 +89,8 @@ class ControlServer:
             return False
         return True
 
-    async def _serve(self, reader, writer):
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
         try:
             await asyncio.wait_for(reader.readline(), 2)
             writer.write(json.dumps(snapshot(self.sup), default=str).encode() + b"\n")
@@ -85,7 +100,7 @@ class ControlServer:
         finally:
             writer.close()
 
-    def close(self):
+    def close(self) -> None:
         if self.server is not None:
             self.server.close()
             try:
@@ -94,7 +109,7 @@ class ControlServer:
                 pass
 
 
-def _in_use(path):
+def _in_use(path: str) -> bool:
     if not os.path.exists(path):
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -106,7 +121,7 @@ def _in_use(path):
             return False
 
 
-def query(path, timeout=5.0):
+def query(path: str, timeout: float = 5.0) -> dict:
     """Ask the worker listening on ``path`` for its state (client side)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -121,9 +136,9 @@ def query(path, timeout=5.0):
     return json.loads(b"".join(chunks))
 
 
-def format_status(state):
+def format_status(state: dict) -> str:
     """Human-readable ``taskd status`` output."""
-    def when(ts):
+    def when(ts: Optional[float]) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
     c = state["counters"]
     lines = [

@@ -22,7 +22,9 @@ handled again, so both may run.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any, Awaitable, Callable, Optional
 
 from ..exceptions import ConfigError
 from . import headers
@@ -36,13 +38,14 @@ class Copies:
     """Publishes copies (mandatory, made to fit) and answers their returns by declaring
     the topology again, one declaration round at a time."""
 
-    def __init__(self, loop, declare):
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 declare: Callable[[], Awaitable[None]]) -> None:
         self.loop = loop
         self._declare = declare     # coroutine function: declare the worker's topology
         self._redeclaring = None    # the task declaring it, while it runs
-        self.returned = 0
 
-    def publish(self, channel, exchange, routing_key, body, properties, on_confirm):
+    def publish(self, channel: Any, exchange: str, routing_key: str, body: bytes,
+                properties: Any, on_confirm: Callable[[Optional[bool]], None]) -> None:
         """Publish a copy on ``channel`` (an AsyncChannel); ``on_confirm(ok)``: True
         only when a queue took it."""
         if channel is None or not channel.is_open:
@@ -54,10 +57,9 @@ class Copies:
                         properties.message_id, channel.frame_max, ", ".join(cut))
         channel.publish(exchange, routing_key, body, properties, on_confirm, mandatory=True)
 
-    def on_return(self, method, properties):
+    def on_return(self, method: Any, properties: Any) -> None:
         """The broker returned a copy: no queue took it. Its confirm reports the failure;
         here the topology is declared again."""
-        self.returned += 1
         log.error("copy %s to exchange %r, routing key %r reached no queue (%s %s): the "
                   "original is kept; declaring the worker's exchanges and queues again",
                   (properties.headers or {}).get(COPY_HEADER), method.exchange,
@@ -65,7 +67,7 @@ class Copies:
         if self._redeclaring is None or self._redeclaring.done():
             self._redeclaring = self.loop.create_task(self._redeclare())
 
-    async def _redeclare(self):
+    async def _redeclare(self) -> None:
         try:
             await self._declare()
         except ConfigError as exc:

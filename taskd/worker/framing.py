@@ -13,6 +13,19 @@ writes blocking (:func:`iter_frames`, :func:`write_all`).
 A stream that breaks the framing (a frame over the reader's limit, bytes that
 do not unpickle) cannot be resynchronised: the reader keeps the frames it
 decoded before the fault, then reports it in ``error`` and reads no more.
+
+What the frames hold: named, immutable records (a ``NamedTuple``: frozen, with
+``__slots__ = ()``), read by field name at both ends. On the wire a record
+travels as a plain tuple, ``(kind, *fields)`` upwards and ``(*fields)``
+downwards (only jobs go down): pickle writes a tuple for a fraction of what an
+instance of a class costs it (measured on an outcome: 0.4 µs to dump and 0.4 µs
+to load a tuple; 2.2 and 1.8 µs for a NamedTuple; 3.5 and 3.8 µs for a frozen,
+slotted dataclass), and two frames cross the pipes per task. :func:`up` and
+:func:`job` turn a received tuple back into its record.
+
+Supervisor -> child: :class:`Job`. Child -> supervisor: :class:`Ready` once the
+task modules are imported, :class:`ImportFailed` (then the child exits 3) when
+they cannot be, and one :class:`Outcome` per job.
 """
 from __future__ import annotations
 
@@ -20,12 +33,13 @@ import collections
 import os
 import pickle
 import struct
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 1 << 30
 
 
-def encode(obj) -> bytes:
+def encode(obj: Any) -> bytes:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return HEADER.pack(len(payload)) + payload
 
@@ -35,12 +49,12 @@ class FrameReader:
 
     __slots__ = ("_buf", "max_frame", "error")
 
-    def __init__(self, max_frame=MAX_FRAME):
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
         self.max_frame = max_frame
         self.error = None       # why the stream broke; nothing more is decoded
 
-    def feed(self, data) -> list:
+    def feed(self, data: bytes) -> list:
         """The whole frames completed by ``data``; none once ``error`` is set."""
         if self.error is not None:
             return []
@@ -67,7 +81,7 @@ class FrameReader:
             del buf[:offset]
         return frames
 
-    def _broken(self, reason):
+    def _broken(self, reason: str) -> None:
         self.error = reason
         self._buf = bytearray()
 
@@ -88,13 +102,13 @@ class FrameWriter:
 
     __slots__ = ("fd", "_chunks", "_offset", "_write")
 
-    def __init__(self, fd, write=os.write):
+    def __init__(self, fd: int, write: Callable[[int, Any], int] = os.write) -> None:
         self.fd = fd
         self._chunks = collections.deque()
         self._offset = 0            # bytes of _chunks[0] already written
         self._write = write
 
-    def send(self, data) -> bool:
+    def send(self, data: bytes) -> bool:
         if self._chunks:
             self._chunks.append(data)
             return False
@@ -128,7 +142,8 @@ class FrameWriter:
         return sum(map(len, self._chunks)) - self._offset
 
 
-def iter_frames(fd, read=os.read, chunk=1 << 16):
+def iter_frames(fd: int, read: Callable[[int, int], bytes] = os.read,
+                chunk: int = 1 << 16) -> Iterator[Any]:
     """Blocking: yield each frame read from ``fd`` until end of file. Reads
     ``chunk`` bytes at a time, so frames written together cost one read."""
     reader = FrameReader()
@@ -141,10 +156,86 @@ def iter_frames(fd, read=os.read, chunk=1 << 16):
             raise ValueError(f"broken job stream: {reader.error}")
 
 
-def write_all(fd, data, _write=os.write):
+def write_all(fd: int, data: bytes, _write: Callable[[int, Any], int] = os.write) -> None:
     written = _write(fd, data)
     if written == len(data):
         return
     view = memoryview(data)[written:]
     while view:
         view = view[_write(fd, view):]
+
+
+# == the records ==================================================================
+
+class Job(NamedTuple):
+    """Run a task. ``meta``: ``serializer``, ``parent_id``, ``soft_time_limit`` and
+    ``request`` (the keyword arguments of the task's :class:`taskd.task.Request`)."""
+    seq: int
+    task_id: str
+    name: str
+    args: Any
+    kwargs: Any
+    meta: dict
+
+
+class Ready(NamedTuple):
+    """The child imported the task modules: ``limits`` is ``{task name: (time_limit,
+    soft_time_limit)}``."""
+    pid: int
+    limits: dict
+
+
+class ImportFailed(NamedTuple):
+    message: str
+    traceback: str
+
+
+class RetryMessage(NamedTuple):
+    """The message that retries a task, encoded by the child; the supervisor publishes
+    it (only on the retry path: it travels pickled as a record)."""
+    body: bytes
+    content_type: str
+    content_encoding: str
+    headers: dict
+    retries: int
+
+
+class Outcome(NamedTuple):
+    """A job ran: its result already encoded (``body``), ``rss`` the memory the child
+    reported, ``error`` a one-line reason unless it succeeded, ``retry`` the message
+    that retries it, if it asked for one."""
+    seq: int
+    status: str
+    body: bytes
+    content_type: str
+    content_encoding: str
+    runtime: float
+    rss: int
+    error: Optional[str]
+    retry: Optional[RetryMessage]
+
+
+KINDS = {Ready: "ready", ImportFailed: "import-failed", Outcome: "done"}
+_BY_KIND = {kind: cls for cls, kind in KINDS.items()}
+_new = tuple.__new__
+
+
+def encode_record(record: NamedTuple) -> bytes:
+    """A child's record, framed for its pipe."""
+    return encode((KINDS[type(record)], *record))
+
+
+def up(frame: tuple) -> Optional[NamedTuple]:
+    """The record a child sent, or None for a frame of no known kind."""
+    cls = _BY_KIND.get(frame[0]) if type(frame) is tuple and frame else None
+    if cls is None or len(frame) != len(cls._fields) + 1:
+        return None
+    return _new(cls, frame[1:])
+
+
+def encode_job(job: Job) -> bytes:
+    return encode(tuple(job))
+
+
+def job(frame: tuple) -> Job:
+    return _new(Job, frame)

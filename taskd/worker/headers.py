@@ -5,7 +5,7 @@ it replaces, and those came from any client. Two things can stop pika or the
 broker from taking them back:
 
 * **Values pika cannot encode.** pika decodes more than it encodes. With
-  :mod:`taskd.broker.fields` installed, doubles decode as floats and finite
+  :mod:`taskd.broker.pikashim` installed, doubles decode as floats and finite
   floats encode as doubles, but NaN and infinities (from task code), tuples,
   negative timestamps and keys over 255 bytes still fail. :func:`sanitise`
   turns every value into one pika encodes: a float that cannot go out as a
@@ -22,6 +22,7 @@ broker from taking them back:
 from __future__ import annotations
 
 import decimal
+from typing import Any
 
 from pika import data as amqp_data
 
@@ -32,7 +33,7 @@ TRUNCATED = "x-taskd-truncated"
 FRAME_OVERHEAD = 64
 
 
-def _encodes(value):
+def _encodes(value: Any) -> bool:
     try:
         amqp_data.encode_value([], value)
         return True
@@ -40,7 +41,7 @@ def _encodes(value):
         return False
 
 
-def _number(value):
+def _number(value: Any) -> Any:
     if value.is_integer() and -2 ** 63 <= value < 2 ** 63:
         return int(value)
     try:
@@ -50,7 +51,7 @@ def _number(value):
     return dec if _encodes(dec) else repr(value)
 
 
-def sanitise(value):
+def sanitise(value: Any) -> Any:
     """``value`` (a header table or any header value) as pika can encode it."""
     if isinstance(value, dict):
         return {k: sanitise(v) for k, v in value.items()
@@ -58,7 +59,7 @@ def sanitise(value):
     if isinstance(value, (list, tuple)):
         return [sanitise(v) for v in value]
     if isinstance(value, float):
-        # Finite floats go out as doubles (taskd.broker.fields); NaN and infinities
+        # Finite floats go out as doubles (taskd.broker.pikashim); NaN and infinities
         # cannot, and pika without that fix cannot encode any float.
         return value if _encodes(value) else _number(value)
     if isinstance(value, bytearray):
@@ -68,7 +69,7 @@ def sanitise(value):
     return str(value)
 
 
-def bounded(text, limit=MAX_REASON):
+def bounded(text: str, limit: int = MAX_REASON) -> str:
     """``text`` cut to at most ``limit`` bytes of UTF-8, saying how much was cut."""
     raw = text.encode("utf-8", "replace")
     if len(raw) <= limit:
@@ -77,16 +78,16 @@ def bounded(text, limit=MAX_REASON):
     return raw[:limit - len(note)].decode("utf-8", "ignore") + note
 
 
-def properties_size(properties):
+def properties_size(properties: Any) -> int:
     """Bytes of the encoded properties (the content header frame's payload)."""
     return sum(len(piece) for piece in properties.encode())
 
 
-def _value_size(key, value):
+def _value_size(key: str, value: Any) -> int:
     return amqp_data.encode_table([], {key: value})
 
 
-def fit(properties, frame_max):
+def fit(properties: Any, frame_max: int) -> list:
     """Make ``properties`` (already sanitised) fit one content header frame of
     ``frame_max`` bytes (0: no limit): cut the largest header values to their
     first bytes, largest first, then drop them; returns the names touched."""

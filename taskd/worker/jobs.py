@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from typing import Any, Optional
 
 import pika
 
 from .. import protocol
 from ..exceptions import InvalidTaskMessage
+from . import framing
 from .headers import sanitise
 from .recovery import COPY_HEADER
 
@@ -32,8 +34,9 @@ class Job:
                  "body", "request", "timer", "timed_out", "redelivered", "hard_limit", "key",
                  "epoch")
 
-    def __init__(self, seq, tag, channel, queue, exchange, routing_key, properties, body,
-                 redelivered=False):
+    def __init__(self, seq: int, tag: int, channel: Any, queue: str, exchange: str,
+                 routing_key: str, properties: pika.BasicProperties, body: bytes,
+                 redelivered: bool = False) -> None:
         self.seq, self.tag, self.channel, self.queue = seq, tag, channel, queue
         self.exchange, self.routing_key = exchange, routing_key
         self.properties, self.body = properties, body
@@ -46,24 +49,24 @@ class Job:
         self.epoch = 0              # which consuming channel it came on (RecentlyDone.epoch)
 
     @property
-    def headers(self):
+    def headers(self) -> dict:
         return self.properties.headers or {}
 
     @property
-    def task_id(self):
+    def task_id(self) -> str:
         if self.request is not None:
             return self.request.id
         return protocol.peek_task_id(self.headers, self.properties.correlation_id) or "?"
 
     @property
-    def task_name(self):
+    def task_name(self) -> str:
         if self.request is not None:
             return self.request.name
         name = self.headers.get("task")
         return name if isinstance(name, str) else "?"
 
     @property
-    def delivery_count(self):
+    def delivery_count(self) -> int:
         """This delivery's number, from 1. The sender controls the header: a value that
         is not a count (:func:`check_headers` refuses it) counts as 0, and so does a
         negative one, which would otherwise buy a crashing task extra runs."""
@@ -72,10 +75,10 @@ class Job:
             count = 0
         return max(0, count) + 1
 
-    def describe(self):
+    def describe(self) -> str:
         return f"{self.task_name}[{self.task_id}]"
 
-    def job_frame(self, soft_time_limit=None):
+    def job_frame(self, soft_time_limit: float | None = None) -> framing.Job:
         r = self.request
         meta = {
             "serializer": r.serializer,
@@ -87,10 +90,10 @@ class Job:
                         "time_limit": r.time_limit, "soft_time_limit": r.soft_time_limit,
                         "headers": r.headers},
         }
-        return (self.seq, r.id, r.name, r.args, r.kwargs, meta)
+        return framing.Job(self.seq, r.id, r.name, r.args, r.kwargs, meta)
 
 
-def check_headers(headers):
+def check_headers(headers: dict) -> None:
     """Refuse taskd's own headers when their values are not what taskd writes there
     (a copy id string; a delivery count); raises :class:`InvalidTaskMessage`."""
     copy = headers.get(COPY_HEADER)
@@ -104,7 +107,7 @@ def check_headers(headers):
                                  f"integer up to {MAX_COUNT}), got {protocol.short_repr(count)}")
 
 
-def _copy_properties(properties, headers):
+def _copy_properties(properties: pika.BasicProperties, headers: dict) -> pika.BasicProperties:
     copy_id = uuid.uuid4().hex
     headers = sanitise(headers)
     headers[COPY_HEADER] = copy_id      # tells this copy from its original
@@ -120,11 +123,11 @@ def _copy_properties(properties, headers):
     )
 
 
-def clean_headers(headers):
+def clean_headers(headers: Optional[dict]) -> dict:
     return {k: v for k, v in (headers or {}).items() if k not in BROKER_HEADERS}
 
 
-def redelivery(job, keep_count=False):
+def redelivery(job: Job, keep_count: bool = False) -> pika.BasicProperties:
     """Properties for a copy of ``job``: its delivery count raised by one (or kept,
     for a parked copy), the broker's ``x-death`` history dropped."""
     headers = clean_headers(job.headers)
@@ -132,15 +135,15 @@ def redelivery(job, keep_count=False):
     return _copy_properties(job.properties, headers)
 
 
-def retry_properties(job, message):
+def retry_properties(job: Job, message: framing.RetryMessage) -> pika.BasicProperties:
     """Properties of the message that retries ``job`` (made by the child)."""
-    props = _copy_properties(job.properties, message["headers"])
-    props.content_type = message["content_type"]
-    props.content_encoding = message["content_encoding"]
+    props = _copy_properties(job.properties, message.headers)
+    props.content_type = message.content_type
+    props.content_encoding = message.content_encoding
     return props
 
 
-def dead_letter(job, reason):
+def dead_letter(job: Job, reason: str) -> pika.BasicProperties:
     """Properties for the dead-letter copy of ``job``, saying why and where from."""
     headers = clean_headers(job.headers)
     headers.update({
@@ -154,12 +157,14 @@ def dead_letter(job, reason):
     return _copy_properties(job.properties, headers)
 
 
-def result_properties(correlation_id, content_type, content_encoding):
+def result_properties(correlation_id: Optional[str], content_type: str,
+                      content_encoding: str) -> pika.BasicProperties:
     return pika.BasicProperties(content_type=content_type, content_encoding=content_encoding,
                                 correlation_id=correlation_id, delivery_mode=1)
 
 
-def failure_reply(job, exc, status=protocol.FAILURE):
+def failure_reply(job: Job, exc: BaseException,
+                  status: str = protocol.FAILURE) -> tuple[bytes, pika.BasicProperties]:
     """``(body, properties)`` of a result telling the caller its task failed with ``exc``."""
     _, body, ctype, enc = protocol.encode_result(job.task_id, status, exc, f"{exc}\n")
     return body, result_properties(job.properties.correlation_id or job.task_id, ctype, enc)

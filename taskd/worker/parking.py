@@ -24,12 +24,14 @@ dead-lettered into a queue that its ``x-death`` already names (a cycle).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from ..broker import topology
 
 BUCKETS = tuple(2 ** k for k in range(0, 23))     # seconds: 1 s .. ~48.5 days
 
 
-def bucket_for(delay):
+def bucket_for(delay: float) -> Optional[int]:
     """The largest bucket not longer than ``delay`` seconds, or None below 1 s."""
     if delay < BUCKETS[0]:
         return None
@@ -41,11 +43,11 @@ def bucket_for(delay):
     return best
 
 
-def exchange_name(prefix, bucket):
+def exchange_name(prefix: str, bucket: int) -> str:
     return f"{prefix}.{bucket}s"
 
 
-def plan(prefix):
+def plan(prefix: str) -> list:
     """Declarations for every bucket (exchange, queue with TTL + dead-letter, binding)."""
     ops = []
     for bucket in BUCKETS:
@@ -59,13 +61,13 @@ def plan(prefix):
     return ops
 
 
-def plan_if_new(prefix, old_prefix):
+def plan_if_new(prefix: str, old_prefix: str) -> list:
     """The delay topology for ``prefix`` when a reload changes it from ``old_prefix``
     (parks go to the new exchanges at once); nothing when it stays."""
     return plan(prefix) if prefix != old_prefix else []
 
 
-def should_park(delay, held, horizon, max_held):
+def should_park(delay: float, held: int, horizon: float, max_held: int) -> bool:
     """Park (rather than hold) a task due in ``delay`` seconds?"""
     if delay < BUCKETS[0]:
         return False

@@ -28,65 +28,29 @@ is abandoned and nothing else changes.
 """
 from __future__ import annotations
 
-import collections
+import asyncio
 import errno
 import logging
 import os
 import signal
 import time
+from typing import Any, Callable, Iterable, Optional
 
 from . import child as child_mod
+from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
 from . import framing
+from .framing import ImportFailed, Outcome, Ready
 
 log = logging.getLogger(__name__)
 
-STARTING, IDLE, BUSY, RETIRING, DEAD = "starting", "idle", "busy", "retiring", "dead"
 BACKOFF_MAX = 60.0
-
-
-class Child:
-    __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "writer",
-                 "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
-                 "exit_status", "retire_after_job", "fault", "trial")
-
-    def __init__(self, index, pid, generation, to_child, from_child, max_frame=framing.MAX_FRAME):
-        self.index, self.pid, self.generation = index, pid, generation
-        self.to_child, self.from_child = to_child, from_child
-        self.reader = framing.FrameReader(max_frame)
-        self.writer = framing.FrameWriter(to_child) if to_child is not None else None
-        self.state = STARTING
-        self.job = None                    # the job it is running
-        self.queued = collections.deque()  # jobs sent in advance (worker.child_prefetch)
-        self.tasks_done = 0
-        self.started_at = time.monotonic()
-        self.job_started = None
-        self.rss = 0                       # memory it reported: RSS, or USS over the limit
-        self.exit_status = None
-        self.retire_after_job = False
-        self.fault = None                  # why the pool killed it, if it did
-        self.trial = None                  # a reload's first child: future of its start
-
-    def __repr__(self):
-        return f"<child {self.index} pid={self.pid} {self.state}>"
-
-
-def describe_exit(status):
-    if status is None:
-        return "exited"
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = str(sig)
-        return f"killed by {name}"
-    return f"exited with code {os.WEXITSTATUS(status)}"
 
 
 class Pool:
     """Children and their pipes. Callbacks go to the supervisor:
 
-    ``on_ready(child, task_names)``, ``on_outcome(child, job, frame)``,
+    ``on_ready(child, task_limits)``, ``on_outcome(child, job, outcome)`` (a
+    :class:`~taskd.worker.framing.Outcome`),
     ``on_started(child, job)`` (a job sent in advance starts),
     ``on_lost(child, job, reason, unstarted)`` (a child died; ``job`` is what it was
     running, ``unstarted`` the jobs it had been sent in advance),
@@ -97,8 +61,10 @@ class Pool:
     outcome frame.
     """
 
-    def __init__(self, loop, imports, *, memory_limit, on_ready, on_outcome, on_lost,
-                 on_started=None, on_fault=None, max_frame=framing.MAX_FRAME):
+    def __init__(self, loop: asyncio.AbstractEventLoop, imports: Iterable[str], *,
+                 memory_limit: int, on_ready: Callable, on_outcome: Callable, on_lost: Callable,
+                 on_started: Optional[Callable] = None, on_fault: Optional[Callable] = None,
+                 max_frame: int = framing.MAX_FRAME) -> None:
         self.loop = loop
         self.imports = tuple(imports)
         self.memory_limit = memory_limit
@@ -111,23 +77,18 @@ class Pool:
         self.failures = 0           # consecutive start-up failures
         self.next_spawn_at = 0.0    # monotonic; back-off after start-up failures
         self.last_failure = None
+        self._emptied = []          # futures resolved once no child is left
 
     # -- queries ------------------------------------------------------------
-    def live(self):
-        return [c for c in self.children.values() if c.state != DEAD]
-
-    def idle(self):
-        return [c for c in self.children.values() if c.state == IDLE]
-
-    def busy(self):
+    def busy(self) -> list[Child]:
         return [c for c in self.children.values() if c.state in (BUSY, RETIRING) and c.job]
 
-    def room(self, depth):
+    def room(self, depth: int) -> dict[Child, int]:
         """``{child: free slots}`` for children of the current generation that may be given
         jobs: an idle child takes up to ``depth``, a busy one ``depth`` minus what it holds."""
         rooms = {}
         for c in self.children.values():
-            if c.generation != self.generation or c.retire_after_job:
+            if c.generation != self.generation:
                 continue
             if c.state == IDLE:
                 rooms[c] = depth
@@ -135,26 +96,26 @@ class Pool:
                 rooms[c] = depth - 1 - len(c.queued)
         return rooms
 
-    def serving(self):
+    def serving(self) -> list[Child]:
         """Children of the current generation that are not retiring."""
         return [c for c in self.children.values()
                 if c.generation == self.generation and c.state in (STARTING, IDLE, BUSY)]
 
-    def free_index(self, generation=None):
-        generation = self.generation if generation is None else generation
-        used = {c.index for c in self.children.values()
-                if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
-        i = 1
-        while i in used:
-            i += 1
-        return i
+    def emptied(self) -> asyncio.Future:
+        """A future resolved once every child has been reaped (at once if none is left)."""
+        future = self.loop.create_future()
+        self._emptied.append(future)
+        if not self.children:
+            self._emptied = _settle_all(self._emptied)
+        return future
 
     # -- spawning -----------------------------------------------------------
-    def spawn(self, generation=None, imports=None, memory_limit=None):
+    def spawn(self, generation: Optional[int] = None, imports: Optional[Iterable[str]] = None,
+              memory_limit: Optional[int] = None) -> Child:
         generation = self.generation if generation is None else generation
         imports = self.imports if imports is None else tuple(imports)
         memory_limit = self.memory_limit if memory_limit is None else memory_limit
-        index = self.free_index(generation)
+        index = _free_index(self.children.values(), generation)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         parent = os.getpid()
@@ -173,7 +134,7 @@ class Pool:
         log.debug("spawned child %d (pid %d, generation %d)", index, pid, generation)
         return child
 
-    def trial(self, imports, memory_limit):
+    def trial(self, imports: Iterable[str], memory_limit: int) -> tuple[Child, asyncio.Future]:
         """Fork the first child of the next generation with ``imports``. Returns it and a
         future of ``(task_limits, None)`` once it is ready, or ``(None, why)`` if it
         cannot import them or dies first. It serves once ``generation`` reaches its own."""
@@ -181,12 +142,8 @@ class Pool:
         child.trial = self.loop.create_future()
         return child, child.trial
 
-    def backoff_remaining(self, now=None):
-        now = time.monotonic() if now is None else now
-        return max(0.0, self.next_spawn_at - now)
-
     # -- dispatch -------------------------------------------------------------
-    def send(self, child, batch, data):
+    def send(self, child: Child, batch: list, data: bytes) -> Any:
         """Give a child the jobs of ``batch`` (``data``: their frames, written at once).
         It runs the first now if idle, the rest after. Returns the job that started
         now, or None; a child found gone is reported lost with every job it held.
@@ -208,7 +165,7 @@ class Pool:
         child.queued.extend(batch)
         return started
 
-    def _on_writable(self, child):
+    def _on_writable(self, child: Child) -> None:
         try:
             done = child.writer.flush()
         except OSError as exc:
@@ -219,28 +176,35 @@ class Pool:
         if done:
             self.loop.remove_writer(child.to_child)
 
-    def _unwritable(self, child, batch):
+    def _unwritable(self, child: Child, batch: Iterable) -> None:
         """The child's job pipe is closed at its end: it is gone (SIGCHLD follows). Jobs
         sent in advance never started; they are reported at once."""
         self._close_job_pipe(child)
         child.state = DEAD
         unstarted = [*child.queued, *batch]
         child.queued.clear()
-        self._gone(child, None, None, unstarted)
+        self._call(self.on_lost, child, None, "pipe closed", unstarted)
 
-    def _on_readable(self, child):
+    def _on_readable(self, child: Child) -> None:
         try:
             data = os.read(child.from_child, 1 << 16)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data:
-            self._eof(child)
+        if data:
+            self._take(child, data)
             return
-        self._take(child, data)
+        self.loop.remove_reader(child.from_child)       # end of file: it has gone
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, None
+        if pid:
+            self._died(child, status)
+        # else: SIGCHLD will come and reap() will finish the job
 
-    def _take(self, child, data, alive=True):
+    def _take(self, child: Child, data: bytes, alive: bool = True) -> None:
         """Handle every frame ``data`` completes, each on its own. A child whose stream
         broke is killed (if ``alive``: not yet reaped); its job is then reported lost."""
         for frame in child.reader.feed(data):
@@ -252,7 +216,7 @@ class Pool:
             if alive:
                 self.kill(child)    # its SIGCHLD reports the job lost, with this reason
 
-    def _call(self, callback, child, *args, give_back=None):
+    def _call(self, callback: Callable, child: Child, *args: Any, give_back: Any = None) -> None:
         """Run a supervisor callback; if it raises, log it and hand ``give_back`` (the job
         it was settling) to on_fault, so that one bad frame loses neither that job nor
         the frames read after it."""
@@ -266,44 +230,56 @@ class Pool:
                 except Exception:
                     log.exception("internal error giving back a job of child %d", child.index)
 
-    def _on_frame(self, child, frame):
-        kind = frame[0]
-        if kind == "done":
-            job, started = child.job, None
-            child.tasks_done += 1
-            child.rss = frame[7]
-            if child.queued:
-                child.job = started = child.queued.popleft()
-                child.job_started = time.monotonic()
-            else:
-                child.job = child.job_started = None
-                child.state = RETIRING if child.state == RETIRING else IDLE
-            if child.state == RETIRING or child.retire_after_job:
-                self.retire(child)
-            self._call(self.on_outcome, child, job, frame, give_back=job)
-            if started is not None:
-                self._call(self.on_started, child, started)     # it runs: not given back
-        elif kind == "ready":
-            if child.trial is not None:         # the reload that started it decides
-                if child.state == STARTING:
-                    child.state = IDLE
-                _settle(child.trial, (frame[2], None))
-                return
+    def _on_frame(self, child: Child, frame: tuple) -> None:
+        record = framing.up(frame)
+        if type(record) is Outcome:
+            self._on_outcome(child, record)
+        elif type(record) is Ready:
+            self._started_up(child, record.limits)
+        elif type(record) is ImportFailed:
+            self._started_up(child, None, record)
+        else:
+            log.error("child %d sent a frame of no known kind: ignored", child.index)
+
+    def _on_outcome(self, child: Child, outcome: Outcome) -> None:
+        job, started = child.job, None
+        child.tasks_done += 1
+        child.rss = outcome.rss
+        if child.queued:
+            child.job = started = child.queued.popleft()
+            child.job_started = time.monotonic()
+        else:
+            child.job = child.job_started = None
+            child.state = RETIRING if child.state == RETIRING else IDLE
+        if child.state == RETIRING:
+            self.retire(child)
+        self._call(self.on_outcome, child, job, outcome, give_back=job)
+        if started is not None:
+            self._call(self.on_started, child, started)     # it runs: not given back
+
+    def _started_up(self, child: Child, limits: Optional[dict],
+                    error: Optional[ImportFailed] = None) -> None:
+        """The child reports that it imported the task modules (``limits``), or could
+        not (``error``, and it exits)."""
+        if error is not None:
+            log.error("child %d could not start: %s\n%s", child.index, error.message,
+                      error.traceback)
+        if child.trial is not None:         # the reload that started it decides
+            if child.state == STARTING and error is None:
+                child.state = IDLE
+            _settle(child.trial, (limits, error and error.message))
+        elif error is not None:
+            self.last_failure = error.message
+        else:
             self.failures = 0
             if child.state == STARTING:
                 child.state = IDLE
-                self._call(self.on_ready, child, frame[2])
+                self._call(self.on_ready, child, limits)
             # else retired while importing (a reload): its job pipe is closed, so it
             # reads end of file now and exits; it must not be given work.
-        elif kind == "import-failed":
-            log.error("child %d could not start: %s\n%s", child.index, frame[1], frame[2])
-            if child.trial is not None:
-                _settle(child.trial, (None, frame[1]))
-            else:
-                self.last_failure = frame[1]
 
     # -- ending ---------------------------------------------------------------
-    def retire(self, child):
+    def retire(self, child: Child) -> None:
         """Let ``child`` finish its current job, then exit (its job pipe is closed)."""
         if child.state == DEAD:
             return
@@ -313,7 +289,7 @@ class Pool:
         child.state = RETIRING
         self._close_job_pipe(child)
 
-    def _close_job_pipe(self, child):
+    def _close_job_pipe(self, child: Child) -> None:
         if child.to_child is not None:
             if child.writer.pending:
                 self.loop.remove_writer(child.to_child)
@@ -323,23 +299,13 @@ class Pool:
                 pass
             child.to_child = None
 
-    def kill(self, child, sig=signal.SIGKILL):
+    def kill(self, child: Child, sig: int = signal.SIGKILL) -> None:
         try:
             os.kill(child.pid, sig)
         except ProcessLookupError:
             pass
 
-    def _eof(self, child):
-        self.loop.remove_reader(child.from_child)
-        try:
-            pid, status = os.waitpid(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = child.pid, None
-        if pid:
-            self._died(child, status)
-        # else: SIGCHLD will come and reap() will finish the job
-
-    def reap(self):
+    def reap(self) -> None:
         """Collect every exited child (called on SIGCHLD)."""
         while True:
             try:
@@ -355,7 +321,7 @@ class Pool:
                 finally:
                     self._died(child, status)
 
-    def _drain(self, child):
+    def _drain(self, child: Child) -> None:
         """Read what the child wrote before it died (its last outcome, maybe)."""
         if child.from_child is None:
             return
@@ -368,10 +334,12 @@ class Pool:
                 return
             self._take(child, data, alive=False)
 
-    def _died(self, child, status):
+    def _died(self, child: Child, status: Optional[int]) -> None:
         if child.pid not in self.children:
             return
         del self.children[child.pid]
+        if not self.children and self._emptied:
+            self._emptied = _settle_all(self._emptied)
         child.exit_status = status
         was_starting = child.state == STARTING
         job, unstarted = child.job, list(child.queued)
@@ -402,13 +370,25 @@ class Pool:
                       getattr(job, "describe", lambda: job)())
         else:
             log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
-        self._gone(child, reason, job, unstarted)
-
-    def _gone(self, child, reason, job, unstarted=()):
-        self._call(self.on_lost, child, job, reason or "pipe closed", list(unstarted),
-                   give_back=job)
+        self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
 
 
-def _settle(future, value):
+def _settle(future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _free_index(children: Iterable[Child], generation: int) -> int:
+    """The lowest index no serving child of ``generation`` has."""
+    used = {c.index for c in children
+            if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
+    i = 1
+    while i in used:
+        i += 1
+    return i
+
+
+def _settle_all(futures: list) -> list:
+    for future in futures:
+        _settle(future, None)
+    return []

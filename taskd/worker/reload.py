@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, Optional
 
 import pika
 
@@ -30,38 +31,52 @@ from ..broker import topology
 from ..broker.connection import connect_blocking
 from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 from . import parking
+from .amqp import ChannelLost
 
 log = logging.getLogger("taskd.supervisor")
 
 IMPORT_TIMEOUT = 300.0      # seconds the new generation's first child may take to import
 
 
-def reload(sup):
-    """Start a reload, or queue one after the reload under way."""
-    task = getattr(sup, "_reload_task", None)
-    if task is not None and not task.done():
-        sup._reload_again = True
-        log.info("SIGHUP: a reload is under way; another will follow it")
-        return
-    sup._reload_again = False
-    sup._reload_task = sup.loop.create_task(_reload_loop(sup))
+class Reloader:
+    """Runs reloads one at a time. ``host`` is the supervisor, used through its public
+    face only: ``config``, ``config_path``, ``queues``, ``concurrency``,
+    ``queues_for(config)``, ``configure(config)``,
+    ``on_child_ready(child, limits)`` and ``resize()``."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any, consumer: Any,
+                 shutdown: Any, status: Any, spawner: Any) -> None:
+        self.loop, self.host, self.pool, self.consumer = loop, host, pool, consumer
+        self.shutdown, self.status, self.spawner = shutdown, status, spawner
+        self.task: Optional[asyncio.Task] = None     # the reload under way
+        self.again = False                           # a SIGHUP came during it
+        self.last: Optional[dict] = None             # {"at", "ok", "errors"} of the last one
 
-async def _reload_loop(sup):
-    while True:
-        sup.notifier.reloading()
-        try:
-            await _reload(sup)
-        except Exception:       # a bug: say so, keep the worker as it was
-            log.exception("SIGHUP: internal error during the reload")
-        finally:
-            sup.notifier.ready(sup.status_line())
-        if not sup._reload_again or sup.stopping:
+    def request(self) -> None:
+        """Start a reload, or queue one after the reload under way."""
+        if self.task is not None and not self.task.done():
+            self.again = True
+            log.info("SIGHUP: a reload is under way; another will follow it")
             return
-        sup._reload_again = False
+        self.again = False
+        self.task = self.loop.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            self.status.notifier.reloading()
+            try:
+                await _reload(self)
+            except Exception:       # a bug: say so, keep the worker as it was
+                log.exception("SIGHUP: internal error during the reload")
+            finally:
+                self.status.notifier.ready(self.status.line())
+            if not self.again or self.shutdown.stopping:
+                return
+            self.again = False
 
 
-async def _reload(sup):
+async def _reload(reloader: Reloader) -> None:
+    sup, pool, shutdown = reloader.host, reloader.pool, reloader.shutdown
     try:
         new = config_mod.load(sup.config_path)
         errors = serialization.check_config(new)
@@ -72,40 +87,77 @@ async def _reload(sup):
                + topology.dead_letter_plan(new["worker.dead_letter_queue"])
                + parking.plan_if_new(new["worker.delay_queue_prefix"],
                                      sup.config["worker.delay_queue_prefix"]))
-        await sup.loop.run_in_executor(None, _declare_aside, new, ops)
-        if sup.stopping:
+        await reloader.loop.run_in_executor(None, _declare_aside, new, ops)
+        if shutdown.stopping:
             return
-        first, limits = await _import_check(sup, new)
+        first, limits = await _import_check(pool, new)
     except (ConfigError, TaskdConnectionError) as exc:
         errors = getattr(exc, "errors", None) or [str(exc)]
         for error in errors:
             log.error("SIGHUP: %s", error)
         log.error("SIGHUP: configuration not reloaded; still running with the one loaded "
                   "before")
-        sup.last_reload = {"at": time.time(), "ok": False, "errors": list(errors)}
+        reloader.last = {"at": time.time(), "ok": False, "errors": list(errors)}
         return
-    if sup.stopping:
+    if shutdown.stopping:
         return
-    _apply(sup, new)
+    reloader.last = {"at": time.time(), "ok": True, "errors": []}
+    old_queues = sup.queues
+    sup.configure(new)
+    _next_generation(sup, reloader.spawner, pool, new)
     sup.on_child_ready(first, limits)
-    await _rebind(sup, ops)
+    await _rebind(sup, reloader.consumer, ops, old_queues)
 
 
-async def _import_check(sup, new):
+def _next_generation(sup: Any, spawner: Any, pool: Any, new: Any) -> None:
+    """The checked child's generation becomes the current one; the old one leaves."""
+    pool.imports = tuple(new["imports"])
+    pool.memory_limit = new["worker.max_memory_per_child"]
+    pool.generation += 1
+    spawner.manage()               # the new generation first ...
+    for child in list(pool.children.values()):
+        if child.generation < pool.generation:
+            pool.retire(child)     # ... then the old one leaves as it goes idle
+    log.info("SIGHUP: configuration reloaded from %s; generation %d, queues %s, %d children",
+             new.source, pool.generation, ", ".join(sup.queues), sup.concurrency)
+
+
+async def _rebind(sup: Any, consumer: Any, ops: list, old_queues: tuple) -> None:
+    """Consume the queues of the new configuration (``ops`` declares them)."""
+    if not consumer.is_open:
+        return          # reconnecting: the new connection declares and consumes the new set
+    try:
+        await consumer.declare(ops)
+        consumers = consumer.consumers
+        for queue in sorted(set(consumers.tags.values())):
+            if queue not in sup.queues:
+                await consumers.cancel(queue)
+                log.info("SIGHUP: stopped consuming %s", queue)
+        for queue in sup.queues:
+            if queue not in old_queues:
+                consumers.consume(queue)
+                log.info("SIGHUP: now consuming %s", queue)
+        consumer.queues = tuple(sup.queues)
+        sup.resize()
+    except (ConfigError, ChannelLost) as exc:
+        log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)
+
+
+async def _import_check(pool: Any, new: Any) -> tuple:
     """Fork the new generation's first child; returns it and its task limits once it has
     imported the task modules. Raises ConfigError (and ends the child) if it cannot."""
-    child, started = sup.pool.trial(new["imports"], new["worker.max_memory_per_child"])
+    child, started = pool.trial(new["imports"], new["worker.max_memory_per_child"])
     try:
         limits, error = await asyncio.wait_for(asyncio.shield(started), IMPORT_TIMEOUT)
     except asyncio.TimeoutError:
         limits, error = None, f"no child imported them within {IMPORT_TIMEOUT:g}s"
     if error is not None:
-        sup.pool.kill(child)
+        pool.kill(child)
         raise ConfigError([f"imports: {error}"], new.source)
     return child, limits
 
 
-def _declare_aside(config, ops):
+def _declare_aside(config: Any, ops: list) -> None:
     """Declare ``ops`` on a connection of their own (runs in a thread)."""
     conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0,
                             name="taskd-reload-check", tls=config["broker.tls"])
@@ -120,43 +172,3 @@ def _declare_aside(config, ops):
     finally:
         if conn.is_open:
             conn.close()
-
-
-def _apply(sup, new):
-    sup._old_queues = sup.queues
-    sup.config = new
-    sup._apply_settings(new)
-    sup.last_reload = {"at": time.time(), "ok": True, "errors": []}
-    sup.config_loaded_at = time.time()
-    pool = sup.pool
-    pool.imports = tuple(new["imports"])
-    pool.memory_limit = new["worker.max_memory_per_child"]
-    pool.generation += 1
-    sup.task_names = None
-    sup.manage_children()          # the new generation first ...
-    for child in list(pool.children.values()):
-        if child.generation < pool.generation:
-            pool.retire(child)     # ... then the old one leaves as it goes idle
-    log.info("SIGHUP: configuration reloaded from %s; generation %d, queues %s, %d children",
-             new.source, pool.generation, ", ".join(sup.queues), sup.concurrency)
-
-
-async def _rebind(sup, ops):
-    from .amqp import ChannelLost
-    if sup.consumer is None or not sup.consumer.is_open:
-        return          # reconnecting: the new connection declares and consumes the new set
-    old_queues = sup._old_queues
-    try:
-        await sup._declare(ops)
-        consumers = sup.consumers
-        for queue in sorted(set(consumers.tags.values())):
-            if queue not in sup.queues:
-                await consumers.cancel(queue)
-                log.info("SIGHUP: stopped consuming %s", queue)
-        for queue in sup.queues:
-            if queue not in old_queues:
-                consumers.consume(queue)
-                log.info("SIGHUP: now consuming %s", queue)
-        sup._update_qos_base()
-    except (ConfigError, ChannelLost) as exc:
-        log.error("SIGHUP: could not apply the queues of the new configuration: %s", exc)

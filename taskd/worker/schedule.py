@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from typing import Any, Optional
 
 
 class Schedule:
     __slots__ = ("_heap", "_counter")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._heap = []
         self._counter = itertools.count()
 
-    def hold(self, due, item):
+    def hold(self, due: float, item: Any) -> None:
         heapq.heappush(self._heap, (due, next(self._counter), item))
 
-    def pop_due(self, now):
+    def pop_due(self, now: float) -> list:
         """Remove and return the items due at or before ``now``, earliest first."""
         due = []
         heap = self._heap
@@ -28,14 +29,14 @@ class Schedule:
             due.append(heapq.heappop(heap)[2])
         return due
 
-    def next_due(self):
+    def next_due(self) -> Optional[float]:
         return self._heap[0][0] if self._heap else None
 
-    def drain(self):
+    def drain(self) -> list:
         """Remove and return every item (e.g. to give them back at shutdown)."""
         items = [entry[2] for entry in self._heap]
         self._heap.clear()
         return items
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._heap)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from typing import Optional
 
 
-def message_digest(correlation_id, body):
+def message_digest(correlation_id: Optional[str], body: bytes) -> bytes:
     digest = hashlib.blake2b(str(correlation_id).encode("utf-8", "backslashreplace"),
                              digest_size=16)
     digest.update(body)
@@ -27,11 +28,11 @@ def message_digest(correlation_id, body):
 class Strikes:
     """How many internal errors each of the last ``size`` failing messages caused."""
 
-    def __init__(self, limit=3, size=1000):
+    def __init__(self, limit: int = 3, size: int = 1000) -> None:
         self.limit, self.size = limit, size
         self._counts = collections.OrderedDict()
 
-    def add(self, digest):
+    def add(self, digest: bytes) -> bool:
         """Count one more internal error for ``digest``; True once it reached the limit
         (the count is then dropped: the message is dead-lettered)."""
         count = self._counts.pop(digest, 0) + 1
@@ -42,5 +43,5 @@ class Strikes:
             self._counts.popitem(last=False)
         return False
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._counts)

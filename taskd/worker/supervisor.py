@@ -1,24 +1,39 @@
 """The supervisor: one process, one thread, one asyncio event loop.
 
-It owns the broker connections, the schedule of ETA tasks and the pool of
-children, and nothing else runs on its thread. Everything is an event:
+It holds the worker's parts, wires them together once (in ``__init__``), and
+decides what each event is for. Nothing else runs on its thread. The events
+and the part each goes to, in the order a task meets them:
 
-* a delivery from RabbitMQ -> decode and validate (bad input is dead-lettered
-  here, before any child sees it) -> hold it until its ETA or queue it ->
-  dispatch it to an idle child over its pipe;
-* an outcome on a child's pipe -> publish the result (confirmed) -> ack;
-* a child that dies -> redeliver its task (or dead-letter it after
-  ``max_deliveries``) and fork a replacement;
-* a signal -> ``handle_<signal>``. asyncio's signal handlers only write the
-  signal number to a wake-up fd; the work happens here, in the loop.
+===================================  ===============================================
+event                                handled by
+===================================  ===============================================
+a delivery from RabbitMQ             :class:`~taskd.worker.intake.Intake`: decode,
+                                     validate, deduplicate, then hold it for its ETA or
+                                     pass it to the :class:`~taskd.worker.dispatch.Dispatcher`
+a child with room                    the dispatcher writes it jobs over its pipe
+an outcome on a child's pipe         :meth:`Supervisor.on_outcome`:
+                                     :class:`~taskd.worker.outcomes.Outcomes` publishes
+                                     the reply (:class:`~taskd.worker.replies.Replies`),
+                                     then the :class:`~taskd.worker.acker.Acker` acks;
+                                     the child may be recycled
+a confirm from the broker            the callback the publish registered (replies,
+                                     :class:`~taskd.worker.copies.Copies`)
+a child that dies                    :meth:`Supervisor.on_child_lost`: its task is
+                                     redelivered (or dead-lettered after
+                                     ``max_deliveries``), a replacement forked
+a lost connection                    :meth:`Supervisor.on_connection_lost`: reconnect
+                                     (:mod:`~taskd.worker.recovery`), resume
+a signal                             ``handle_<signal>`` (the table in
+                                     :meth:`Supervisor._install_signals`)
+===================================  ===============================================
 
-Acknowledgements are sent only after the task has finished and its result
-(or its dead-letter copy, or its redelivered copy) has been confirmed by the
-broker, and are batched by :class:`~taskd.worker.acks.AckTracker`.
+asyncio's signal handlers only write the signal number to a wake-up fd; the
+work happens here, in the loop. Acknowledgements are sent only after the task
+has finished and its result (or its dead-letter copy, or its redelivered copy)
+has been confirmed by the broker.
 
-A task's path reads in order through :mod:`~taskd.worker.intake` (delivery to
-dispatch) and :mod:`~taskd.worker.outcomes` (outcome to ack); this module
-holds the loop, the connections, the children's numbers, signals and stopping.
+A new capability plugs in as a part built here and handed to those that need
+it (see ``docs/architecture.md``), not as methods of this class.
 """
 from __future__ import annotations
 
@@ -28,513 +43,214 @@ import logging
 import re
 import signal
 import time
+from typing import Any, Optional
 
-from setproctitle import setproctitle
-
-from .. import serialization
-from ..broker import topology
-from ..exceptions import ConfigError
-from .acks import AckTracker
-from .amqp import AsyncChannel, ChannelLost, max_message_size
-from . import parking, recovery
-from .consumers import Consumers
-from .control import ControlServer
+from .acker import Acker
+from .consumer import Consumer
+from . import control
 from .copies import Copies
+from .dispatch import Dispatcher
+from .recovery import Duplicates
+from .framing import Outcome
 from .intake import Intake
+from .link import Link
 from .outcomes import Outcomes
-from .pool import BUSY, IDLE, Pool
-from .schedule import Schedule
-from .strikes import Strikes
+from .pool import Pool
+from .reload import Reloader
+from .replies import Replies
+from .spawner import Spawner
+from .status import Status
+from .stopping import EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
 
-EX_OK, EX_TASKS_CUT, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 64, 69, 70, 78
 
+class Supervisor:
+    def __init__(self, config: Any, *, queues: Optional[tuple] = None,
+                 concurrency: Optional[int] = None, config_path: Optional[str] = None) -> None:
+        self.config, self.config_path = config, config_path
+        self.queue_override, self.concurrency_override = queues, concurrency
+        self.queues = self.queues_for(config)
+        self.concurrency = concurrency or config["worker.concurrency"]
+        self.counters: collections.Counter = collections.Counter()
+        self.started_at = self.config_loaded_at = time.time()
+        self._signals: tuple = ()
+        self._runner = asyncio.Runner()
+        self.loop = loop = self._runner.get_loop()
+        # The parts, each given what it works with (the few that need each other are
+        # joined after they are built):
+        self.pool = pool = Pool(loop, config["imports"],
+                                memory_limit=config["worker.max_memory_per_child"],
+                                on_ready=self.on_child_ready, on_outcome=self.on_outcome,
+                                on_lost=self.on_child_lost)
+        self.acker = acker = Acker(loop, self.in_hand, batch=self.ack_batch())
+        self.consumer = consumer = Consumer(loop, None, None, config)
+        self.replies = replies = Replies(loop, acker.complete, self.counters,
+                                         re.compile(config["worker.reply_to_pattern"]),
+                                         config["worker.max_result_size"])
+        self.copies = copies = Copies(loop, consumer.redeclare)
+        self.duplicates = Duplicates(self.counters)
+        self.outcomes = outcomes = Outcomes(loop, acker, replies, copies, self.duplicates,
+                                            self.counters, config)
+        self.dispatcher = dispatcher = Dispatcher(loop, pool, outcomes, consumer.hold, config)
+        self.intake = Intake(consumer, acker, dispatcher, outcomes, self.duplicates, pool,
+                             self.counters, config)
+        self.shutdown = shutdown = Shutdown(loop, pool, consumer, dispatcher, acker, replies,
+                                            Notifier(), config, None)
+        self.status = status = Status(loop, self, pool, dispatcher, self.counters,
+                                      shutdown.notifier, shutdown)
+        self.spawner = spawner = Spawner(loop, pool, self, shutdown,
+                                         status.update_title)
+        self.reloader = status.reloader = Reloader(loop, self, pool, consumer, shutdown, status,
+                                                   spawner)
+        self.link = status.link = Link(loop, self, consumer, acker, replies, copies, dispatcher,
+                                       self.intake, pool, shutdown, status, self.counters)
+        consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
+        pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
+        acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
+        # Served from the start, so that `taskd status` answers while the worker waits
+        # for the broker ("connected": false).
+        self.control = control.ControlServer(self, config["worker.control_socket"])
 
-class Supervisor(Intake, Outcomes):
-    def __init__(self, config, *, queues=None, concurrency=None, config_path=None):
-        self.config = config
-        self.config_path = config_path
-        self.queue_override = queues
-        self.concurrency_override = concurrency
-        self._apply_settings(config)
-        self.exit_code = EX_OK
-        self.stopping = False
-        self.counters = collections.Counter()
-        self.started_at = time.time()
-        self.config_loaded_at = time.time()
-        self.last_reload = None
-        self.notifier = Notifier()
-        self._title = None
-        self._ticks = 0
-        self._signals = ()
-
-    def queues_for(self, config):
+    def queues_for(self, config: Any) -> tuple:
         """The queues this worker consumes under ``config`` (``-Q`` wins)."""
         return tuple(self.queue_override or config.worker_queues() or (config["default_queue"],))
-
-    def _apply_settings(self, config):
-        self.queues = self.queues_for(config)
-        self.concurrency = self.concurrency_override or config["worker.concurrency"]
-        self.accept = serialization.accept_set(config["accept_content"])
-        self.dead_letter_queue = config["worker.dead_letter_queue"]
-        self.reply_to_pattern = re.compile(config["worker.reply_to_pattern"])
 
     # == the loop ==================================================================
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
         try:
-            asyncio.run(self._main())
+            with self._runner:
+                self._runner.run(self._main())
         except Exception:
             log.exception("internal error in the supervisor")
             return EX_SOFTWARE
-        return self.exit_code
+        return self.shutdown.exit_code
 
-    async def _main(self):
-        try:
-            await self._serve()
-        finally:
-            # Before the loop closes its wake-up pipe: a signal arriving in between
-            # (a child's SIGCHLD) would hit a closed fd and print a traceback.
-            for sig in self._signals:
-                self.loop.remove_signal_handler(sig)
-
-    async def _serve(self):
-        self.loop = asyncio.get_running_loop()
-        self.stopped = self.loop.create_future()
-        self.stop_requested = asyncio.Event()   # set when a shutdown starts
-        self.ready = collections.deque()      # decoded jobs waiting for a child
-        self.schedule = Schedule()            # jobs waiting for their ETA
-        self.acks = AckTracker()
-        self.seq = 0
-        self._timer = None
-        self._ack_timer = None
-        self._dispatch_handle = None
-        self._spawn_timer = None
-        self.task_names = None
-        self.task_limits = {}
-        self.consumer = self.publisher = None
-        self.consumers = None
-        self.pool = Pool(self.loop, self.config["imports"],
-                         memory_limit=self.config["worker.max_memory_per_child"],
-                         on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                         on_lost=self.on_child_lost, on_started=self.on_started,
-                         on_fault=self.on_pool_fault)
-        self.recent = recovery.RecentlyDone()
-        self.strikes = Strikes()              # internal errors per message
-        self.delivering = None                # the channel of the last delivery
-        self.forsaken = None                  # the consuming channel of a lost connection
-        self.unsent = []                      # (job, body, props, attempt): results to
-                                              # publish again after a reconnect
-        self.copies = Copies(self.loop, self._declare_topology)
-        self.pacer = recovery.ReconnectPacer()
-        self.broker_max_size = 0              # max_message_size, once the broker named it
-        self.cutting = False                  # a shutdown is killing the children
-        self.twins = {}                       # delivery key -> redelivered copies of running tasks
-        self._reconnecting = True             # until the first connection is up
+    async def _main(self) -> None:
         self._install_signals()
-        self._announced = False
-        # Served from the start, so that `taskd status` answers while the worker waits
-        # for the broker ("connected": false).
-        self.control = ControlServer(self, self.config["worker.control_socket"])
         await self.control.start()
         try:
             await self._start()
         finally:
             self.control.close()
+            # Before the loop closes its wake-up pipe: a signal arriving in between
+            # (a child's SIGCHLD) would hit a closed fd and print a traceback.
+            for sig in self._signals:
+                self.loop.remove_signal_handler(sig)
 
-    async def _start(self):
-        self.manage_children()
-        try:
-            if not await self._connect_with_retry():
-                if self.stopping:       # a signal came while connecting: _shutdown ends it
-                    await self.stopped
-                    return
-                self.exit_code = EX_UNAVAILABLE
-                await self._stop_children(cold=True)
+    async def _start(self) -> None:
+        self.spawner.manage()
+        if not await self.link.connect():
+            if self.shutdown.stopping:  # a signal came while connecting: it ends the run
+                await self.shutdown.stopped
                 return
-        except ConfigError as exc:
-            for error in exc.errors:
-                log.error("%s", error)
-            self.exit_code = EX_CONFIG
-            await self._stop_children(cold=True)
+            self.shutdown.fail(EX_UNAVAILABLE)
+            await self.shutdown.stop_children(cold=True)
             return
-        self._reconnecting = False
-        self.pacer.connected()
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
-        self.announce_ready()
-        self._tick()
-        await self.stopped
+        self.status.announce_ready()
+        self.status.tick()
+        await self.shutdown.stopped
 
-    def announce_ready(self):
-        """READY=1 to systemd, once: connected, and a child has imported the task modules
-        (a deployment whose modules do not import never reports ready)."""
-        if self._announced or self._reconnecting or self.stopping:
-            return
-        if not any(c.state in (IDLE, BUSY) for c in self.pool.serving()):
-            return
-        self._announced = True
-        log.info("ready")
-        self.notifier.ready(self.status_line())
-
-    def _tick(self):
-        """Every few seconds: STATUS= and, under a systemd watchdog, WATCHDOG=1. Sent from
-        the loop itself, so a loop that stalls stops the pings and systemd notices."""
-        if self.stopping:
-            return
-        self.update_title()
-        self._ticks += 1
-        if self._ticks % 5 == 1:
-            self.notifier.status(self.status_line())
-        if self.notifier.watchdog_interval:
-            self.notifier.watchdog()
-        self.loop.call_later(min(1.0, self.notifier.watchdog_interval or 1.0), self._tick)
-
-    def _install_signals(self):
+    def _install_signals(self) -> None:
         handlers = {
             signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
-            signal.SIGQUIT: self.handle_quit, signal.SIGHUP: self.handle_hup,
+            signal.SIGQUIT: self.handle_quit, signal.SIGHUP: self.reloader.request,
             signal.SIGTTIN: self.handle_ttin, signal.SIGTTOU: self.handle_ttou,
-            signal.SIGUSR1: self.handle_usr1, signal.SIGCHLD: self.handle_chld,
+            signal.SIGUSR1: self.handle_usr1, signal.SIGCHLD: self.pool.reap,
         }
         for sig, handler in handlers.items():
             self.loop.add_signal_handler(sig, handler)
         self._signals = tuple(handlers)
 
-    # == broker ======================================================================
-    def _channel(self, name):
-        cfg = self.config
-        return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
-                            heartbeat=cfg["broker.heartbeat"], name=name,
-                            on_lost=self.on_connection_lost, on_return=self.copies.on_return,
-                            tls=cfg["broker.tls"])
+    # == events from the children ===================================================
+    def on_child_ready(self, child: Any, task_limits: dict) -> None:
+        self.dispatcher.tasks(task_limits)
+        self.status.announce_ready()
+        self.dispatcher.dispatch()
 
-    async def connect(self):
-        """Open both connections, declare the topology, set QoS and start consuming."""
-        self.publisher = self._channel("taskd-worker-publish")
-        await self.publisher.open()
-        await self.publisher.enable_confirms()
-        self.consumer = self._channel("taskd-worker-consume")
-        channel = await self.consumer.open()
-        self.acks.reset()
-        await self._declare(self._topology_ops())
-        self._qos_extra = 0
-        await self.consumer.call(channel.basic_qos, prefetch_count=self._prefetch())
-        self.consumers = Consumers(self.loop, self.consumer, self.on_delivery,
-                                   self._declare_queue)
-        for queue in self.queues:
-            self.consumers.consume(queue)
+    def on_outcome(self, child: Any, job: Any, outcome: Outcome) -> None:
+        self.outcomes.ran(job, outcome)
+        self.spawner.recycle(child)
+        self.spawner.manage()
+        self.dispatcher.dispatch()
 
-    @property
-    def consumer_tags(self):
-        """Consumer tag -> queue, on the current consuming channel."""
-        return self.consumers.tags if self.consumers is not None else {}
+    def on_child_lost(self, child: Any, job: Any, reason: str, unstarted: list = ()) -> None:
+        if unstarted:       # sent in advance, never started: first in line again
+            self.dispatcher.first(unstarted)
+        if job is not None:
+            self.outcomes.lost(job, reason, count=not self.shutdown.cutting)
+        self.spawner.manage()
+        self.dispatcher.dispatch()
+        self.shutdown.check_drained()
 
-    async def _declare_queue(self, queue):
-        await self._declare(topology.plan(self.config, (queue,)))
+    def in_hand(self) -> Any:
+        """Work in hand besides what just completed: jobs ready or running."""
+        return self.dispatcher.ready or self.pool.busy()
 
-    def _topology_ops(self):
-        """The exchanges, queues and bindings this worker needs."""
-        return (topology.plan(self.config, self.queues)
-                + topology.dead_letter_plan(self.dead_letter_queue)
-                + parking.plan(self.config["worker.delay_queue_prefix"]))
-
-    async def _declare_topology(self):
-        """Declare the topology again (a copy found a queue missing)."""
-        if self.consumer is not None and self.consumer.is_open:
-            await self._declare(self._topology_ops())
-
-    async def _declare(self, ops):
-        channel = self.consumer.channel
-        for op in ops:
-            try:
-                if isinstance(op, topology.DeclareExchange):
-                    await self.consumer.call(channel.exchange_declare, op.name,
-                                             exchange_type=op.type, durable=op.durable)
-                elif isinstance(op, topology.DeclareQueue):
-                    await self.consumer.call(channel.queue_declare, op.name, durable=op.durable,
-                                             arguments=op.argument_dict)
-                else:
-                    await self.consumer.call(channel.queue_bind, op.queue, op.exchange,
-                                             routing_key=op.routing_key)
-            except ChannelLost as exc:
-                if exc.refused:
-                    raise ConfigError([topology.explain_channel_error(op, exc)], "broker") from None
-                raise
-
-    @property
-    def ack_batch(self):
+    def ack_batch(self) -> int:
         """Completed deliveries that are acked at once, without waiting for ACK_DELAY."""
         return max(1, self.concurrency * self.config["worker.prefetch_multiplier"] // 4)
 
-    def _prefetch(self):
-        return self.concurrency * self.config["worker.prefetch_multiplier"] + self._qos_extra
+    def resize(self) -> None:
+        """The pool's size changed (TTIN, TTOU, a reload): so do the prefetch and batch."""
+        self.acker.batch = self.ack_batch()
+        self.consumer.resize(self.concurrency * self.config["worker.prefetch_multiplier"])
 
-    def _update_qos(self):
-        """Raise the prefetch by the ETA jobs held, so they do not starve the rest."""
-        base = self.concurrency * self.config["worker.prefetch_multiplier"]
-        held = len(self.schedule)
-        if held > self._qos_extra or held + 2 * base < self._qos_extra:
-            self._qos_extra = held + base if held else 0
-            if self.consumer.is_open:
-                self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
-
-    async def _connect_with_retry(self):
-        cfg = self.config
-        return await recovery.connect_with_retry(self, cfg["broker.retry_for"],
-                                                 cfg["broker.retry_max_interval"])
-
-    async def close_connections(self):
-        for conn in (self.consumer, self.publisher):
-            if conn is not None:
-                await conn.close()
-
-    def on_connection_lost(self, reason):
-        """A connection dropped: keep the children running, reconnect, resume."""
-        if self.stopping or self._reconnecting:
-            return
-        self._reconnecting = True
-        self.counters["connection_lost"] += 1
-        dropped = len(self.ready) + len(self.schedule)
-        limit = max_message_size(reason)
-        if limit:
-            self.broker_max_size = limit
-        pause = self.pacer.lost()
-        log.error("lost the broker connection (%s); %d running task(s) go on, %d unstarted "
-                  "go back to the broker; reconnecting%s", reason, len(self.pool.busy()),
-                  dropped, f" in {pause:.1f}s (it died young)" if pause else "")
-        self.ready.clear()
-        self.schedule.drain()
-        self.acks.reset()
-        self.forsake_channel()
-        self.loop.create_task(self._recover(pause))
-
-    async def _recover(self, pause=0.0):
-        await self.close_connections()
-        if pause:       # a shutdown cuts the pause short
-            try:
-                await asyncio.wait_for(self.stop_requested.wait(), pause)
-            except asyncio.TimeoutError:
-                pass
-        try:
-            ok = await self._connect_with_retry()
-        except ConfigError as exc:
-            for error in exc.errors:
-                log.error("%s", error)
-            self.exit_code, ok = EX_CONFIG, False
-        self._reconnecting = False
-        if not ok:
-            if not self.stopping:
-                self.exit_code = self.exit_code or EX_UNAVAILABLE
-                await self._shutdown(cold=False)
-            return
-        self.pacer.connected()
-        log.info("reconnected; consuming %s again", ", ".join(self.queues))
-        unsent, self.unsent = self.unsent, []
-        for job, body, props, attempt in unsent:
-            self.publish_result(job, body, props, attempt)
-        self.notifier.ready(self.status_line())
-
-    # == children ========================================================================
-    def manage_children(self):
-        """Fork children until the current generation has ``concurrency`` of them."""
-        if self.stopping or self._spawn_timer is not None:
-            return
-        missing = self.concurrency - len(self.pool.serving())
-        if missing <= 0:
-            return
-        wait = self.pool.backoff_remaining()
-        if wait > 0:
-            self._spawn_timer = self.loop.call_later(wait, self._spawn_after_backoff)
-            return
-        for _ in range(1 if self.pool.failures else missing):
-            self.pool.spawn()
-        self.update_title()
-
-    def _spawn_after_backoff(self):
-        self._spawn_timer = None
-        self.manage_children()
-
-    def on_pool_fault(self, job):
-        """Handling ``job``'s outcome (or its child's death) raised. Unless its delivery is
-        settled, it is redelivered with its count + 1 (dead-lettered after
-        ``worker.max_deliveries``), so a bug that recurs on one message cannot loop; if even
-        that raises, the delivery goes back to the broker a second later. It may run
-        again; it is not lost."""
-        if self.consumer is None or job.channel is not self.consumer.channel \
-                or self.acks.settled(job.tag):
-            return
-        try:
-            self.redeliver(job, "ran it, but the supervisor failed to handle that (internal error)")
-        except Exception:
-            log.exception("task %s: could not redeliver it; returning it to the broker in 1s",
-                          job.describe())
-            self.loop.call_later(1.0, self._give_back_unsettled, job)
-
-    def _give_back_unsettled(self, job):
-        if job.channel is self.consumer.channel and not self.acks.settled(job.tag):
-            self.give_back(job, delay=0)
-
-    # == signals ==========================================================================
-    def handle_term(self):
+    # == signals (SIGHUP: the reloader; SIGCHLD: the pool) ==================================
+    def handle_term(self) -> None:
         """TERM: warm shutdown: stop consuming, finish running tasks, give the rest back."""
-        if not self.stopping:
+        if not self.shutdown.stopping:
             log.info("SIGTERM: warm shutdown (waiting up to %gs for running tasks)",
                      self.config["worker.shutdown_timeout"])
-            self.loop.create_task(self._shutdown(cold=False))
+            self.shutdown.start(cold=False)
 
-    def handle_int(self):
+    def handle_int(self) -> None:
         """INT: as TERM; a second INT is a cold shutdown (QUIT)."""
-        if self.stopping:
+        if self.shutdown.stopping:
             self.handle_quit()
         else:
             self.handle_term()
 
-    def handle_quit(self):
+    def handle_quit(self) -> None:
         """QUIT: cold shutdown: kill the children now; unfinished tasks go back to the queue."""
         log.warning("SIGQUIT: cold shutdown")
-        self.loop.create_task(self._shutdown(cold=True))
+        self.shutdown.start(cold=True)
 
-    def handle_hup(self):
-        """HUP: reload the configuration and replace the children gracefully."""
-        from .reload import reload
-        reload(self)
-
-    def handle_ttin(self):
+    def handle_ttin(self) -> None:
         """TTIN: one more child."""
         self.concurrency += 1
         log.info("SIGTTIN: concurrency now %d", self.concurrency)
-        self.manage_children()
-        self._update_qos_base()
+        self.spawner.manage()
+        self.resize()
 
-    def handle_ttou(self):
+    def handle_ttou(self) -> None:
         """TTOU: one child fewer (never below one)."""
         if self.concurrency <= 1:
             log.info("SIGTTOU: already at one child")
             return
         self.concurrency -= 1
-        serving = self.pool.serving()
-        if len(serving) > self.concurrency:
-            victim = min(serving, key=lambda c: (c.job is not None, -c.index))
-            self.pool.retire(victim)
+        self.spawner.shrink()
         log.info("SIGTTOU: concurrency now %d", self.concurrency)
-        self._update_qos_base()
+        self.resize()
 
-    def handle_usr1(self):
+    def handle_usr1(self) -> None:
         """USR1: log a dump of the state (children, running tasks, schedule, counters)."""
-        now = time.monotonic()
-        lines = [f"state: {self.status_line()}"]
-        for c in sorted(self.pool.children.values(), key=lambda c: c.index):
-            running = (f"{c.job.describe()} for {now - c.job_started:.1f}s" if c.job else "-")
-            lines.append(f"  child {c.index} pid={c.pid} gen={c.generation} {c.state} "
-                         f"tasks={c.tasks_done} rss={c.rss >> 20}MiB running={running}")
-        lines.append(f"  ready={len(self.ready)} held={len(self.schedule)} "
-                     f"counters={dict(self.counters)}")
-        log.info("\n".join(lines))
+        log.info("%s", control.dump(self))
 
-    def handle_chld(self):
-        """CHLD: reap exited children (their tasks are redelivered, they are replaced)."""
-        self.pool.reap()
-
-    def _update_qos_base(self):
-        if self.consumer is not None and self.consumer.is_open:
-            self.consumer.channel.basic_qos(prefetch_count=min(self._prefetch(), 65535))
-
-    # == stopping ==========================================================================
-    async def _shutdown(self, cold):
-        first = not self.stopping
-        self.stopping = True
-        self.stop_requested.set()
-        self.notifier.stopping()
-        if first and self.consumers is not None and self.consumer.is_open:
-            try:
-                await self.consumers.cancel_all()
-            except ChannelLost:
-                pass
-        # Unstarted and held jobs stay unacked: the broker requeues them on close.
-        returned = len(self.ready) + len(self.schedule)
-        self.ready.clear()
-        self.schedule.drain()
-        if returned:
-            log.info("giving %d unstarted task(s) back to the broker", returned)
-        if not cold:
-            self._drain_done = self.loop.create_future()
-            self._maybe_finish_stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._drain_done),
-                                       self.config["worker.shutdown_timeout"])
-            except asyncio.TimeoutError:
-                cut = [c.job.describe() for c in self.pool.busy()]
-                log.error("shutdown_timeout reached: killing children; these tasks go back to "
-                          "the queue: %s", ", ".join(cut))
-                self.exit_code = self.exit_code or EX_TASKS_CUT
-                cold = True
-        elif self.pool.busy():
-            cut = [c.job.describe() for c in self.pool.busy()]
-            log.warning("cold shutdown: these tasks are cut and go back to the queue: %s",
-                        ", ".join(cut))
-            self.exit_code = self.exit_code or EX_TASKS_CUT
-        self.cutting = cold
-        await self._stop_children(cold)
-        await self._settle(timeout=5.0)
-        self.report_unsent()
-        await self.close_connections()
-        log.info("stopped (exit code %d)", self.exit_code)
-        if not self.stopped.done():
-            self.stopped.set_result(None)
-
-    async def _settle(self, timeout):
-        """Before closing: wait (bounded) for the confirms of copies just published for
-        cut tasks, so that their originals are acked rather than delivered twice."""
-        deadline = time.monotonic() + timeout
-        while self.publisher is not None and self.publisher.is_open and \
-                self.publisher._confirms and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if self._ack_timer is not None:
-            self._flush_acks()
-
-    def _maybe_finish_stop(self):
-        done = getattr(self, "_drain_done", None)
-        if done is None or done.done() or not self.stopping:
-            return
-        if not self.pool.busy() and self._ack_timer is None and \
-                not (self.publisher and self.publisher._confirms):
-            done.set_result(None)
-
-    async def _stop_children(self, cold):
-        for child in list(self.pool.children.values()):
-            if cold:
-                self.pool.kill(child)
-            else:
-                self.pool.retire(child)
-        deadline = time.monotonic() + 10
-        while self.pool.children and time.monotonic() < deadline:
-            self.pool.reap()
-            await asyncio.sleep(0.02)
-        for child in list(self.pool.children.values()):
-            self.pool.kill(child)
-
-    # == status ==============================================================================
-    def status_line(self):
-        busy = len(self.pool.busy())
-        total = len(self.pool.serving())
-        line = (f"{busy}/{total} busy, {self.counters['succeeded']} ok, "
-                f"{self.counters['failed']} failed, {len(self.schedule)} held")
-        if self._reconnecting:
-            line += ", broker: reconnecting"
-        if self.last_reload and not self.last_reload["ok"]:
-            line += f", last reload failed: {self.last_reload['errors'][0]}"
-        return line
-
-    def update_title(self):
-        """``taskd: supervisor [queues] busy/total busy``, refreshed by the 1 s tick (not per
-        task: setting the title on every task cost about 10% of the supervisor's time)."""
-        busy = len(self.pool.busy())
-        title = f"taskd: supervisor [{','.join(self.queues)}] {busy}/{self.concurrency} busy"
-        if title != self._title:
-            self._title = title
-            setproctitle(title)
-
-
-
+    # == reload (the Reloader calls this) ===================================================
+    def configure(self, new: Any) -> None:
+        """Make ``new`` (checked by a reload) the configuration of the worker and its parts."""
+        self.config = new
+        self.queues = self.queues_for(new)
+        self.concurrency = self.concurrency_override or new["worker.concurrency"]
+        self.config_loaded_at = time.time()
+        self.replies.pattern = re.compile(new["worker.reply_to_pattern"])
+        self.replies.max_result_size = new["worker.max_result_size"]
+        self.outcomes.config = self.dispatcher.config = self.consumer.config = new
+        self.shutdown.config = new
+        self.intake.configure(new)
+        self.acker.batch = self.ack_batch()
+        self.dispatcher.tasks(None)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Any, Mapping, Optional
 
 
 class Notifier:
-    def __init__(self, environ=None):
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
         environ = os.environ if environ is None else environ
         address = environ.get("NOTIFY_SOCKET")
         self.address = None
@@ -25,11 +26,7 @@ class Notifier:
             self.watchdog_interval = int(usec) / 1e6 / 2   # ping twice per period
         self._sock = None
 
-    @property
-    def enabled(self):
-        return self.address is not None
-
-    def notify(self, **fields):
+    def notify(self, **fields: Any) -> bool:
         """Send ``READY=1``, ``STATUS=...`` etc.; keys are given upper or lower case."""
         if self.address is None:
             return False
@@ -42,17 +39,17 @@ class Notifier:
         except OSError:
             return False
 
-    def ready(self, status=None):
+    def ready(self, status: Optional[str] = None) -> None:
         return self.notify(ready=1, **({"status": status} if status else {}))
 
-    def reloading(self):
+    def reloading(self) -> None:
         return self.notify(reloading=1, monotonic_usec=int(time.monotonic() * 1e6))
 
-    def stopping(self):
+    def stopping(self) -> None:
         return self.notify(stopping=1)
 
-    def status(self, text):
+    def status(self, text: str) -> None:
         return self.notify(status=text)
 
-    def watchdog(self):
+    def watchdog(self) -> None:
         return self.notify(watchdog=1)

@@ -1,9 +1,8 @@
-"""How the supervisor coalesces acks: the policy of Outcomes.complete, run on a real
-event loop against a channel that records what it is asked to send."""
+"""How the acker coalesces acks, run on a real event loop against a stub channel that
+records what it is asked to send."""
 import asyncio
 
-from taskd.worker.acks import AckTracker
-from taskd.worker.outcomes import ACK_DELAY, Outcomes
+from taskd.worker.acker import ACK_DELAY, Acker
 
 
 class RecordingChannel:
@@ -26,28 +25,23 @@ class Job:
         self.tag, self.channel = tag, channel
 
 
-class Pool:
-    def __init__(self):
-        self.running = ["a task"]
+class Sup:
+    """The acker and what it is given: the consuming channel, whether work is in hand."""
 
-    def busy(self):
-        return self.running
-
-
-class Sup(Outcomes):
     def __init__(self, loop, ack_batch):
-        self.loop, self.ack_batch = loop, ack_batch
-        self.acks, self.consumer, self._ack_timer = AckTracker(), Consumer(), None
-        self.ready, self.pool = [], Pool()      # other work in hand: acks may wait
+        self.running = ["a task"]       # other work in hand: acks may wait
+        self.acker = Acker(loop, lambda: self.running, batch=ack_batch)
+        self.consumer = Consumer()
+        self.acker.attach(self.consumer)
 
-    def _maybe_finish_stop(self):
-        pass
+    def complete(self, job):
+        self.acker.complete(job)
 
 
 def _deliver(sup, tags):
     jobs = [Job(t, sup.consumer.channel) for t in tags]
     for j in jobs:
-        sup.acks.received(j.tag)
+        sup.acker.received(j.tag)
     return jobs
 
 
@@ -63,7 +57,7 @@ def test_acks_of_tasks_finishing_together_go_out_as_one():
         assert sup.consumer.channel.acks == [(4, True)]         # 3 < 4: waiting
         await asyncio.sleep(ACK_DELAY * 5)
         assert sup.consumer.channel.acks == [(4, True), (7, True)]   # the timer sent them
-        assert sup._ack_timer is None
+        assert not sup.acker.waiting
     asyncio.run(main())
 
 
@@ -83,6 +77,7 @@ def test_a_completion_from_a_closed_channel_is_never_acked():
         sup = Sup(asyncio.get_running_loop(), ack_batch=1)
         (job,) = _deliver(sup, [1])
         sup.consumer = Consumer()            # reconnected: a new channel
+        sup.acker.conn = sup.consumer
         sup.complete(job)
         await asyncio.sleep(ACK_DELAY * 5)
         assert sup.consumer.channel.acks == [] and job.channel.acks == []
@@ -92,8 +87,8 @@ def test_a_completion_from_a_closed_channel_is_never_acked():
 def test_with_nothing_else_in_hand_a_completion_is_acked_at_once():
     async def main():
         sup = Sup(asyncio.get_running_loop(), ack_batch=16)
-        sup.pool.running = []
+        sup.running = []
         (job,) = _deliver(sup, [1])
         sup.complete(job)
-        assert sup.consumer.channel.acks == [(1, True)] and sup._ack_timer is None
+        assert sup.consumer.channel.acks == [(1, True)] and not sup.acker.waiting
     asyncio.run(main())

@@ -11,7 +11,7 @@ from pika import data as amqp_data
 
 from taskd import config, protocol
 from taskd.worker import headers, jobs
-from taskd.worker.outcomes import RESULT_ATTEMPTS, Outcomes
+from taskd.worker.replies import RESULT_ATTEMPTS, Replies
 from taskd.worker.amqp import max_message_size
 from taskd.worker.recovery import ReconnectPacer
 
@@ -110,22 +110,17 @@ class _Publisher:
         self.bodies.append((routing_key, body, properties))
 
 
-class _Replies(Outcomes):
-    """Just the reply path of the supervisor, over a publisher whose confirms the test
-    gives; ``call_later`` is run by the test too."""
+class _Replies(Replies):
+    """The reply path, over a stub publisher whose confirms the test gives; its
+    ``call_later`` is run by the test too, and acks are recorded."""
 
     def __init__(self, max_result_size=0):
-        self.config = {"worker.max_result_size": max_result_size}
-        self.broker_max_size = 0
-        self.reply_to_pattern = re.compile(config.REPLY_TO_PATTERN)
-        self.publisher = _Publisher()
-        self.unsent, self.later, self.completed = [], [], []
-        self.counters = collections.Counter()
-        self.loop = types.SimpleNamespace(
+        self.completed, self.later = [], []
+        loop = types.SimpleNamespace(
             call_later=lambda delay, fn, *args: self.later.append((fn, args)))
-
-    def complete(self, job):
-        self.completed.append(job)
+        super().__init__(loop, self.completed.append, collections.Counter(),
+                         re.compile(config.REPLY_TO_PATTERN), max_result_size)
+        self.publisher = _Publisher()
 
 
 def _job(reply_to="taskd.reply.1"):

@@ -2,7 +2,7 @@
 import os
 
 from taskd.worker import framing
-from taskd.worker.acks import AckTracker
+from taskd.worker.acker import AckTracker
 from taskd.worker.schedule import Schedule
 
 

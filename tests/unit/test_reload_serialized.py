@@ -16,18 +16,21 @@ class Notifier:
 
 
 class Sup:
+    """Stands in for the reloader's shutdown (never stopping) and status (its notifier,
+    its line)."""
     stopping = False
 
     def __init__(self, loop):
         self.loop, self.notifier = loop, Notifier()
 
-    def status_line(self):
+    def line(self):
         return "ok"
 
 
 def test_a_sighup_during_a_reload_runs_one_more_after_it(monkeypatch):
     async def main():
         sup = Sup(asyncio.get_running_loop())
+        reloader = reload_mod.Reloader(sup.loop, sup, None, None, sup, sup, None)
         started, release = [], asyncio.Event()
 
         async def fake_reload(s):
@@ -36,14 +39,14 @@ def test_a_sighup_during_a_reload_runs_one_more_after_it(monkeypatch):
             if len(started) == 2:
                 raise RuntimeError("a bug in the second reload")
         monkeypatch.setattr(reload_mod, "_reload", fake_reload)
-        reload_mod.reload(sup)
+        reloader.request()
         await asyncio.sleep(0)
-        reload_mod.reload(sup)          # during the first: queued, not interleaved
-        reload_mod.reload(sup)          # coalesced with the queued one
+        reloader.request()              # during the first: queued, not interleaved
+        reloader.request()              # coalesced with the queued one
         await asyncio.sleep(0.01)
         assert started == [1]
         release.set()
-        await sup._reload_task
+        await reloader.task
         assert started == [1, 2]
         # READY follows every RELOADING, also after the reload that failed
         assert sup.notifier.sent == ["RELOADING", "READY", "RELOADING", "READY"]
