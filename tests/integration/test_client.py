@@ -2,7 +2,6 @@
 reaches its reply queue, its locking, its reply queue's life, its memory and channels."""
 import json
 import pickle
-import socket
 import subprocess
 import threading
 import time
@@ -25,44 +24,6 @@ class _Touch:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-class FreezableProxy(Proxy):
-    """tcpproxy's Proxy whose current connections can be frozen: nothing more is
-    forwarded, and with ``half_cut`` the client's side is closed while the broker's
-    side stays open and silent (a half-open connection, as the broker sees it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.frozen = set()
-
-    def _pump(self, src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data or src in self.frozen:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            if s not in self.frozen:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def freeze(self):
-        with self._lock:
-            pairs = list(self._pairs)
-        for pair in pairs:
-            self.frozen.update(pair)
-        return pairs
-
-    def half_cut(self):
-        for client, _upstream in self.freeze():
-            client.shutdown(socket.SHUT_RDWR)
-            client.close()
 
 
 def _publish_result(broker, queue, task_id, body, content_type, encoding="utf-8"):
@@ -135,7 +96,7 @@ def test_a_deleted_reply_queue_fails_its_pending_gets_at_once_and_is_replaced(
 
 def test_after_a_half_open_connection_sends_go_on_with_a_new_reply_queue(
         topo, workers, app_for):
-    proxy = FreezableProxy().start()
+    proxy = Proxy().start()
     try:
         workers(topo.config(concurrency=1)).ready()
         app = app_for(topo.config({"broker": {"url": proxy.url}}, name="client.yaml"))
@@ -207,7 +168,7 @@ def test_get_with_timeout_zero_raises_timeout_unless_ready(topo, broker, app_for
 
 
 def test_a_publish_without_confirm_says_its_outcome_is_unknown(topo, app_for, broker):
-    proxy = FreezableProxy().start()
+    proxy = Proxy().start()
     try:
         app = app_for(topo.config({"broker": {"url": proxy.url}}))
         publisher = app.get_publisher(window=0)

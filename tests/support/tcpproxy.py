@@ -1,5 +1,7 @@
 """A TCP proxy for fault tests: forwards a local port to the broker and can cut
-every connection, or stop and start listening, on demand."""
+every connection, freeze it (nothing more is forwarded, nothing is closed), half-cut
+it (the client's side closed, the broker's left open and silent: a half-open
+connection as the broker sees it), or stop and start listening, on demand."""
 import socket
 import threading
 
@@ -12,6 +14,7 @@ class Proxy:
         self._pairs = []
         self._lock = threading.Lock()
         self.accepted = 0
+        self.frozen = set()         # sockets whose traffic stopped; never closed here
 
     @property
     def url(self):
@@ -45,21 +48,35 @@ class Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
-                if not data:
+                if not data or src in self.frozen:
                     break
                 dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            if s not in self.frozen:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def freeze(self):
+        """Stop forwarding on every open connection, closing nothing; returns the pairs."""
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            self.frozen.update(pair)
+        return pairs
+
+    def half_cut(self):
+        """Freeze, then close the clients' side only: the broker keeps its side open."""
+        for client, _upstream in self.freeze():
+            client.shutdown(socket.SHUT_RDWR)
+            client.close()
 
     def cut(self):
         """Drop every open connection (both directions), as a network failure would."""
