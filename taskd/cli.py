@@ -27,7 +27,10 @@ signals:
          give unstarted tasks back to the broker, exit 0
   INT    as TERM; a second INT is a cold shutdown
   QUIT   cold shutdown: kill the children now; their tasks are redelivered
-  HUP    reload the configuration; replace the children gracefully
+         (a shutdown does not count against worker.max_deliveries)
+  HUP    reload the configuration; nothing changes unless all of it checks out,
+         a new child importing the task modules included; then replace the
+         children gracefully
   TTIN   one more child          TTOU   one child fewer
   USR1   log a dump of children, running tasks and counters
 
@@ -99,7 +102,8 @@ def build_parser():
     d.add_argument("--replay", action="store_true", help="move the messages back to their queues")
     d.add_argument("--task", help="only messages of this task name")
     d.add_argument("--to", metavar="QUEUE", help="with --replay: send them to this queue instead")
-    d.add_argument("--limit", type=_positive_int, help="at most this many messages")
+    d.add_argument("--limit", type=_positive_int, help="at most this many messages (listing: default 1000; the "
+                   "listed ones stay unacknowledged until the listing ends)")
     d.add_argument("--json", action="store_true", help="list as JSON lines")
 
     st = sub.add_parser("status", help="show the state of the running worker",
