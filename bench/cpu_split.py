@@ -4,6 +4,7 @@
     .venv/bin/python bench/cpu_split.py taskd-tuned 40000
     .venv/bin/python bench/cpu_split.py celery 20000
     .venv/bin/python bench/cpu_split.py taskd 40000 --set prefetch_multiplier=16
+    .venv/bin/python bench/cpu_split.py taskd 40000 --before ../taskd-old   # that checkout's worker
 
 Prints the drain rate and, per task, the CPU microseconds (user + system) of the
 worker's main process (taskd's supervisor, Celery's MainProcess), of its children
@@ -18,8 +19,9 @@ import psutil
 
 import run as B
 
-SYSTEMS = {"taskd": lambda s: B.Taskd(settings=s), "taskd-tuned": lambda s: B.Taskd(True, s),
-           "celery": lambda s: B.Celery(), "dramatiq8": lambda s: B.Dramatiq(8)}
+SYSTEMS = {"taskd": lambda s, r: B.Taskd(settings=s, root=r),
+           "taskd-tuned": lambda s, r: B.Taskd(True, s, root=r),
+           "celery": lambda s, r: B.Celery(), "dramatiq8": lambda s, r: B.Dramatiq(8)}
 
 
 def cpu(proc):
@@ -36,10 +38,13 @@ def main():
     parser.add_argument("n", type=int, nargs="?", default=40000)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a worker.* setting for taskd (repeatable)")
+    parser.add_argument("--before", metavar="PATH",
+                        help="run the worker of another taskd checkout (as bench/run.py --before)")
     args = parser.parse_args()
+    root = B.before_checkout(args.before) if args.before else None
     settings = dict(item.split("=", 1) for item in args.set)
     beams = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
-    system = SYSTEMS[args.system](settings)
+    system = SYSTEMS[args.system](settings, root)
     run = B.Run(system)
     try:
         system.send_noop(run, args.n)
