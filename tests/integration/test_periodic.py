@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from conftest import wait_for
+from taskd.worker import control
 from tcpproxy import Proxy
 
 pytestmark = pytest.mark.broker
@@ -111,12 +112,17 @@ def test_a_leader_cut_off_from_the_broker_stops_and_another_leads(topo, workers,
 def test_a_reload_adds_an_entry_and_removes_another(topo, workers, tmp_path):
     path = tmp_path / "runs"
     runner = workers(config(topo, path, beat=False, queues=("work",)))
-    first = config(topo, path, entries={"old": 1})
+    sock = tmp_path / "beat.sock"
+    first = config(topo, path, entries={"old": 1}, control_socket=str(sock))
     w = workers(first)
     runner.ready()
     w.ready()
     wait_for(lambda: len(records(path)) >= 2, 10, message="runs of the old entry")
-    first.write_text(config(topo, path, entries={"new": 1, "also": 3}).read_text())
+    status = control.format_status(control.query(str(sock)))
+    assert "schedule:   LEADING" in status and "  old: ttasks.periodic_record every 1s; last 20" \
+        in status, status
+    first.write_text(config(topo, path, entries={"new": 1, "also": 3},
+                            control_socket=str(sock)).read_text())
     w.signal(signal.SIGHUP)
     w.wait_log("entry old is not in the schedule any more", timeout=10)
     wait_for(lambda: "new" in {r[2] for r in records(path)}, 10, message="a run of new")
@@ -129,3 +135,5 @@ def test_a_reload_adds_an_entry_and_removes_another(topo, workers, tmp_path):
     assert "new" in entries
     for name in ("old", "new"):
         check_slots([r for r in recs if r[2] == name], gap_allowed=timedelta(0))
+    state = control.query(str(sock))["beat"]
+    assert sorted(e["name"] for e in state["entries"]) == ["also", "new"] and state["leading"]
