@@ -26,7 +26,9 @@ crash, a cut connection). The queue holds two kinds of message:
 
 Cursors are published again every ``REFRESH`` seconds, so that no delivery is
 held long enough for the broker's ``consumer_timeout`` to close the channel.
-The whole design, what it guarantees and costs: ``docs/periodic.md``.
+The connection and its transactions live in :mod:`taskd.worker.beatlink`; the
+schedule's arithmetic in :mod:`taskd.periodic`. The whole design, what it
+guarantees and costs: ``docs/periodic.md``.
 """
 from __future__ import annotations
 
@@ -41,14 +43,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-import pika
-
 from .. import periodic
-from ..broker import topology
-from ..exceptions import TaskdError
 from ..options import SendOptions
-from .amqp import AsyncChannel, ChannelLost
-from .recovery import ReconnectPacer, backoff
+from . import beatlink
+from .amqp import ChannelLost
+from .beatlink import BeatLink
 
 log = logging.getLogger("taskd.beat")
 
@@ -80,7 +79,6 @@ class Beat:
         self.loop, self.counters, self.shutdown = loop, counters, shutdown
         self.clock, self.monotonic = clock, monotonic
         self.node = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.conn: Optional[AsyncChannel] = None
         self.role = OFF
         self.leading_since: Optional[float] = None
         self.cursors: dict[str, Held] = {}
@@ -89,15 +87,10 @@ class Beat:
         self.fired: dict = {}               # entry -> {"slot", "at", "task_id"} fired here
         self.own_tick_at = float("-inf")
         self.marker: Optional[str] = None
-        self.lock = asyncio.Lock()          # one transaction at a time on the channel
-        self.declared: set = set()
-        self.task: Optional[asyncio.Task] = None
-        self.restart = asyncio.Event()      # a reload changed the queue or turned beat off
-        self._lost: Optional[asyncio.Future] = None
         self._wake: Optional[asyncio.TimerHandle] = None
         self._firing = False
         self._lapsed = False                # the lease ran out (logged once)
-        self.pacer = ReconnectPacer()
+        self.link = BeatLink(loop, self, shutdown)
         self.configure(config)
 
     # -- configuration ------------------------------------------------------------
@@ -111,100 +104,52 @@ class Beat:
         self.config = config
         self.entries = {e.name: e for e in config["schedule"]}
         self.queue = config["worker.beat_queue"]
-        self.declared.clear()
         if old is None:
             return
+        self.link.declared.clear()
         if old["worker.beat_queue"] != self.queue or not self.enabled:
-            self.restart.set()          # the session ends; _run starts over (or stops)
-        if self.enabled and (self.task is None or self.task.done()):
+            self.link.restart.set()     # the session ends; the link starts over (or stops)
+        if self.enabled:
             self.start()
-        elif self.role == LEADING:
+        if self.role == LEADING:
             self.loop.create_task(self._reconcile())
 
     def start(self) -> None:
-        if self.enabled and (self.task is None or self.task.done()):
-            self.task = self.loop.create_task(self._run())
+        if self.enabled:
+            self.link.start()
 
-    # -- the connection -----------------------------------------------------------
-    async def _run(self) -> None:
-        attempt = 0
-        while self.enabled and not self.shutdown.stopping:
-            self.restart.clear()
-            self.role = CONNECTING
-            try:
-                await self._session()
-                attempt = 0
-            except (ChannelLost, TaskdError, OSError, pika.exceptions.AMQPError) as exc:
-                log.warning("beat: %s; trying again", exc)
-            finally:
-                self._forget()
-                if self.conn is not None:
-                    await self.conn.close()
-            if self.shutdown.stopping or not self.enabled:
-                break
-            pause = max(self.pacer.lost(), backoff(attempt))
-            attempt += 1
-            await self._pause(pause)
-        self.role = OFF
+    async def close(self) -> None:
+        await self.link.close()
 
-    async def _pause(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.shutdown.requested.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
-
-    async def _session(self) -> None:
-        cfg = self.config
-        self._lost = self.loop.create_future()
-        self.conn = conn = AsyncChannel(
-            self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
-            heartbeat=cfg["broker.heartbeat"], name="taskd-worker-beat",
-            on_lost=self._on_lost, on_return=self._on_return, tls=cfg["broker.tls"])
-        channel = await conn.open()
-        await conn.call(channel.queue_declare, self.queue, durable=True,
-                        arguments={"x-single-active-consumer": True})
-        await conn.call(channel.tx_select)
-        channel.basic_consume(self.queue, self._on_message)
-        self.pacer.connected()
+    # -- the link's events ------------------------------------------------------------
+    async def standing_by(self) -> None:
+        """Consuming the beat queue: wait to be the active consumer; tick meanwhile."""
         self.role = STANDBY
         log.info("beat: standing by for the schedule (%d entries) on queue %s",
                  len(self.entries), self.queue)
-        ticker = self.loop.create_task(self._ticks())
-        waits = [self._lost, self.loop.create_task(self.shutdown.requested.wait()),
-                 self.loop.create_task(self.restart.wait())]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ticker.cancel()
-            for w in waits[1:]:
-                w.cancel()
-        if self._lost.done() and self._lost.result() is not None:
-            raise ChannelLost(f"lost the broker connection ({self._lost.result()})")
+        await self._ticks()
 
-    def _on_lost(self, reason: Any) -> None:
+    def lost(self, reason: Any) -> None:
         if self.role == LEADING:
             log.error("beat: lost the broker connection while leading (%s): no longer "
                       "firing the schedule", reason)
-        self._forget()
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(reason or "closed")
+        self.forget()
 
-    def _forget(self) -> None:
+    def forget(self, off: bool = False) -> None:
         """The channel is gone: so are the cursors it held (the broker requeues them)."""
         if self.role == LEADING:
             self.counters["beat_lost_lead"] += 1
-        self.role = CONNECTING if not self.shutdown.stopping else OFF
+        self.role = OFF if off or self.shutdown.stopping else CONNECTING
         self.leading_since = None
         self.cursors.clear()
         self.coming.clear()
         self.to_ack.clear()
         self.marker = None
-        self.declared.clear()
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
 
-    def _on_return(self, method: Any, properties: Any) -> None:
+    def on_return(self, method: Any, properties: Any) -> None:
         headers = properties.headers or {}
         log.error("beat: entry %s: the task of slot %s reached no queue (exchange %r, routing "
                   "key %r): check the entry's options", headers.get("x-taskd-periodic"),
@@ -212,25 +157,13 @@ class Beat:
         self.counters["periodic_unroutable"] += 1
 
     # -- transactions --------------------------------------------------------------
-    async def _commit(self, work: Callable[[Any], None]) -> None:
-        """Run ``work(channel)`` (publishes and acks) and the acks pending, committed as
-        one transaction. Raises ChannelLost if the channel goes first."""
-        async with self.lock:
-            conn = self.conn
-            if conn is None or not conn.is_open:
-                raise ChannelLost("the beat channel is closed")
-            channel = conn.channel
-            work(channel)
-            acks, self.to_ack = self.to_ack, []
-            for tag in acks:
-                channel.basic_ack(tag)
-            await conn.call(channel.tx_commit)
+    def _commit(self, work: Callable[[Any], None]) -> Any:
+        """``work(channel)`` and the acks pending, committed as one transaction."""
+        return self.link.commit(work, self.to_ack)
 
     def _publish(self, channel: Any, kind: str, body: bytes, persistent: bool = False,
                  expiration: Optional[str] = None) -> None:
-        channel.basic_publish("", self.queue, body, pika.BasicProperties(
-            type=kind, delivery_mode=2 if persistent else 1, expiration=expiration,
-            content_type="application/json"))
+        beatlink.publish(channel, self.queue, kind, body, persistent, expiration)
 
     async def _ticks(self) -> None:
         """Once a second: a tick; stale cursors published again; the lease checked."""
@@ -265,8 +198,9 @@ class Beat:
         return self.monotonic() - self.own_tick_at < LEASE
 
     # -- deliveries --------------------------------------------------------------------
-    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        if self.conn is None or channel is not self.conn.channel:
+    def on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """pika calls this for each delivery from the beat queue."""
+        if channel is None or channel is not self.link.channel:
             return
         if self.role == STANDBY:                # a delivery: this consumer is the active one
             self.role = SETTLING
@@ -391,12 +325,12 @@ class Beat:
         message = route = None
         if decision.fire is not None:
             message, route = self.message(entry, decision.fire, now)
-            await self._declare(route)
+            await self.link.declare(route, self.config)
 
         def work(channel: Any) -> None:
             if message is not None:
                 channel.basic_publish(route.exchange, route.routing_key, message.body,
-                                      _properties(message), mandatory=True)
+                                      beatlink.task_properties(message), mandatory=True)
             self._publish(channel, CURSOR, periodic.encode_cursor(name, decision.last), True)
             channel.basic_ack(held.tag)
         del self.cursors[name]
@@ -426,23 +360,6 @@ class Beat:
         return (options.encode(entry.task, list(entry.args), dict(entry.kwargs)),
                 options.route(self.config, entry.task))
 
-    async def _declare(self, route: Any) -> None:
-        """Declare where an entry's tasks go, once per connection (not transactional)."""
-        if not route.declare or route.declare in self.declared:
-            return
-        conn = self.conn
-        for op in topology.plan_queues(self.config, route.declare):
-            if isinstance(op, topology.DeclareExchange):
-                await conn.call(conn.channel.exchange_declare, op.name, exchange_type=op.type,
-                                durable=op.durable)
-            elif isinstance(op, topology.DeclareQueue):
-                await conn.call(conn.channel.queue_declare, op.name, durable=op.durable,
-                                arguments=op.argument_dict)
-            else:
-                await conn.call(conn.channel.queue_bind, op.queue, op.exchange,
-                                routing_key=op.routing_key)
-        self.declared.add(route.declare)
-
     # -- status ----------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """For ``taskd status``: the role and, per entry, the last and next run."""
@@ -460,18 +377,3 @@ class Beat:
         return {"enabled": self.enabled, "queue": self.queue, "role": self.role,
                 "leading": self.role == LEADING and self.holds_lease(),
                 "leading_since": self.leading_since, "node": self.node, "entries": entries}
-
-    async def close(self) -> None:
-        self.restart.set()
-        if self.task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self.task), 6)
-            except (asyncio.TimeoutError, Exception):
-                pass
-
-
-def _properties(message: Any) -> pika.BasicProperties:
-    return pika.BasicProperties(
-        content_type=message.content_type, content_encoding=message.content_encoding,
-        correlation_id=message.correlation_id, priority=message.priority, delivery_mode=2,
-        headers=message.headers, expiration=message.expiration)

@@ -67,13 +67,13 @@ def make(loop, config=CONFIG):
     wall, mono = Clock(T0), Clock(100.0)
     shutdown = types.SimpleNamespace(stopping=False, requested=asyncio.Event())
     b = Beat(loop, config, collections.Counter(), shutdown, clock=wall, monotonic=mono)
-    b.conn = StubConn()
+    b.link.conn = StubConn()
     return b, wall, mono
 
 
 def deliver(b, tag, kind, body):
     method = types.SimpleNamespace(delivery_tag=tag)
-    b._on_message(b.conn.channel, method, types.SimpleNamespace(type=kind), body)
+    b.on_message(b.link.conn.channel, method, types.SimpleNamespace(type=kind), body)
 
 
 async def settle():
@@ -101,7 +101,7 @@ def test_a_worker_leads_only_once_its_own_marker_came_back():
         deliver(b, 1, TICK_TYPE, b"other-node")
         assert b.role == beat_mod.SETTLING
         await settle()
-        (marker_tx,) = b.conn.channel.transactions
+        (marker_tx,) = b.link.conn.channel.transactions
         assert marker_tx[0][4].type == MARKER and marker_tx[0][3] == b.marker.encode()
         deliver(b, 2, MARKER, b"a-stale-marker-of-another-worker")
         assert b.role == beat_mod.SETTLING
@@ -109,11 +109,11 @@ def test_a_worker_leads_only_once_its_own_marker_came_back():
         assert b.role == beat_mod.LEADING
         await settle()
         # leading: a cursor for each entry that has none, persistent, in the beat queue
-        created = b.conn.channel.transactions[-1]
+        created = b.link.conn.channel.transactions[-1]
         cursors = [periodic.decode_cursor(op[3]) for op in created if op[0] == "publish"]
         assert sorted(n for n, _ in cursors) == ["hb", "nightly"]
         assert all(op[4].delivery_mode == 2 for op in created if op[0] == "publish")
-        acked = [op for tx in b.conn.channel.transactions for op in tx if op[0] == "ack"]
+        acked = [op for tx in b.link.conn.channel.transactions for op in tx if op[0] == "ack"]
         assert sorted(acked) == [("ack", 1), ("ack", 2), ("ack", 3)]  # ticks, markers acked
     run(main())
 
@@ -123,12 +123,12 @@ def test_a_due_slot_is_fired_in_one_transaction_with_its_next_cursor_and_the_old
         b, wall, mono = make(asyncio.get_running_loop())
         lead(b)
         await settle()
-        b.conn.channel.transactions.clear()
+        b.link.conn.channel.transactions.clear()
         deliver(b, 7, CURSOR, periodic.encode_cursor("hb", datetime.fromtimestamp(
             T0, timezone.utc)))
         wall.t = T0 + 10.2
         await b.fire_due()
-        (tx,) = b.conn.channel.transactions
+        (tx,) = b.link.conn.channel.transactions
         publish_task, publish_cursor, ack = tx[0], tx[1], tx[-1]
         slot = datetime.fromtimestamp(T0 + 10, timezone.utc)
         props = publish_task[4]
@@ -140,7 +140,7 @@ def test_a_due_slot_is_fired_in_one_transaction_with_its_next_cursor_and_the_old
         assert ack == ("ack", 7)
         assert "hb" not in b.cursors and "hb" in b.coming     # no second fire before it is back
         await b.fire_due()
-        assert len(b.conn.channel.transactions) == 1
+        assert len(b.link.conn.channel.transactions) == 1
         assert b.fired["hb"]["slot"] == periodic.iso(slot)
     run(main())
 
@@ -160,15 +160,15 @@ def test_a_leader_whose_own_ticks_stopped_coming_back_does_not_fire():
         b, wall, mono = make(asyncio.get_running_loop())
         lead(b)
         await settle()
-        b.conn.channel.transactions.clear()
+        b.link.conn.channel.transactions.clear()
         deliver(b, 7, CURSOR, periodic.encode_cursor("hb", datetime.fromtimestamp(
             T0, timezone.utc)))
         wall.t, mono.t = T0 + 30, mono.t + beat_mod.LEASE + 0.1
         await b.fire_due()
-        assert b.conn.channel.transactions == []
+        assert b.link.conn.channel.transactions == []
         deliver(b, 8, TICK_TYPE, b.node.encode())       # our tick is back: the lease too
         await b.fire_due()
-        assert len(b.conn.channel.transactions) == 1
+        assert len(b.link.conn.channel.transactions) == 1
     run(main())
 
 
@@ -194,7 +194,7 @@ def test_cursors_of_entries_no_longer_configured_are_dropped_and_bad_ones_acked(
         lead(b)
         await settle()
         assert "gone" not in b.cursors
-        assert any(("ack", 9) in tx for tx in b.conn.channel.transactions)
+        assert any(("ack", 9) in tx for tx in b.link.conn.channel.transactions)
         deliver(b, 10, CURSOR, b"not json")
         assert 10 in b.to_ack
     run(main())
@@ -205,12 +205,12 @@ def test_cursors_held_past_refresh_are_published_again():
         b, wall, mono = make(asyncio.get_running_loop())
         lead(b)
         await settle()
-        b.conn.channel.transactions.clear()
+        b.link.conn.channel.transactions.clear()
         last = datetime.fromtimestamp(T0, timezone.utc)
         deliver(b, 11, CURSOR, periodic.encode_cursor("nightly", last))
         mono.t += beat_mod.REFRESH + 1
         await b._commit(lambda ch: b._refresh(ch, wall.t))
-        (tx,) = b.conn.channel.transactions
+        (tx,) = b.link.conn.channel.transactions
         assert periodic.decode_cursor(tx[0][3]) == ("nightly", last)
         assert ("ack", 11) in tx and "nightly" in b.coming
     run(main())
@@ -221,7 +221,7 @@ def test_deliveries_of_another_channel_are_ignored(kind):
     async def main():
         b, _, _ = make(asyncio.get_running_loop())
         b.role = beat_mod.STANDBY
-        b._on_message(object(), types.SimpleNamespace(delivery_tag=1),
+        b.on_message(object(), types.SimpleNamespace(delivery_tag=1),
                       types.SimpleNamespace(type=kind), b"x")
         assert b.role == beat_mod.STANDBY and b.to_ack == []
     run(main())
