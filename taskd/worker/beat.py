@@ -166,17 +166,11 @@ class Beat:
         beatlink.publish(channel, self.queue, kind, body, persistent, expiration)
 
     async def _ticks(self) -> None:
-        """Once a second: a tick; stale cursors published again; the lease checked."""
-        while True:
-            now = self.clock()
-
-            def work(channel: Any) -> None:
-                self._publish(channel, TICK_TYPE, self.node.encode(), expiration=TICK_TTL)
-                self._refresh(channel, now)
-            try:
-                await self._commit(work)
-            except ChannelLost:
-                return
+        """Once a second: a tick (and stale cursors published again), then the lease
+        checked, whether or not the broker answered the last tick."""
+        while self.link.channel is not None:
+            if not self.link.lock.locked():     # a commit that hangs is not piled onto
+                self.loop.create_task(self._tick())
             lapsed = self.role == LEADING and not self.holds_lease()
             if lapsed and not self._lapsed:
                 log.warning("beat: no tick of this worker came back in %gs: not firing until "
@@ -184,6 +178,17 @@ class Beat:
             self._lapsed = lapsed
             self._schedule_wake()
             await asyncio.sleep(TICK)
+
+    async def _tick(self) -> None:
+        now = self.clock()
+
+        def work(channel: Any) -> None:
+            self._publish(channel, TICK_TYPE, self.node.encode(), expiration=TICK_TTL)
+            self._refresh(channel, now)
+        try:
+            await self._commit(work)
+        except ChannelLost:
+            pass
 
     def _refresh(self, channel: Any, now: float) -> None:
         mono = self.monotonic()

@@ -26,15 +26,19 @@ def records(path):
     return out
 
 
-def config(topo, path, beat=True, queues=("idle",), entries=None, **worker):
+def config(topo, path, beat=True, queues=("idle",), entries=None, broker=None, name=None,
+           **worker):
     entries = entries if entries is not None else {"rec": 1}
     schedule = {name: {"task": "ttasks.periodic_record", "every": every,
                        "args": [str(path)], "options": {"queue": topo.name("work")}}
                 for name, every in entries.items()}
     beat_queue = topo.name("beat")
     topo.queues.add(beat_queue)
-    return topo.config({"queues": [{"name": "work"}, {"name": "idle"}], "schedule": schedule},
-                       name=f"taskd-{'beat' if beat else 'runner'}-{len(entries)}.yaml",
+    data = {"queues": [{"name": "work"}, {"name": "idle"}], "schedule": schedule}
+    if broker:
+        data["broker"] = broker
+    return topo.config(data,
+                       name=name or f"taskd-{'beat' if beat else 'runner'}-{len(entries)}.yaml",
                        beat=beat, beat_queue=beat_queue, queues=list(queues), concurrency=1,
                        **worker)
 
@@ -107,6 +111,32 @@ def test_a_leader_cut_off_from_the_broker_stops_and_another_leads(topo, workers,
     recs = records(path)
     check_slots(recs, gap_allowed=timedelta(seconds=took_over + 2))
     assert {r[3] for r in recs} == {runner.pid}
+
+
+def test_a_leader_whose_connection_hangs_stops_firing_and_another_leads(topo, workers,
+                                                                         tmp_path, request):
+    proxy = Proxy().start()
+    request.addfinalizer(proxy.stop)
+    path = tmp_path / "runs"
+    runner = workers(config(topo, path, beat=False, queues=("work",)))
+    hung = workers(config(topo, path, broker={"url": proxy.url, "heartbeat": 2}, name="hung"))
+    runner.ready()
+    hung.ready()
+    hung.wait_log("leading the schedule", timeout=10)
+    other = workers(config(topo, path)).ready()
+    wait_for(lambda: len(records(path)) >= 3, 10, message="three runs")
+    proxy.freeze()                  # nothing more is forwarded, nothing is closed
+    frozen_at = time.monotonic()
+    other.wait_log("leading the schedule", timeout=20)
+    took_over = time.monotonic() - frozen_at
+    print(f"took over {took_over:.2f}s after the freeze")
+    assert ("no tick of this worker came back" in hung.log
+            or "lost the broker connection while leading" in hung.log), hung.log
+    before = len(records(path))
+    wait_for(lambda: len(records(path)) >= before + 3, 10, message="three runs after")
+    hung.proc.kill()                # its stop would wait for close-oks on frozen sockets
+    runner.stop()
+    check_slots(records(path), gap_allowed=timedelta(seconds=took_over + 2))
 
 
 def test_a_reload_adds_an_entry_and_removes_another(topo, workers, tmp_path):
