@@ -164,12 +164,12 @@ def format_status(state: dict) -> str:
     ]
     if state.get("child_start_failure"):
         lines.append(f"            FAILING TO START: {state['child_start_failure']}")
-    lines += format_beat(state.get("beat"))
     for ch in state["children"]:
         task = (f"{ch['task']}[{ch['task_id']}] for {ch['running_for']:.1f}s"
                 if ch["task"] else "-")
         lines.append(f"  {ch['index']:>3} pid {ch['pid']:<7} gen {ch['generation']} "
                      f"{ch['state']:<9} done {ch['tasks_done']:<6} {task}")
+    lines += format_beat(state.get("beat"))
     return "\n".join(lines)
 
 
