@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import uuid
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 UTC = timezone.utc
 MISFIRE_POLICIES = ("run_once", "skip")
@@ -47,8 +48,8 @@ class Entry:
     cron: Optional[str] = None
     timezone: str = "UTC"
     args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
+    kwargs: Mapping = field(default_factory=dict)      # read-only once validated
+    options: Mapping = field(default_factory=dict)
     misfire: str = "run_once"
 
     @property
@@ -251,8 +252,8 @@ def _entry(name: str, spec: Any, error: Callable, exchanges: set, now: datetime)
     try:
         return Entry(name, task, float(every) if every is not None else None, cron,
                      tz if isinstance(tz, str) else "UTC", tuple(args) if isinstance(args, list)
-                     else (), dict(kwargs) if isinstance(kwargs, dict) else {}, options,
-                     misfire)
+                     else (), MappingProxyType(dict(kwargs) if isinstance(kwargs, dict) else {}),
+                     MappingProxyType(options), misfire)
     except (TypeError, ValueError):
         return None
 
