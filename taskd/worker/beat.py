@@ -116,6 +116,8 @@ class Beat:
 
     def start(self) -> None:
         if self.enabled:
+            if self.role == OFF:
+                self.role = CONNECTING
             self.link.start()
 
     async def close(self) -> None:
@@ -124,7 +126,8 @@ class Beat:
     # -- the link's events ------------------------------------------------------------
     async def standing_by(self) -> None:
         """Consuming the beat queue: wait to be the active consumer; tick meanwhile."""
-        self.role = STANDBY
+        if self.role == CONNECTING:     # (a delivery may have come first: then it settles)
+            self.role = STANDBY
         log.info("beat: standing by for the schedule (%d entries) on queue %s",
                  len(self.entries), self.queue)
         await self._ticks()
@@ -207,7 +210,7 @@ class Beat:
         """pika calls this for each delivery from the beat queue."""
         if channel is None or channel is not self.link.channel:
             return
-        if self.role == STANDBY:                # a delivery: this consumer is the active one
+        if self.role in (CONNECTING, STANDBY):  # a delivery: this consumer is the active one
             self.role = SETTLING
             self.marker = uuid.uuid4().hex
             log.info("beat: this worker's consumer is active; taking over the schedule")

@@ -48,6 +48,14 @@ def leader_of(candidates):
     return leading[0] if len(leading) == 1 else None
 
 
+def one_leader(candidates, timeout=10):
+    try:
+        return wait_for(lambda: leader_of(candidates), timeout, message="one leader")
+    except AssertionError as exc:
+        logs = "\n".join(f"--- worker {w.pid}:\n{w.log}" for w in candidates)
+        raise AssertionError(f"{exc}\n{logs}") from None
+
+
 def check_slots(recs, gap_allowed):
     """Each slot ran once; slots follow each other by 1 s but for at most one gap."""
     slots = [r[0] for r in recs]
@@ -67,7 +75,7 @@ def test_the_leader_killed_the_other_takes_over_and_no_slot_runs_twice(topo, wor
     a, b = workers(beat_config), workers(beat_config)
     for w in (runner, a, b):
         w.ready()
-    leader = wait_for(lambda: leader_of([a, b]), 10, message="one leader")
+    leader = one_leader([a, b])
     other = b if leader is a else a
     wait_for(lambda: len(records(path)) >= 3, 10, message="three runs")
     leader.proc.kill()                                  # SIGKILL

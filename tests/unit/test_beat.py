@@ -225,3 +225,30 @@ def test_deliveries_of_another_channel_are_ignored(kind):
                       types.SimpleNamespace(type=kind), b"x")
         assert b.role == beat_mod.STANDBY and b.to_ack == []
     run(main())
+
+
+def test_a_delivery_before_standing_by_still_starts_the_take_over():
+    async def main():
+        b, _, _ = make(asyncio.get_running_loop())
+        b.role = beat_mod.CONNECTING                # consuming, standing_by() not run yet
+        deliver(b, 1, TICK_TYPE, b"other-node")
+        assert b.role == beat_mod.SETTLING
+        b.link.conn = None                          # the tick loop ends at once
+        await b.standing_by()
+        assert b.role == beat_mod.SETTLING
+    run(main())
+
+
+def test_a_started_beat_takes_its_first_delivery_as_the_sign_it_is_active():
+    async def main():
+        b, _, _ = make(asyncio.get_running_loop())
+        b.link.start = lambda: None                 # no connection in a unit test
+        b.start()
+        assert b.role == beat_mod.CONNECTING
+        b.link.conn = None
+        await b.standing_by()
+        assert b.role == beat_mod.STANDBY
+        b.link.conn = StubConn()
+        deliver(b, 1, TICK_TYPE, b"other-node")
+        assert b.role == beat_mod.SETTLING
+    run(main())
