@@ -1,4 +1,5 @@
-"""The ``taskd`` command line: worker, check-config, call, config-reference."""
+"""The ``taskd`` command line: worker, check-config, call, status, schedule, dead-letters,
+config-reference."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +115,16 @@ def build_parser():
     st.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
     st.add_argument("--json", action="store_true", help="print the state as JSON")
 
+    sc = sub.add_parser("schedule", help="list the periodic tasks and their next runs",
+                        description="List the schedule: entries of the configuration, each "
+                        "with its task, when it fires and its next runs (computed here; no "
+                        "worker or broker needed). `taskd status` shows which worker leads "
+                        "and what it last fired.")
+    _config_arg(sc)
+    sc.add_argument("-n", "--next", type=_positive_int, default=3, metavar="N",
+                    help="how many next runs to show per entry (default 3)")
+    sc.add_argument("--json", action="store_true", help="print the entries as JSON")
+
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -185,6 +196,25 @@ def cmd_check_config(args):
     print(f"  queues:    {queues}")
     print(f"  consumes:  {', '.join(config.worker_queues()) or config['default_queue']}")
     print(f"  imports:   {', '.join(config['imports']) or '(none)'}")
+    print(f"  schedule:  {len(config['schedule'])} entr{'y' if len(config['schedule']) == 1 else 'ies'}"
+          + ("" if config["worker.beat"] else " (worker.beat: false: this worker never leads)"))
+    return 0
+
+
+def cmd_schedule(args):
+    from . import periodic
+    config, code = _load(args)
+    if config is None:
+        return code
+    rows = periodic.upcoming(config["schedule"], args.next)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"{config.source}: no schedule: entries")
+    for row in rows if not args.json else ():
+        print(f"{row['name']}: {row['task']} {row['schedule']} (misfire: {row['misfire']})")
+        for at in row["next"]:
+            print(f"    {at}")
     return 0
 
 
@@ -275,5 +305,6 @@ def main(argv=None):
         sys.stdout.write(config_mod.reference_markdown())
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
-               "dead-letters": cmd_dead_letters, "status": cmd_status}
+               "dead-letters": cmd_dead_letters, "status": cmd_status,
+               "schedule": cmd_schedule}
     sys.exit(handler[args.command](args))

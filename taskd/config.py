@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from . import periodic
 from .broker import tls as tls_mod
 from .exceptions import ConfigError
 from .masking import mask_value
@@ -179,7 +180,7 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                 value = chk.value([top, sub], _BY_KEY[key], sub_raw)
                 if value is not None or sub_raw is None:
                     values[key] = value
-        elif top in ("exchanges", "queues", "routes"):
+        elif top in ("exchanges", "queues", "routes", "schedule"):
             continue
         elif top in _BY_KEY:
             value = chk.value([top], _BY_KEY[top], raw)
@@ -216,6 +217,7 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                                      queue_type=q.get("queue_type") or "classic",
                                      delivery_limit=q.get("delivery_limit")))
     routes = _routes(chk, data.get("routes"), exchange_names, {q.name for q in queue_specs})
+    values["schedule"] = periodic.parse_schedule(data.get("schedule"), chk.error, exchange_names)
     _cross_checks(chk, values, queue_specs)
     _check_duplicates(chk, exchanges, "exchanges")
     _check_duplicates(chk, queue_specs, "queues")

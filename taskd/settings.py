@@ -221,6 +221,17 @@ SETTINGS = (
             "reply-to."),
     Setting("worker.control_socket", _str, "/run/taskd/taskd.sock",
             "Unix socket `taskd status` talks to (mode 0600)."),
+    # -- periodic tasks (docs/periodic.md) --
+    Setting("schedule", None, {},
+            "Periodic tasks: entry name -> `{task, every | cron, timezone, args, kwargs, "
+            "options, misfire}` (see below; `docs/periodic.md`). `cron` needs the `cron` "
+            "extra."),
+    Setting("worker.beat", _bool, True,
+            "This worker may lead the `schedule:` (one worker leads at a time, elected "
+            "through RabbitMQ). A worker with no entries never leads."),
+    Setting("worker.beat_queue", _str, "taskd.beat",
+            "The queue that elects the leader (single active consumer) and keeps each "
+            "entry's position. Workers that share a schedule must share this name."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
 )
@@ -262,6 +273,26 @@ ITEM_SETTINGS = {
         Setting("server_hostname", _str, None,
                 "Name the broker's certificate must carry (and sent as SNI). Default: the "
                 "host of `broker.url`."),
+    ),
+    "schedule": (
+        Setting("task", _str, None, "Task name (required)."),
+        Setting("every", None, None,
+                "Seconds between runs (>= 1), at multiples of it since 1970-01-01 UTC. "
+                "Give `every` or `cron`, not both."),
+        Setting("cron", None, None,
+                "Five cron fields, `minute hour day-of-month month day-of-week`, read in "
+                "`timezone`, e.g. `\"*/5 * * * *\"`."),
+        Setting("timezone", None, "UTC",
+                "IANA time zone of `cron` (e.g. `Europe/Berlin`); DST-correct. No effect "
+                "on `every`."),
+        Setting("args", None, [], "Positional arguments (a list)."),
+        Setting("kwargs", None, {}, "Keyword arguments (a mapping)."),
+        Setting("options", None, {},
+                "`{queue, routing_key, exchange, expires, priority}` as in `apply_async`; "
+                "`expires` counts from the firing."),
+        Setting("misfire", None, "run_once",
+                "After a gap (no leader, or a late leader): `run_once` runs the latest "
+                "missed slot once; `skip` runs it only if at most 10 s late."),
     ),
     "routes": (
         Setting("exchange", _str, None, "Exchange to publish to."),

@@ -49,6 +49,7 @@ def snapshot(sup: Any) -> dict:
         "held": len(sup.dispatcher.schedule),
         "counters": dict(sup.counters),
         "stopping": sup.shutdown.stopping,
+        "beat": sup.beat.snapshot(),
     }
 
 
@@ -168,4 +169,22 @@ def format_status(state: dict) -> str:
                 if ch["task"] else "-")
         lines.append(f"  {ch['index']:>3} pid {ch['pid']:<7} gen {ch['generation']} "
                      f"{ch['state']:<9} done {ch['tasks_done']:<6} {task}")
+    lines += format_beat(state.get("beat"))
     return "\n".join(lines)
+
+
+def format_beat(beat: Optional[dict]) -> list:
+    """The ``schedule:`` lines of ``taskd status``: this worker's role, each entry's runs."""
+    if not beat or not beat["entries"]:
+        return []
+    role = beat["role"]
+    if not beat["enabled"]:
+        role = "off (worker.beat: false)"
+    elif role == "leading":
+        role = "LEADING" + ("" if beat["leading"] else " (lease lapsed: not firing)")
+    lines = [f"schedule:   {role}, queue {beat['queue']}"]
+    for e in beat["entries"]:
+        last = e["last"]
+        ran = f"last {last['slot']} ({last['task_id']})" if last else "last -"
+        lines.append(f"  {e['name']}: {e['task']} {e['schedule']}; {ran}; next {e['next']}")
+    return lines

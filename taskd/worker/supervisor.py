@@ -46,6 +46,7 @@ import time
 from typing import Any, Optional
 
 from .acker import Acker
+from .beat import Beat
 from .consumer import Consumer
 from . import control
 from .copies import Copies
@@ -106,6 +107,7 @@ class Supervisor:
                                                    spawner)
         self.link = status.link = Link(loop, self, consumer, acker, replies, copies, dispatcher,
                                        self.intake, pool, shutdown, status, self.counters)
+        self.beat = Beat(loop, config, self.counters, shutdown)     # the schedule: periodic.md
         consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
@@ -152,7 +154,9 @@ class Supervisor:
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
         self.status.announce_ready()
         self.status.tick()
+        self.beat.start()
         await self.shutdown.stopped
+        await self.beat.close()
 
     def _install_signals(self) -> None:
         handlers = {
@@ -252,5 +256,6 @@ class Supervisor:
         self.outcomes.config = self.dispatcher.config = self.consumer.config = new
         self.shutdown.config = new
         self.intake.configure(new)
+        self.beat.configure(new)
         self.acker.batch = self.ack_batch()
         self.dispatcher.tasks(None)
