@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from . import __version__, config as config_mod, deadletters, logsafe, serialization
+from . import __version__, config as config_mod, controlcli, deadletters, logsafe, serialization
 from .app import App
 from .broker.tls import for_url
 from .exceptions import ConfigError, TaskdError
@@ -75,6 +75,9 @@ def build_parser():
                    help="number of child processes (overrides worker.concurrency)")
     w.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
                    help="log level (overrides logging.level)")
+    w.add_argument("-n", "--hostname", metavar="NAME",
+                   help="node name (overrides worker.hostname; default taskd@<host name>), "
+                        "as shown by `taskd inspect` and picked by -d/--destination")
 
     c = sub.add_parser("check-config", help="validate the configuration file and exit",
                        description="Validate the configuration; print every error and exit 78, "
@@ -114,6 +117,7 @@ def build_parser():
     st.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
     st.add_argument("--json", action="store_true", help="print the state as JSON")
 
+    controlcli.add_parsers(sub, _config_arg)      # inspect, control (remote control)
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -163,7 +167,7 @@ def cmd_worker(args):
         print("taskd: -Q: expected at least one queue name", file=sys.stderr)
         return EX_USAGE
     supervisor = Supervisor(config, queues=queues, concurrency=args.concurrency,
-                            config_path=args.config or config.source)
+                            config_path=args.config or config.source, hostname=args.hostname)
     return supervisor.run()
 
 
@@ -237,6 +241,10 @@ def cmd_status(args):
     return 0
 
 
+def cmd_remote(args):
+    return controlcli.run(args, _load)
+
+
 def cmd_dead_letters(args):
     config, code = _load(args)
     if config is None:
@@ -275,5 +283,6 @@ def main(argv=None):
         sys.stdout.write(config_mod.reference_markdown())
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
-               "dead-letters": cmd_dead_letters, "status": cmd_status}
+               "dead-letters": cmd_dead_letters, "status": cmd_status,
+               "inspect": cmd_remote, "control": cmd_remote}
     sys.exit(handler[args.command](args))

@@ -282,6 +282,14 @@ class AsyncResult:
 
     wait = get
 
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str = "SIGTERM", **kwargs: Any) -> None:
+        """Revoke the task: no worker runs it from now on (for ``worker.revoke_ttl``
+        seconds, also workers started later); with ``terminate``, the child running
+        it gets ``signal``. Its result becomes REVOKED. See ``app.control.revoke``."""
+        self.app.control.revoke(self.id, connection=connection, terminate=terminate,
+                                signal=signal, **kwargs)
+
     @property
     def state(self) -> str:
         meta = self._refresh()

@@ -1,0 +1,395 @@
+"""Remote control: Celery's mailbox ("pidbox") protocol, and revokes kept in a stream.
+
+The worker opens one more connection, ``taskd-worker-control``, apart from
+the task connections, so that a flood of commands or a refused reply never
+delays a delivery or an ack. On it:
+
+* **Commands.** Celery's remote-control protocol (kombu's ``pidbox``): a
+  fanout exchange ``<ns>.pidbox`` (``worker.control_exchange``, ``celery`` by
+  default; non-durable), and this node's queue ``<node name>.<ns>.pidbox``
+  bound to it (exclusive, auto-deleted, ``x-expires`` 10 s and
+  ``x-message-ttl`` 300 s, as Celery declares it). A command is a JSON
+  object ``{method, arguments, destination, pattern, matcher, ticket,
+  reply_to: {exchange, routing_key}}``; the answer ``{node name: reply}`` goes
+  to ``reply_to`` (exchange ``reply.<ns>.pidbox``) with the ``ticket`` header.
+  Commands are in :mod:`taskd.worker.panel`. Only JSON is read: pickle is
+  refused (a pickle from the broker is code execution). A message that is not
+  a command is logged in one line and dropped; an unknown command is answered
+  ``{"error": ...}``.
+* **Revokes.** A revoke is honoured for ``worker.revoke_ttl`` seconds, by
+  workers running when it is sent (the ``revoke`` command) and by those
+  started later: each revoke is also a record in the RabbitMQ stream
+  ``worker.revoke_stream`` (``x-max-age`` = the ttl). At start the worker
+  replays the stream from ``now - ttl`` until it reads back a marker it
+  appended, before it consumes any task, and keeps reading it afterwards.
+  A revoke a Celery client sent (``celery control revoke``) is appended to
+  the stream by the workers that receive it. The record format is in
+  :mod:`taskd.worker.revokes`.
+
+If the node name is in use by another worker (its queue is exclusive) the
+worker logs it and runs without commands; revokes still reach it through the
+stream. If this connection drops while the task connections stay up, it is
+opened again after a pause.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import fnmatch
+import json
+import logging
+import re
+import signal as signal_mod
+import uuid
+from typing import Any, Callable, Optional
+
+import pika
+
+from . import panel, revokes
+from .amqp import AsyncChannel, ChannelLost
+
+log = logging.getLogger("taskd.supervisor")
+
+QUEUE_ARGUMENTS = {"x-message-ttl": 300000, "x-expires": 10000}   # Celery's defaults
+STREAM_PREFETCH = 1000
+SYNC_TIMEOUT = 10.0     # seconds to replay the revokes at start before going on without
+REOPEN_DELAY = 2.0
+JSON = "application/json"
+
+
+class Mailbox:
+    """``host``: the supervisor (``config``, ``concurrency``, ``queues``, ``started_at``,
+    ``handle_ttin/ttou/term``); ``connected()``: the task connections are up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, host: Any, pool: Any, dispatcher: Any,
+                 consumer: Any, counters: collections.Counter, hostname: str,
+                 connected: Callable[[], bool]) -> None:
+        self.loop, self.host, self.pool, self.dispatcher = loop, host, pool, dispatcher
+        self.consumer, self.counters, self.hostname = consumer, counters, hostname
+        self.connected = connected
+        cfg = host.config
+        self.enabled = cfg["worker.remote_control"]
+        self.namespace = cfg["worker.control_exchange"]
+        self.stream = cfg["worker.revoke_stream"]
+        self.revoked = revokes.RevokedSet(cfg["worker.revoke_ttl"], cfg["worker.revokes_max"])
+        self.clock = 0                      # Lamport clock, as Celery keeps one
+        self.conn: Optional[AsyncChannel] = None
+        self.closing = False
+        self._opening = False               # a loss meanwhile is the open's to report
+        self._synced: Optional[asyncio.Future] = None
+        self._marker: Optional[str] = None
+
+    @property
+    def queue(self) -> str:
+        return f"{self.hostname}.{self.namespace}.pidbox"
+
+    # == the connection =======================================================================
+    def _channel(self) -> AsyncChannel:
+        cfg = self.host.config
+        return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
+                            heartbeat=cfg["broker.heartbeat"], name="taskd-worker-control",
+                            on_lost=self._on_lost, tls=cfg["broker.tls"])
+
+    async def _connect(self) -> AsyncChannel:
+        await self.close()
+        self.closing = False
+        self.conn = conn = self._channel()
+        await conn.open()
+        await conn.enable_confirms()
+        await conn.call(conn.channel.basic_qos, prefetch_count=STREAM_PREFETCH)
+        return conn
+
+    async def open(self) -> None:
+        """Declare and consume the control queue, then replay the revokes (before the
+        worker consumes any task). Raises ChannelLost/ConnectionError like any open."""
+        if not self.enabled:
+            return
+        self._opening = True
+        try:
+            await self._open()
+        finally:
+            self._opening = False
+
+    async def _open(self) -> None:
+        conn = await self._connect()
+        if not await self._declare_pidbox(conn):
+            conn = await self._connect()            # the refusal closed the channel
+        elif conn.is_open:
+            conn.channel.basic_consume(self.queue, self._on_command, auto_ack=True)
+        if not await self._declare_stream(conn):
+            conn = await self._connect()
+            await conn.call(conn.channel.queue_declare, self.stream, passive=True)
+        await self._replay(conn)
+
+    async def _declare_pidbox(self, conn: AsyncChannel) -> bool:
+        ch = conn.channel
+        await conn.call(ch.exchange_declare, f"{self.namespace}.pidbox", exchange_type="fanout",
+                        durable=False)
+        await conn.call(ch.exchange_declare, f"reply.{self.namespace}.pidbox",
+                        exchange_type="direct", durable=False)
+        try:
+            await conn.call(ch.queue_declare, self.queue, durable=False, exclusive=True,
+                            auto_delete=True, arguments=QUEUE_ARGUMENTS)
+        except ChannelLost as exc:
+            if getattr(exc.reason, "reply_code", None) != 405:
+                raise
+            log.error("remote control: another worker already uses the node name %r (its "
+                      "queue %s is taken); this one answers no commands: give each worker "
+                      "its own name (-n, worker.hostname)", self.hostname, self.queue)
+            return False
+        await conn.call(ch.queue_bind, self.queue, f"{self.namespace}.pidbox", routing_key="")
+        return True
+
+    async def _declare_stream(self, conn: AsyncChannel) -> bool:
+        try:
+            await conn.call(conn.channel.queue_declare, self.stream, durable=True,
+                            arguments=revokes.stream_arguments(self.revoked.ttl))
+        except ChannelLost as exc:
+            if getattr(exc.reason, "reply_code", None) != 406:
+                raise
+            log.warning("the revoke stream %s exists with other arguments (another "
+                        "worker.revoke_ttl?): using it as it is; revokes older than "
+                        "worker.revoke_ttl are ignored all the same (%s)", self.stream,
+                        getattr(exc.reason, "reply_text", exc))
+            return False
+        return True
+
+    async def _replay(self, conn: AsyncChannel) -> None:
+        """Read the stream from ``now - ttl`` until a marker appended now comes back."""
+        self._marker = uuid.uuid4().hex
+        self._synced = synced = self.loop.create_future()
+        self._append({"sync": self._marker})
+        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self.revoked.ttl)
+        conn.channel.basic_consume(self.stream, self._on_record,
+                                   arguments={"x-stream-offset": start})
+        try:
+            await asyncio.wait_for(asyncio.shield(synced), SYNC_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("revoke stream %s: not replayed to its end in %gs; going on with "
+                        "the %d revoke(s) read so far", self.stream, SYNC_TIMEOUT,
+                        len(self.revoked))
+
+    def _on_lost(self, reason: Any) -> None:
+        if self.closing or self._opening:
+            return
+        self.conn = None
+        if self.connected() and not self.host.shutdown.stopping:
+            log.warning("remote control connection lost (%s); opening it again in %gs",
+                        reason, REOPEN_DELAY)
+            self.loop.call_later(REOPEN_DELAY, self.loop.create_task, self._reopen())
+
+    async def _reopen(self) -> None:
+        if self.conn is not None or self.host.shutdown.stopping or not self.connected():
+            return          # the link reconnects everything, or it is back already
+        try:
+            await self.open()
+        except Exception as exc:
+            log.warning("remote control: cannot reconnect (%s); again in %gs", exc,
+                        REOPEN_DELAY)
+            self.conn = None
+            self.loop.call_later(REOPEN_DELAY, self.loop.create_task, self._reopen())
+
+    async def close(self) -> None:
+        self.closing = True
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.close()
+
+    # == commands =============================================================================
+    def _on_command(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """pika calls this for each control message (auto-acked, as Celery consumes)."""
+        headers = properties.headers or {}
+        clock = headers.get("clock")
+        self.clock = max(self.clock, clock if isinstance(clock, int) else 0) + 1
+        try:
+            message = decode_command(properties.content_type, body)
+        except ValueError as exc:
+            self.counters["control_refused"] += 1
+            log.warning("remote control: message dropped: %s", exc)
+            return
+        if not self._for_me(message):
+            return
+        name = message["method"]
+        entry = panel.COMMANDS.get(name)
+        if entry is None:
+            log.warning("remote control: unknown command %r", name)
+            self._reply(message, panel.nok(f"No such command: {name!r} (taskd answers: "
+                                           f"{', '.join(sorted(panel.COMMANDS))})"))
+            return
+        log.debug("remote control: %s %s", name, message["arguments"])
+        try:
+            reply = entry[1](self, **message["arguments"])
+        except Exception as exc:
+            reply = self._failed(name, exc)
+        if asyncio.iscoroutine(reply):
+            self.loop.create_task(self._finish(name, message, reply))
+        else:
+            self._reply(message, reply)
+
+    async def _finish(self, name: str, message: dict, pending: Any) -> None:
+        try:
+            reply = await pending
+        except Exception as exc:
+            reply = self._failed(name, exc)
+        self._reply(message, reply)
+
+    @staticmethod
+    def _failed(name: str, exc: BaseException) -> dict:
+        log.warning("remote control: command %s failed: %s: %s", name, type(exc).__name__, exc)
+        return panel.nok(f"{type(exc).__name__}: {exc}")
+
+    def _for_me(self, message: dict) -> bool:
+        destination, pattern, matcher = (message["destination"], message["pattern"],
+                                         message["matcher"])
+        if destination:
+            return self.hostname in destination
+        if pattern and matcher:
+            if matcher == "glob":
+                return fnmatch.fnmatchcase(self.hostname, pattern)
+            if matcher == "pcre":
+                try:
+                    return re.match(pattern, self.hostname) is not None
+                except re.error:
+                    return False
+            log.warning("remote control: message dropped: unknown matcher %r", matcher)
+            return False
+        return True
+
+    def _reply(self, message: dict, reply: Any) -> None:
+        reply_to = message["reply_to"]
+        if not reply_to or self.conn is None or not self.conn.is_open:
+            return
+        exchange = reply_to["exchange"]
+        if exchange != f"reply.{self.namespace}.pidbox":
+            log.warning("remote control: no reply sent to exchange %r (expected "
+                        "reply.%s.pidbox)", exchange[:200], self.namespace)
+            return
+        self.clock += 1
+        body = json.dumps({self.hostname: reply}, default=_jsonable).encode()
+        props = pika.BasicProperties(content_type=JSON, content_encoding="utf-8",
+                                     delivery_mode=1,
+                                     headers={"ticket": message["ticket"], "clock": self.clock})
+        self.conn.publish(exchange, reply_to["routing_key"], body, props)
+
+    # == revokes ==============================================================================
+    def revoke(self, ids: list, terminate: bool = False, signum: Optional[int] = None,
+               persisted: bool = False, at: Optional[float] = None,
+               destination: Optional[list] = None) -> list:
+        """Revoke ``ids`` (revoked ``at``, default now); ``terminate``: signal the children
+        running them. Unless ``persisted`` (it came from the stream, or from a taskd client,
+        which appended it), it is appended to the stream. Returns the ids terminated."""
+        news = [task_id for task_id in ids if self.revoked.add(task_id, at)]
+        signame = signal_mod.Signals(signum or signal_mod.SIGTERM).name
+        if not persisted:
+            self._append(revokes.record(ids, terminate, signame, destination, at))
+        if news:
+            log.info("revoked: %s%s", ", ".join(news),
+                     f" (terminate: {signame})" if terminate else "")
+        terminated = []
+        if terminate:
+            wanted = set(ids)
+            for child in self.pool.busy():
+                job = child.job
+                if job.task_id in wanted and job.terminated is None:
+                    job.terminated = signame
+                    log.warning("task %s revoked: sending %s to child %d (pid %d)",
+                                job.describe(), signame, child.index, child.pid)
+                    self.pool.kill(child, signum or signal_mod.SIGTERM)
+                    terminated.append(job.task_id)
+        return terminated
+
+    def _append(self, record: dict) -> None:
+        conn = self.conn
+        if conn is None or not conn.is_open:
+            log.warning("revoke stream %s: not connected; this revoke is not kept for workers "
+                        "started later", self.stream)
+            return
+
+        def confirmed(ok: Optional[bool]) -> None:
+            if not ok:
+                log.warning("revoke stream %s: the broker did not take a record (%s)",
+                            self.stream, "refused" if ok is False else "connection lost")
+        conn.publish("", self.stream, json.dumps(record).encode(),
+                     pika.BasicProperties(content_type=JSON, delivery_mode=2), confirmed)
+
+    def _on_record(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        """A record of the revoke stream (replayed at start, then as they come)."""
+        channel.basic_ack(method.delivery_tag)
+        try:
+            record = revokes.parse_record(decode_json(properties.content_type, body))
+        except ValueError as exc:
+            log.warning("revoke stream %s: record dropped: %s", self.stream, exc)
+            return
+        if "sync" in record:
+            if record["sync"] == self._marker and self._synced and not self._synced.done():
+                log.info("revoke stream %s replayed: %d task id(s) revoked", self.stream,
+                         len(self.revoked))
+                self._synced.set_result(None)
+            return
+        destination = record["destination"]
+        if destination and self.hostname not in destination:
+            return
+        signum = None
+        if record["terminate"]:
+            try:
+                signum = revokes.signal_number(record["signal"])
+            except ValueError as exc:
+                log.warning("revoke stream %s: %s; terminating with SIGTERM", self.stream, exc)
+        self.revoke(record["task_id"], terminate=record["terminate"], signum=signum,
+                    persisted=True, at=record["revoked_at"])
+
+
+# == decoding (pure) ============================================================================
+def decode_json(content_type: Optional[str], body: bytes) -> Any:
+    """``body`` as JSON; ValueError naming the problem (pickle is refused)."""
+    if content_type != JSON:
+        if content_type and "pickle" in content_type:
+            raise ValueError(f"content type {content_type} refused: remote control reads "
+                             "JSON only (a pickle from the broker would run code)")
+        raise ValueError(f"content type {content_type!r} refused: remote control reads "
+                         "JSON only")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
+def decode_command(content_type: Optional[str], body: bytes) -> dict:
+    """A control message, checked: ValueError naming the first problem."""
+    message = decode_json(content_type, body)
+    if not isinstance(message, dict):
+        raise ValueError(f"expected a JSON object, got {type(message).__name__}")
+    name = message.get("method")
+    if not isinstance(name, str) or not name:
+        raise ValueError("no command: 'method' must be a non-empty string")
+    arguments = message.get("arguments") or {}
+    if not isinstance(arguments, dict) or not all(
+            isinstance(k, str) and k.isidentifier() for k in arguments):
+        raise ValueError(f"command {name[:100]!r}: 'arguments' must be an object of names")
+    destination = message.get("destination")
+    if destination is not None and not (isinstance(destination, list)
+                                        and all(isinstance(d, str) for d in destination)):
+        raise ValueError(f"command {name[:100]!r}: 'destination' must be a list of names")
+    for key in ("pattern", "matcher"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise ValueError(f"command {name[:100]!r}: {key!r} must be a string")
+    reply_to = message.get("reply_to")
+    if reply_to is not None and not (
+            isinstance(reply_to, dict) and isinstance(reply_to.get("exchange"), str)
+            and isinstance(reply_to.get("routing_key"), str)):
+        raise ValueError(f"command {name[:100]!r}: 'reply_to' must be "
+                         "{exchange, routing_key}")
+    return {"method": name, "arguments": arguments, "destination": destination,
+            "pattern": message.get("pattern"), "matcher": message.get("matcher"),
+            "ticket": message.get("ticket"), "reply_to": reply_to}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return repr(value)
