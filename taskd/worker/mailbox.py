@@ -56,6 +56,7 @@ STREAM_PREFETCH = 1000
 SYNC_TIMEOUT = 10.0     # seconds to replay the revokes at start before going on without
 REOPEN_DELAY = 2.0
 JSON = "application/json"
+PICKLE = ("application/x-python-serialize", "application/python-pickle")
 
 
 class Mailbox:
@@ -344,9 +345,9 @@ class Mailbox:
 def decode_json(content_type: Optional[str], body: bytes) -> Any:
     """``body`` as JSON; ValueError naming the problem (pickle is refused)."""
     if content_type != JSON:
-        if content_type and "pickle" in content_type:
-            raise ValueError(f"content type {content_type} refused: remote control reads "
-                             "JSON only (a pickle from the broker would run code)")
+        if content_type in PICKLE or "pickle" in str(content_type):
+            raise ValueError(f"pickle ({content_type}) refused: remote control reads JSON "
+                             "only (a pickle from the broker would run code)")
         raise ValueError(f"content type {content_type!r} refused: remote control reads "
                          "JSON only")
     try:
