@@ -55,8 +55,7 @@ QUEUE_ARGUMENTS = {"x-message-ttl": 300000, "x-expires": 10000}   # Celery's def
 STREAM_PREFETCH = 1000
 SYNC_TIMEOUT = 10.0     # seconds to replay the revokes at start before going on without
 REOPEN_DELAY = 2.0
-JSON = "application/json"
-PICKLE = ("application/x-python-serialize", "application/python-pickle")
+JSON = panel.JSON
 
 
 class Mailbox:
@@ -178,7 +177,10 @@ class Mailbox:
         if self.connected() and not self.host.shutdown.stopping:
             log.warning("remote control connection lost (%s); opening it again in %gs",
                         reason, REOPEN_DELAY)
-            self.loop.call_later(REOPEN_DELAY, self.loop.create_task, self._reopen())
+            self.loop.call_later(REOPEN_DELAY, self._start_reopen)
+
+    def _start_reopen(self) -> None:
+        self.loop.create_task(self._reopen())
 
     async def _reopen(self) -> None:
         if self.conn is not None or self.host.shutdown.stopping or not self.connected():
@@ -189,7 +191,7 @@ class Mailbox:
             log.warning("remote control: cannot reconnect (%s); again in %gs", exc,
                         REOPEN_DELAY)
             self.conn = None
-            self.loop.call_later(REOPEN_DELAY, self.loop.create_task, self._reopen())
+            self.loop.call_later(REOPEN_DELAY, self._start_reopen)
 
     async def close(self) -> None:
         self.closing = True
@@ -199,12 +201,19 @@ class Mailbox:
 
     # == commands =============================================================================
     def _on_command(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        """pika calls this for each control message (auto-acked, as Celery consumes)."""
+        """pika calls this for each control message (auto-acked, as Celery consumes).
+        Nothing raises into pika (it would drop the frames read after this one)."""
+        try:
+            self._command(properties, body)
+        except Exception:
+            log.exception("remote control: internal error handling a command; dropped")
+
+    def _command(self, properties: Any, body: bytes) -> None:
         headers = properties.headers or {}
         clock = headers.get("clock")
         self.clock = max(self.clock, clock if isinstance(clock, int) else 0) + 1
         try:
-            message = decode_command(properties.content_type, body)
+            message = panel.decode_command(properties.content_type, body)
         except ValueError as exc:
             self.counters["control_refused"] += 1
             log.warning("remote control: message dropped: %s", exc)
@@ -218,7 +227,8 @@ class Mailbox:
             self._reply(message, panel.nok(f"No such command: {name!r} (taskd answers: "
                                            f"{', '.join(sorted(panel.COMMANDS))})"))
             return
-        log.debug("remote control: %s %s", name, message["arguments"])
+        log.log(logging.INFO if entry[0] == "control" else logging.DEBUG,
+                "remote control: %s %s", name, panel.brief(message["arguments"]))
         try:
             reply = entry[1](self, **message["arguments"])
         except Exception as exc:
@@ -267,7 +277,7 @@ class Mailbox:
                         "reply.%s.pidbox)", exchange[:200], self.namespace)
             return
         self.clock += 1
-        body = json.dumps({self.hostname: reply}, default=_jsonable).encode()
+        body = json.dumps({self.hostname: reply}, default=panel.jsonable).encode()
         props = pika.BasicProperties(content_type=JSON, content_encoding="utf-8",
                                      delivery_mode=1,
                                      headers={"ticket": message["ticket"], "clock": self.clock})
@@ -318,7 +328,14 @@ class Mailbox:
         """A record of the revoke stream (replayed at start, then as they come)."""
         channel.basic_ack(method.delivery_tag)
         try:
-            record = revokes.parse_record(decode_json(properties.content_type, body))
+            self._record(properties, body)
+        except Exception:
+            log.exception("revoke stream %s: internal error handling a record; dropped",
+                          self.stream)
+
+    def _record(self, properties: Any, body: bytes) -> None:
+        try:
+            record = revokes.parse_record(panel.decode_json(properties.content_type, body))
         except ValueError as exc:
             log.warning("revoke stream %s: record dropped: %s", self.stream, exc)
             return
@@ -339,58 +356,3 @@ class Mailbox:
                 log.warning("revoke stream %s: %s; terminating with SIGTERM", self.stream, exc)
         self.revoke(record["task_id"], terminate=record["terminate"], signum=signum,
                     persisted=True, at=record["revoked_at"])
-
-
-# == decoding (pure) ============================================================================
-def decode_json(content_type: Optional[str], body: bytes) -> Any:
-    """``body`` as JSON; ValueError naming the problem (pickle is refused)."""
-    if content_type != JSON:
-        if content_type in PICKLE or "pickle" in str(content_type):
-            raise ValueError(f"pickle ({content_type}) refused: remote control reads JSON "
-                             "only (a pickle from the broker would run code)")
-        raise ValueError(f"content type {content_type!r} refused: remote control reads "
-                         "JSON only")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-
-
-def decode_command(content_type: Optional[str], body: bytes) -> dict:
-    """A control message, checked: ValueError naming the first problem."""
-    message = decode_json(content_type, body)
-    if not isinstance(message, dict):
-        raise ValueError(f"expected a JSON object, got {type(message).__name__}")
-    name = message.get("method")
-    if not isinstance(name, str) or not name:
-        raise ValueError("no command: 'method' must be a non-empty string")
-    arguments = message.get("arguments") or {}
-    if not isinstance(arguments, dict) or not all(
-            isinstance(k, str) and k.isidentifier() for k in arguments):
-        raise ValueError(f"command {name[:100]!r}: 'arguments' must be an object of names")
-    destination = message.get("destination")
-    if destination is not None and not (isinstance(destination, list)
-                                        and all(isinstance(d, str) for d in destination)):
-        raise ValueError(f"command {name[:100]!r}: 'destination' must be a list of names")
-    for key in ("pattern", "matcher"):
-        if message.get(key) is not None and not isinstance(message[key], str):
-            raise ValueError(f"command {name[:100]!r}: {key!r} must be a string")
-    reply_to = message.get("reply_to")
-    if reply_to is not None and not (
-            isinstance(reply_to, dict) and isinstance(reply_to.get("exchange"), str)
-            and isinstance(reply_to.get("routing_key"), str)):
-        raise ValueError(f"command {name[:100]!r}: 'reply_to' must be "
-                         "{exchange, routing_key}")
-    return {"method": name, "arguments": arguments, "destination": destination,
-            "pattern": message.get("pattern"), "matcher": message.get("matcher"),
-            "ticket": message.get("ticket"), "reply_to": reply_to}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return repr(value)

@@ -7,7 +7,8 @@ Flower, celery-exporter and Celery's CLI read them: ``stats`` has ``total``,
 ``pid``, ``clock``, ``uptime``, ``pool``, ``broker``, ``prefetch_count`` and
 ``rusage``; a task is described as Celery's ``Request.info()``; a queue as
 kombu's ``Queue.as_dict()``. A control command answers ``{"ok": text}`` or
-``{"error": text}``.
+``{"error": text}``. :func:`decode_command` checks a message before any of
+this runs: JSON only, never pickle.
 
 ``view`` is the :class:`~taskd.worker.mailbox.Mailbox`: it holds the parts
 the answers read (``host``: the supervisor, ``pool``, ``dispatcher``,
@@ -17,6 +18,8 @@ replies once it is done.
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import resource
 import time
@@ -31,6 +34,8 @@ from ..settings import SETTINGS, EXCHANGE_TYPES
 from . import revokes
 
 COMMANDS: dict = {}     # name -> (kind, function)
+JSON = "application/json"
+PICKLE = ("application/x-python-serialize", "application/python-pickle")
 
 
 def command(kind: str, name: Optional[str] = None) -> Callable:
@@ -241,6 +246,8 @@ def add_consumer(view: Any, queue: Any = None, exchange: Any = None,
                  exchange_type: Any = None, routing_key: Any = None, **_: Any) -> Any:
     if not isinstance(queue, str) or not queue:
         return nok("add_consumer needs a queue name")
+    if not view.consumer.is_open or view.host.shutdown.stopping:
+        return nok("not consuming now (connecting to the broker, or stopping)")
     exchange_type = exchange_type or "direct"
     if exchange_type not in EXCHANGE_TYPES:
         return nok(f"exchange_type must be one of {', '.join(EXCHANGE_TYPES)}")
@@ -261,6 +268,8 @@ def add_consumer(view: Any, queue: Any = None, exchange: Any = None,
 def cancel_consumer(view: Any, queue: Any = None, **_: Any) -> Any:
     if not isinstance(queue, str) or not queue:
         return nok("cancel_consumer needs a queue name")
+    if not view.consumer.is_open or view.host.shutdown.stopping:
+        return nok("not consuming now (connecting to the broker, or stopping)")
     if queue in view.consumer.queues and len(view.consumer.queues) == 1:
         return nok(f"{queue} is the only queue consumed: not cancelled (stop the worker "
                    "instead)")
@@ -300,3 +309,63 @@ def pool_shrink(view: Any, n: Any = 1, **_: Any) -> dict:
 def shutdown(view: Any, **_: Any) -> dict:
     view.host.handle_term()
     return ok("shutting down (warm: running tasks finish)")
+
+
+# == decoding (pure) ============================================================================
+def decode_json(content_type: Optional[str], body: bytes) -> Any:
+    """``body`` as JSON; ValueError naming the problem (pickle is refused)."""
+    if content_type != JSON:
+        if content_type in PICKLE or "pickle" in str(content_type):
+            raise ValueError(f"pickle ({content_type}) refused: remote control reads JSON "
+                             "only (a pickle from the broker would run code)")
+        raise ValueError(f"content type {content_type!r} refused: remote control reads "
+                         "JSON only")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
+def decode_command(content_type: Optional[str], body: bytes) -> dict:
+    """A control message, checked: ValueError naming the first problem."""
+    message = decode_json(content_type, body)
+    if not isinstance(message, dict):
+        raise ValueError(f"expected a JSON object, got {type(message).__name__}")
+    name = message.get("method")
+    if not isinstance(name, str) or not name:
+        raise ValueError("no command: 'method' must be a non-empty string")
+    arguments = message.get("arguments") or {}
+    if not isinstance(arguments, dict) or not all(
+            isinstance(k, str) and k.isidentifier() for k in arguments):
+        raise ValueError(f"command {name[:100]!r}: 'arguments' must be an object of names")
+    destination = message.get("destination")
+    if destination is not None and not (isinstance(destination, list)
+                                        and all(isinstance(d, str) for d in destination)):
+        raise ValueError(f"command {name[:100]!r}: 'destination' must be a list of names")
+    for key in ("pattern", "matcher"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise ValueError(f"command {name[:100]!r}: {key!r} must be a string")
+    reply_to = message.get("reply_to")
+    if reply_to is not None and not (
+            isinstance(reply_to, dict) and isinstance(reply_to.get("exchange"), str)
+            and isinstance(reply_to.get("routing_key"), str)):
+        raise ValueError(f"command {name[:100]!r}: 'reply_to' must be "
+                         "{exchange, routing_key}")
+    return {"method": name, "arguments": arguments, "destination": destination,
+            "pattern": message.get("pattern"), "matcher": message.get("matcher"),
+            "ticket": message.get("ticket"), "reply_to": reply_to}
+
+
+def brief(arguments: dict) -> str:
+    text = json.dumps(arguments, default=repr)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return repr(value)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pika
 import pytest
@@ -76,6 +75,17 @@ def test_taskd_inspect_shows_stats_active_registered_and_queues(topo, workers, a
     running.revoke(terminate=True, signal="KILL")
     with pytest.raises(TaskRevokedError):
         running.get(timeout=10)
+    extra = topo.name("extra")
+    topo.queues.add(extra)
+    topo.exchanges.add(extra)
+    added = taskd(topo, path, "control", "add_consumer", extra)
+    assert added.returncode == 0 and f"add consumer {extra}" in added.stdout
+    assert app.send_task("ttasks.add", [2, 2], queue=extra).get(timeout=10) == 4
+    queues = json.loads(taskd(topo, path, "inspect", "active_queues", "--json").stdout)
+    assert [q["name"] for q in queues[topo.node]] == [topo.name("celery"), extra]
+    cancelled = taskd(topo, path, "control", "cancel_consumer", extra)
+    assert cancelled.returncode == 0 and f"no longer consuming from {extra}" in cancelled.stdout
+    assert topo.broker.queue_state(extra)[1] == 0               # no consumer left
 
 
 def test_a_revoke_sent_while_no_worker_runs_is_honoured_by_a_worker_started_later(

@@ -199,6 +199,16 @@ def test_bad_revoke_arguments_get_an_error_reply():
     assert "cannot shrink below one child" in errors[2] and len(mb.revoked) == 0
 
 
+def test_queue_commands_are_refused_while_not_consuming():
+    mb = make_mailbox()
+    command(mb, call("add_consumer", {"queue": "x"}))
+    command(mb, call("cancel_consumer", {"queue": "q"}))
+    command(mb, call("add_consumer", {}))
+    errors = [answer["error"] for _, _, answer in replies(mb)]
+    assert errors[:2] == ["not consuming now (connecting to the broker, or stopping)"] * 2
+    assert errors[2] == "add_consumer needs a queue name"
+
+
 def test_pool_grow_and_shrink_change_the_concurrency():
     mb = make_mailbox()
     command(mb, call("pool_grow", {"n": 2}))
