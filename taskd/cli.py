@@ -242,7 +242,7 @@ def cmd_status(args):
 
 
 def cmd_remote(args):
-    return controlcli.run(args, _load)
+    return controlcli.run(args)
 
 
 def cmd_dead_letters(args):

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from .app import App
 from .exceptions import ConfigError, TaskdError
 
 EX_UNAVAILABLE, EX_CONFIG, EX_USAGE = 69, 78, 64
@@ -92,16 +93,20 @@ def _usage(kind: str, message: str) -> int:
     return EX_USAGE
 
 
-def run(args: Any, load: Callable) -> int:
-    """``taskd inspect|control`` (``load(args)`` -> ``(config, exit code)``)."""
-    from .app import App
+def run(args: Any) -> int:
+    """``taskd inspect|control``. The broker is the configuration's (``--config``, else
+    ``$TASKD_CONFIG``, else /etc/taskd.yaml if it exists, else the defaults), as for
+    ``taskd call``; ``$TASKD_BROKER_URL`` overrides it."""
     kind = args.command
-    config, code = load(args)
-    if config is None:
-        return code
     destination = [d.strip() for d in args.destination.split(",") if d.strip()] \
         if args.destination else None
-    app = App("taskd-cli", config=config, set_as_current=False)
+    try:
+        app = App(config=args.config, set_as_current=False) if args.config \
+            else App.from_environment()
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(f"taskd: {exc.source}: {error}", file=sys.stderr)
+        return EX_CONFIG
     try:
         if kind == "inspect":
             answers = _inspect(app, args, destination)
