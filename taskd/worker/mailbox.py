@@ -55,6 +55,7 @@ QUEUE_ARGUMENTS = {"x-message-ttl": 300000, "x-expires": 10000}   # Celery's def
 STREAM_PREFETCH = 1000
 SYNC_TIMEOUT = 10.0     # seconds to replay the revokes at start before going on without
 REOPEN_DELAY = 2.0
+PIDBOX_RETRY = 10.0     # seconds between attempts to take a node name in use
 JSON = panel.JSON
 
 
@@ -77,6 +78,8 @@ class Mailbox:
         self.conn: Optional[AsyncChannel] = None
         self.closing = False
         self._opening = False               # a loss meanwhile is the open's to report
+        self.answering = False              # this node's control queue is consumed
+        self._refused = False               # its declaration was refused (logged once)
         self._synced: Optional[asyncio.Future] = None
         self._marker: Optional[str] = None
 
@@ -112,51 +115,86 @@ class Mailbox:
             self._opening = False
 
     async def _open(self) -> None:
+        """A refused declaration closes the channel (and AsyncChannel its connection):
+        each is followed by a new connection, without what was refused."""
         conn = await self._connect()
-        if not await self._declare_pidbox(conn):
-            conn = await self._connect()            # the refusal closed the channel
-        elif conn.is_open:
+        self.answering = await self._declare_pidbox(conn)
+        if self.answering:
+            _check_open(conn)
             conn.channel.basic_consume(self.queue, self._on_command, auto_ack=True)
-        if not await self._declare_stream(conn):
+        else:
+            conn = await self._connect()
+        stream = await self._declare_stream(conn)
+        if stream is None:
+            conn = await self._connect()
+            return                                  # no permission: no revoke stream
+        if not stream:
             conn = await self._connect()
             await conn.call(conn.channel.queue_declare, self.stream, passive=True)
         await self._replay(conn)
 
     async def _declare_pidbox(self, conn: AsyncChannel) -> bool:
+        """Declare this node's control queue; False (logged) if it is taken or not allowed,
+        and then tried again every PIDBOX_RETRY seconds."""
         ch = conn.channel
-        await conn.call(ch.exchange_declare, f"{self.namespace}.pidbox", exchange_type="fanout",
-                        durable=False)
-        await conn.call(ch.exchange_declare, f"reply.{self.namespace}.pidbox",
-                        exchange_type="direct", durable=False)
         try:
+            await conn.call(ch.exchange_declare, f"{self.namespace}.pidbox",
+                            exchange_type="fanout", durable=False)
+            await conn.call(ch.exchange_declare, f"reply.{self.namespace}.pidbox",
+                            exchange_type="direct", durable=False)
             await conn.call(ch.queue_declare, self.queue, durable=False, exclusive=True,
                             auto_delete=True, arguments=QUEUE_ARGUMENTS)
         except ChannelLost as exc:
-            if getattr(exc.reason, "reply_code", None) != 405:
+            code = getattr(exc.reason, "reply_code", None)
+            if code not in (403, 405):
                 raise
-            log.error("remote control: another worker already uses the node name %r (its "
-                      "queue %s is taken); this one answers no commands: give each worker "
-                      "its own name (-n, worker.hostname)", self.hostname, self.queue)
+            why = (f"another worker uses the node name {self.hostname!r} (its queue "
+                   f"{self.queue} is taken; if that worker was killed, the broker frees it "
+                   "after a heartbeat timeout). Give each worker its own name (-n, "
+                   "worker.hostname)" if code == 405 else
+                   f"the broker refused it ({getattr(exc.reason, 'reply_text', exc)})")
+            log.log(logging.DEBUG if self._refused else logging.ERROR,
+                    "remote control: this worker answers no commands for now: %s; trying "
+                    "again every %gs", why, PIDBOX_RETRY)
+            self._refused = True
+            self.loop.call_later(PIDBOX_RETRY, self._retry_pidbox)
             return False
         await conn.call(ch.queue_bind, self.queue, f"{self.namespace}.pidbox", routing_key="")
+        if self._refused:
+            log.info("remote control: answering commands as %s", self.hostname)
+        self._refused = False
         return True
 
-    async def _declare_stream(self, conn: AsyncChannel) -> bool:
+    def _retry_pidbox(self) -> None:
+        if not self.answering and self.conn is not None and not self.host.shutdown.stopping:
+            self.loop.create_task(self._reopen(force=True))
+
+    async def _declare_stream(self, conn: AsyncChannel) -> Optional[bool]:
+        """True: declared; False: it exists with other arguments (used as it is); None:
+        not allowed (logged: revokes are then not kept nor replayed)."""
         try:
             await conn.call(conn.channel.queue_declare, self.stream, durable=True,
                             arguments=revokes.stream_arguments(self.revoked.ttl))
         except ChannelLost as exc:
-            if getattr(exc.reason, "reply_code", None) != 406:
-                raise
-            log.warning("the revoke stream %s exists with other arguments (another "
-                        "worker.revoke_ttl?): using it as it is; revokes older than "
-                        "worker.revoke_ttl are ignored all the same (%s)", self.stream,
-                        getattr(exc.reason, "reply_text", exc))
-            return False
+            code, text = (getattr(exc.reason, "reply_code", None),
+                          getattr(exc.reason, "reply_text", exc))
+            if code == 406:
+                log.warning("the revoke stream %s exists with other arguments (another "
+                            "worker.revoke_ttl?): using it as it is; revokes older than "
+                            "worker.revoke_ttl are ignored all the same (%s)", self.stream,
+                            text)
+                return False
+            if code == 403:
+                log.error("revoke stream %s: the broker refused it (%s): revokes sent "
+                          "before this worker started are not honoured, and those it "
+                          "receives are not kept", self.stream, text)
+                return None
+            raise
         return True
 
     async def _replay(self, conn: AsyncChannel) -> None:
         """Read the stream from ``now - ttl`` until a marker appended now comes back."""
+        _check_open(conn)
         self._marker = uuid.uuid4().hex
         self._synced = synced = self.loop.create_future()
         self._append({"sync": self._marker})
@@ -171,7 +209,11 @@ class Mailbox:
                         len(self.revoked))
 
     def _on_lost(self, reason: Any) -> None:
-        if self.closing or self._opening:
+        if self.closing:
+            return
+        if self._opening:       # the open fails with it (a refusal is handled there)
+            if self._synced is not None and not self._synced.done():
+                self._synced.set_exception(ChannelLost(f"connection lost: {reason}", reason))
             return
         self.conn = None
         if self.connected() and not self.host.shutdown.stopping:
@@ -182,8 +224,9 @@ class Mailbox:
     def _start_reopen(self) -> None:
         self.loop.create_task(self._reopen())
 
-    async def _reopen(self) -> None:
-        if self.conn is not None or self.host.shutdown.stopping or not self.connected():
+    async def _reopen(self, force: bool = False) -> None:
+        if (self.conn is not None and not force) or self.host.shutdown.stopping \
+                or not self.connected() or self._opening:
             return          # the link reconnects everything, or it is back already
         try:
             await self.open()
@@ -356,3 +399,8 @@ class Mailbox:
                 log.warning("revoke stream %s: %s; terminating with SIGTERM", self.stream, exc)
         self.revoke(record["task_id"], terminate=record["terminate"], signum=signum,
                     persisted=True, at=record["revoked_at"])
+
+
+def _check_open(conn: AsyncChannel) -> None:
+    if not conn.is_open:
+        raise ChannelLost("the remote-control connection closed while it was being opened")

@@ -313,3 +313,34 @@ def test_every_command_celery_and_flower_use_is_there():
               "cancel_consumer", "pool_grow", "pool_shrink", "shutdown"}
     assert wanted <= set(panel.COMMANDS)
     assert mailbox_mod.QUEUE_ARGUMENTS == {"x-message-ttl": 300000, "x-expires": 10000}
+
+
+def test_a_node_name_in_use_is_logged_once_and_taken_when_it_is_free(caplog):
+    from taskd.worker.amqp import ChannelLost
+
+    class Conn:
+        taken = True
+
+        def __init__(self):
+            self.channel = types.SimpleNamespace(exchange_declare="exchange_declare",
+                                                 queue_declare="queue_declare",
+                                                 queue_bind="queue_bind")
+
+        async def call(self, method, *args, **kwargs):
+            if method == "queue_declare" and Conn.taken:
+                raise ChannelLost("closed", types.SimpleNamespace(reply_code=405,
+                                                                  reply_text="RESOURCE_LOCKED"))
+
+    async def main():
+        mb = make_mailbox()
+        mb.loop = asyncio.get_running_loop()
+        caplog.set_level(logging.DEBUG, "taskd.supervisor")
+        assert await mb._declare_pidbox(Conn()) is False
+        assert await mb._declare_pidbox(Conn()) is False
+        Conn.taken = False
+        assert await mb._declare_pidbox(Conn()) is True
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "another worker uses the node name 'n1@test'" in \
+            errors[0].getMessage()
+        assert "answering commands as n1@test" in caplog.records[-1].getMessage()
+    asyncio.run(main())
