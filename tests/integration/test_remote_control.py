@@ -132,7 +132,8 @@ def test_a_revoked_eta_task_is_not_run_when_it_falls_due(topo, workers, app_for,
     sent = time.monotonic()
     later = app.send_task("ttasks.record", [str(marks), "later"], countdown=1.5)
     time.sleep(0.3)                         # received and held by the worker
-    later.revoke()
+    answers = later.revoke(wait=True, timeout=0.5)
+    assert answers == [{topo.node: {"ok": f"tasks {later.id} flagged as revoked"}}]
     with pytest.raises(TaskRevokedError):
         later.get(timeout=10)
     assert time.monotonic() - sent >= 1.4        # settled when due, not before
