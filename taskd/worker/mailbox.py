@@ -23,8 +23,8 @@ delays a delivery or an ack. On it:
   replays the stream from ``now - ttl`` until it reads back a marker it
   appended, before it consumes any task, and keeps reading it afterwards.
   A revoke a Celery client sent (``celery control revoke``) is appended to
-  the stream by the workers that receive it. The record format is in
-  :mod:`taskd.worker.revokes`.
+  the stream by the workers that receive it. That side is
+  :class:`~taskd.worker.revoking.Revokes`, opened here on this connection.
 
 If the node name is in use by another worker (its queue is exclusive) the
 worker logs it and runs without commands; revokes still reach it through the
@@ -35,25 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime as dt
 import fnmatch
 import json
 import logging
 import re
-import signal as signal_mod
-import uuid
 from typing import Any, Callable, Optional
 
 import pika
 
-from . import panel, revokes
+from . import panel
 from .amqp import AsyncChannel, ChannelLost
+from .revoking import Revokes
 
 log = logging.getLogger("taskd.supervisor")
 
 QUEUE_ARGUMENTS = {"x-message-ttl": 300000, "x-expires": 10000}   # Celery's defaults
 STREAM_PREFETCH = 1000
-SYNC_TIMEOUT = 10.0     # seconds to replay the revokes at start before going on without
 REOPEN_DELAY = 2.0
 PIDBOX_RETRY = 10.0     # seconds between attempts to take a node name in use
 JSON = panel.JSON
@@ -72,16 +69,13 @@ class Mailbox:
         cfg = host.config
         self.enabled = cfg["worker.remote_control"]
         self.namespace = cfg["worker.control_exchange"]
-        self.stream = cfg["worker.revoke_stream"]
-        self.revoked = revokes.RevokedSet(cfg["worker.revoke_ttl"], cfg["worker.revokes_max"])
+        self.revokes = Revokes(pool, cfg, hostname, lambda: self.conn)
         self.clock = 0                      # Lamport clock, as Celery keeps one
         self.conn: Optional[AsyncChannel] = None
         self.closing = False
         self._opening = False               # a loss meanwhile is the open's to report
         self.answering = False              # this node's control queue is consumed
         self._refused = False               # its declaration was refused (logged once)
-        self._synced: Optional[asyncio.Future] = None
-        self._marker: Optional[str] = None
 
     @property
     def queue(self) -> str:
@@ -124,14 +118,7 @@ class Mailbox:
             conn.channel.basic_consume(self.queue, self._on_command, auto_ack=True)
         else:
             conn = await self._connect()
-        stream = await self._declare_stream(conn)
-        if stream is None:
-            conn = await self._connect()
-            return                                  # no permission: no revoke stream
-        if not stream:
-            conn = await self._connect()
-            await conn.call(conn.channel.queue_declare, self.stream, passive=True)
-        await self._replay(conn)
+        await self.revokes.open(conn, self._connect)
 
     async def _declare_pidbox(self, conn: AsyncChannel) -> bool:
         """Declare this node's control queue; False (logged) if it is taken or not allowed,
@@ -169,51 +156,11 @@ class Mailbox:
         if not self.answering and self.conn is not None and not self.host.shutdown.stopping:
             self.loop.create_task(self._reopen(force=True))
 
-    async def _declare_stream(self, conn: AsyncChannel) -> Optional[bool]:
-        """True: declared; False: it exists with other arguments (used as it is); None:
-        not allowed (logged: revokes are then not kept nor replayed)."""
-        try:
-            await conn.call(conn.channel.queue_declare, self.stream, durable=True,
-                            arguments=revokes.stream_arguments(self.revoked.ttl))
-        except ChannelLost as exc:
-            code, text = (getattr(exc.reason, "reply_code", None),
-                          getattr(exc.reason, "reply_text", exc))
-            if code == 406:
-                log.warning("the revoke stream %s exists with other arguments (another "
-                            "worker.revoke_ttl?): using it as it is; revokes older than "
-                            "worker.revoke_ttl are ignored all the same (%s)", self.stream,
-                            text)
-                return False
-            if code == 403:
-                log.error("revoke stream %s: the broker refused it (%s): revokes sent "
-                          "before this worker started are not honoured, and those it "
-                          "receives are not kept", self.stream, text)
-                return None
-            raise
-        return True
-
-    async def _replay(self, conn: AsyncChannel) -> None:
-        """Read the stream from ``now - ttl`` until a marker appended now comes back."""
-        _check_open(conn)
-        self._marker = uuid.uuid4().hex
-        self._synced = synced = self.loop.create_future()
-        self._append({"sync": self._marker})
-        start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self.revoked.ttl)
-        conn.channel.basic_consume(self.stream, self._on_record,
-                                   arguments={"x-stream-offset": start})
-        try:
-            await asyncio.wait_for(asyncio.shield(synced), SYNC_TIMEOUT)
-        except asyncio.TimeoutError:
-            log.warning("revoke stream %s: not replayed to its end in %gs; going on with "
-                        "the %d revoke(s) read so far", self.stream, SYNC_TIMEOUT,
-                        len(self.revoked))
-
     def _on_lost(self, reason: Any) -> None:
         if self.closing:
             return
         if self._opening:       # the open fails with it (a refusal is handled there)
-            if self._synced is not None and not self._synced.done():
-                self._synced.set_exception(ChannelLost(f"connection lost: {reason}", reason))
+            self.revokes.lost(reason)
             return
         self.conn = None
         if self.connected() and not self.host.shutdown.stopping:
@@ -325,80 +272,6 @@ class Mailbox:
                                      delivery_mode=1,
                                      headers={"ticket": message["ticket"], "clock": self.clock})
         self.conn.publish(exchange, reply_to["routing_key"], body, props)
-
-    # == revokes ==============================================================================
-    def revoke(self, ids: list, terminate: bool = False, signum: Optional[int] = None,
-               persisted: bool = False, at: Optional[float] = None,
-               destination: Optional[list] = None) -> list:
-        """Revoke ``ids`` (revoked ``at``, default now); ``terminate``: signal the children
-        running them. Unless ``persisted`` (it came from the stream, or from a taskd client,
-        which appended it), it is appended to the stream. Returns the ids terminated."""
-        news = [task_id for task_id in ids if self.revoked.add(task_id, at)]
-        signame = signal_mod.Signals(signum or signal_mod.SIGTERM).name
-        if not persisted:
-            self._append(revokes.record(ids, terminate, signame, destination, at))
-        if news:
-            log.info("revoked: %s%s", ", ".join(news),
-                     f" (terminate: {signame})" if terminate else "")
-        terminated = []
-        if terminate:
-            wanted = set(ids)
-            for child in self.pool.busy():
-                job = child.job
-                if job.task_id in wanted and job.terminated is None:
-                    job.terminated = signame
-                    log.warning("task %s revoked: sending %s to child %d (pid %d)",
-                                job.describe(), signame, child.index, child.pid)
-                    self.pool.kill(child, signum or signal_mod.SIGTERM)
-                    terminated.append(job.task_id)
-        return terminated
-
-    def _append(self, record: dict) -> None:
-        conn = self.conn
-        if conn is None or not conn.is_open:
-            log.warning("revoke stream %s: not connected; this revoke is not kept for workers "
-                        "started later", self.stream)
-            return
-
-        def confirmed(ok: Optional[bool]) -> None:
-            if not ok:
-                log.warning("revoke stream %s: the broker did not take a record (%s)",
-                            self.stream, "refused" if ok is False else "connection lost")
-        conn.publish("", self.stream, json.dumps(record).encode(),
-                     pika.BasicProperties(content_type=JSON, delivery_mode=2), confirmed)
-
-    def _on_record(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
-        """A record of the revoke stream (replayed at start, then as they come)."""
-        channel.basic_ack(method.delivery_tag)
-        try:
-            self._record(properties, body)
-        except Exception:
-            log.exception("revoke stream %s: internal error handling a record; dropped",
-                          self.stream)
-
-    def _record(self, properties: Any, body: bytes) -> None:
-        try:
-            record = revokes.parse_record(panel.decode_json(properties.content_type, body))
-        except ValueError as exc:
-            log.warning("revoke stream %s: record dropped: %s", self.stream, exc)
-            return
-        if "sync" in record:
-            if record["sync"] == self._marker and self._synced and not self._synced.done():
-                log.info("revoke stream %s replayed: %d task id(s) revoked", self.stream,
-                         len(self.revoked))
-                self._synced.set_result(None)
-            return
-        destination = record["destination"]
-        if destination and self.hostname not in destination:
-            return
-        signum = None
-        if record["terminate"]:
-            try:
-                signum = revokes.signal_number(record["signal"])
-            except ValueError as exc:
-                log.warning("revoke stream %s: %s; terminating with SIGTERM", self.stream, exc)
-        self.revoke(record["task_id"], terminate=record["terminate"], signum=signum,
-                    persisted=True, at=record["revoked_at"])
 
 
 def _check_open(conn: AsyncChannel) -> None:

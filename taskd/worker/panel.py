@@ -178,7 +178,7 @@ def scheduled(view: Any, **_: Any) -> list:
 
 @command("inspect")
 def revoked(view: Any, **_: Any) -> list:
-    return view.revoked.ids()
+    return view.revokes.revoked.ids()
 
 
 @command("inspect")
@@ -229,7 +229,7 @@ def revoke(view: Any, task_id: Any = None, terminate: bool = False, signal: Any 
     ids = revokes.task_ids(task_id)
     signame = signal or "SIGTERM"
     signum = revokes.signal_number(signame) if terminate else None
-    terminated = view.revoke(ids, terminate=bool(terminate), signum=signum,
+    terminated = view.revokes.revoke(ids, terminate=bool(terminate), signum=signum,
                              persisted=bool(extra.get("persisted")))
     if terminate:
         return ok("terminate: " + (", ".join(terminated) if terminated else "tasks unknown"))

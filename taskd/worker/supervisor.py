@@ -117,7 +117,7 @@ class Supervisor:
                                                    self.counters, self.hostname,
                                                    lambda: self.link.connected)
         if self.mailbox.enabled:
-            outcomes.revoked = self.mailbox.revoked
+            outcomes.revoked = self.mailbox.revokes.revoked
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
         # Served from the start, so that `taskd status` answers while the worker waits

@@ -173,7 +173,7 @@ def test_a_revoke_is_kept_appended_to_the_stream_and_terminates_the_child_runnin
     command(mb, call("revoke", {"task_id": "id-1", "terminate": True, "signal": "TERM"}))
     assert replies(mb) == [("oid-1", "t-1", {"ok": "terminate: id-1"})]
     assert mb.pool.killed == [(99, signal.SIGTERM)] and job.terminated == "SIGTERM"
-    assert "id-1" in mb.revoked
+    assert "id-1" in mb.revokes.revoked
     [record] = [body for exchange, key, body, _ in mb.conn.published if key == "rs"]
     assert record["task_id"] == ["id-1"] and record["terminate"] is True
     command(mb, call("revoke", {"task_id": ["id-1"], "terminate": True}))
@@ -196,7 +196,7 @@ def test_bad_revoke_arguments_get_an_error_reply():
     command(mb, call("pool_shrink", {"n": 5}))
     errors = [answer["error"] for _, _, answer in replies(mb)]
     assert "task_id must be" in errors[0] and "unknown signal" in errors[1]
-    assert "cannot shrink below one child" in errors[2] and len(mb.revoked) == 0
+    assert "cannot shrink below one child" in errors[2] and len(mb.revokes.revoked) == 0
 
 
 def test_queue_commands_are_refused_while_not_consuming():
@@ -221,13 +221,13 @@ def test_pool_grow_and_shrink_change_the_concurrency():
 def test_the_stream_replay_ends_at_the_marker_and_honours_only_this_nodes_records(caplog):
     async def main():
         mb = make_mailbox()
-        mb._marker, mb._synced = "m-1", asyncio.get_running_loop().create_future()
+        mb.revokes._marker, mb.revokes._synced = "m-1", asyncio.get_running_loop().create_future()
         acked = []
         channel = types.SimpleNamespace(basic_ack=acked.append)
 
         def record(body, tag, content_type="application/json"):
             method = types.SimpleNamespace(delivery_tag=tag)
-            mb._on_record(channel, method, pika.BasicProperties(content_type=content_type),
+            mb.revokes.on_record(channel, method, pika.BasicProperties(content_type=content_type),
                           json.dumps(body).encode())
         now = time.time()
         record(revokes.record(["old"], at=now - 120), 1)          # past the 60 s ttl
@@ -235,10 +235,10 @@ def test_the_stream_replay_ends_at_the_marker_and_honours_only_this_nodes_record
         record(revokes.record(["theirs"], destination=["n2@test"]), 3)
         record({"task_id": 7}, 4)                                   # malformed: dropped
         record({"sync": "other worker's"}, 5)
-        assert not mb._synced.done()
+        assert not mb.revokes._synced.done()
         record({"sync": "m-1"}, 6)
-        assert mb._synced.done() and acked == [1, 2, 3, 4, 5, 6]
-        assert mb.revoked.ids() == ["mine"]
+        assert mb.revokes._synced.done() and acked == [1, 2, 3, 4, 5, 6]
+        assert mb.revokes.revoked.ids() == ["mine"]
         assert mb.conn.published == []              # replayed records are not appended again
     caplog.set_level(logging.WARNING, "taskd.supervisor")
     asyncio.run(main())
