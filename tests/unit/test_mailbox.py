@@ -344,3 +344,52 @@ def test_a_node_name_in_use_is_logged_once_and_taken_when_it_is_free(caplog):
             errors[0].getMessage()
         assert "answering commands as n1@test" in caplog.records[-1].getMessage()
     asyncio.run(main())
+
+
+def test_the_stream_is_declared_with_the_ttl_and_replayed_until_the_marker_comes_back():
+    from taskd.worker.amqp import ChannelLost
+    from taskd.worker.revoking import Revokes
+
+    class Conn:
+        is_open = True
+
+        def __init__(self, refuse=None):
+            self.refuse, self.calls, self.published, self.consumers = refuse, [], [], []
+            self.channel = types.SimpleNamespace(
+                queue_declare="queue_declare", basic_ack=lambda tag: None,
+                basic_consume=lambda queue, cb, arguments: self.consumers.append(
+                    (queue, cb, arguments)))
+
+        async def call(self, method, *args, **kwargs):
+            self.calls.append((method, args, kwargs))
+            if self.refuse:
+                raise ChannelLost("closed", types.SimpleNamespace(reply_code=self.refuse,
+                                                                  reply_text="no"))
+
+        def publish(self, exchange, key, body, properties, on_confirm=None):
+            self.published.append((key, json.loads(body)))
+
+    async def main():
+        conn = Conn()
+        r = Revokes(StubPool(), CONFIG, "n1@test", lambda: conn)
+        opening = asyncio.create_task(r.open(conn, None))
+        await asyncio.sleep(0.01)
+        [(_, args, kwargs)] = conn.calls
+        assert args == ("rs",) and kwargs["arguments"]["x-max-age"] == "60s"
+        assert kwargs["arguments"]["x-queue-type"] == "stream"
+        [(queue, on_record, arguments)] = conn.consumers
+        assert queue == "rs" and arguments["x-stream-offset"] < datetime.now(timezone.utc)
+        [(key, marker)] = conn.published
+        assert key == "rs" and not opening.done()           # waits for its marker
+        on_record(conn.channel, types.SimpleNamespace(delivery_tag=1),
+                  pika.BasicProperties(content_type="application/json"),
+                  json.dumps(marker).encode())
+        await asyncio.wait_for(opening, 1)
+        # A stream this user may not declare: logged, and the worker goes on without it.
+        refused, fresh = Conn(refuse=403), Conn()
+
+        async def reconnect():
+            return fresh
+        await Revokes(StubPool(), CONFIG, "n1@test", lambda: fresh).open(refused, reconnect)
+        assert fresh.consumers == []
+    asyncio.run(main())
