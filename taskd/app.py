@@ -19,6 +19,7 @@ from typing import Any
 from . import config as config_mod
 from . import current
 from .broker.publisher import Publisher
+from .control import Control
 from .options import SendOptions
 from .result import AsyncResult, ResultConsumer
 from .task import Task, registry
@@ -151,6 +152,7 @@ class App:
         for module in self.config["serializer_modules"]:
             importlib.import_module(module)
         self._session = ProcessLocal(lambda: Session(self))
+        self._control = None
         if set_as_current:
             current.set_app(self)
 
@@ -264,6 +266,13 @@ class App:
                                  reply_to=sent.reply_to)
             result._claim(session.results)
         return result
+
+    @property
+    def control(self) -> Control:
+        """Remote control of the workers, and revokes (:class:`taskd.control.Control`)."""
+        if self._control is None:
+            self._control = Control(self)
+        return self._control
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, app=self)

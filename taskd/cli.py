@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from . import __version__, config as config_mod, deadletters, logsafe, serialization
+from . import __version__, config as config_mod, controlcli, deadletters, logsafe, serialization
 from .app import App
 from .broker.tls import for_url
 from .exceptions import ConfigError, TaskdError
@@ -76,6 +76,9 @@ def build_parser():
                    help="number of child processes (overrides worker.concurrency)")
     w.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
                    help="log level (overrides logging.level)")
+    w.add_argument("-n", "--hostname", metavar="NAME",
+                   help="node name (overrides worker.hostname; default taskd@<host name>), "
+                        "as shown by `taskd inspect` and picked by -d/--destination")
 
     c = sub.add_parser("check-config", help="validate the configuration file and exit",
                        description="Validate the configuration; print every error and exit 78, "
@@ -124,7 +127,7 @@ def build_parser():
     sc.add_argument("-n", "--next", type=_positive_int, default=3, metavar="N",
                     help="how many next runs to show per entry (default 3)")
     sc.add_argument("--json", action="store_true", help="print the entries as JSON")
-
+    controlcli.add_parsers(sub, _config_arg)      # inspect, control (remote control)
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -174,7 +177,7 @@ def cmd_worker(args):
         print("taskd: -Q: expected at least one queue name", file=sys.stderr)
         return EX_USAGE
     supervisor = Supervisor(config, queues=queues, concurrency=args.concurrency,
-                            config_path=args.config or config.source)
+                            config_path=args.config or config.source, hostname=args.hostname)
     return supervisor.run()
 
 
@@ -267,6 +270,10 @@ def cmd_status(args):
     return 0
 
 
+def cmd_remote(args):
+    return controlcli.run(args)
+
+
 def cmd_dead_letters(args):
     config, code = _load(args)
     if config is None:
@@ -306,5 +313,5 @@ def main(argv=None):
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
                "dead-letters": cmd_dead_letters, "status": cmd_status,
-               "schedule": cmd_schedule}
+               "schedule": cmd_schedule, "inspect": cmd_remote, "control": cmd_remote}
     sys.exit(handler[args.command](args))

@@ -232,6 +232,30 @@ SETTINGS = (
     Setting("worker.beat_queue", _str, "taskd.beat",
             "The queue that elects the leader (single active consumer) and keeps each "
             "entry's position. Workers that share a schedule must share this name."),
+    # -- the node name (issue 16; the events and the remote control use it) --
+    Setting("worker.hostname", _str, None,
+            "The worker's node name (`-n` overrides), as Celery's `-n`: what `celery "
+            "inspect`, `taskd inspect` and monitors show, and what `-d/--destination` "
+            "picks. Default: `taskd@<host name>`. Give each worker on one broker its own."),
+    # -- remote control and revoke (issue 16; docs/remote-control.md) --
+    Setting("worker.remote_control", _bool, True,
+            "Answer Celery's remote-control commands (`celery inspect`, `celery control`, "
+            "`taskd inspect`, `taskd control`) and honour revokes. Anyone who may publish "
+            "on the vhost can send them: see docs/remote-control.md. `false`: no control "
+            "queue, and revokes are not honoured."),
+    Setting("worker.control_exchange", _str, "celery",
+            "Name space of the remote-control exchanges, as Celery's `control_exchange`: "
+            "commands come on `<this>.pidbox` (fanout), replies go to `reply.<this>.pidbox`."),
+    Setting("worker.revoke_ttl", _number(), 10800.0,
+            "Seconds a revoke is honoured, also by workers started after it was sent (it "
+            "is kept in the broker, in `worker.revoke_stream`)."),
+    Setting("worker.revokes_max", _int(1), 50000,
+            "At most this many revoked task ids are kept in each worker (the oldest are "
+            "forgotten first), as Celery's `CELERY_WORKER_REVOKES_MAX`."),
+    Setting("worker.revoke_stream", _str, "taskd.revoked",
+            "RabbitMQ stream (`x-queue-type: stream`) that keeps revokes for "
+            "`worker.revoke_ttl`; each worker replays it at start. Clients and workers "
+            "must name the same one."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
 )

@@ -118,6 +118,27 @@ class Consumer:
         if self.is_open:
             self.conn.channel.basic_qos(prefetch_count=self.prefetch)
 
+    async def add_queue(self, queue: str, ops: Iterable = ()) -> bool:
+        """Declare ``queue`` (``ops``, else as ``-Q`` would) and consume it (remote
+        control's ``add_consumer``); False if it is consumed already."""
+        if queue in self.queues:
+            return False
+        await self.declare(ops or topology.plan(self.config, (queue,)))
+        self.queues += (queue,)
+        if self.consumers is not None:
+            self.consumers.consume(queue)
+        return True
+
+    async def cancel_queue(self, queue: str) -> bool:
+        """Stop consuming ``queue`` (remote control's ``cancel_consumer``); False if it
+        was not consumed."""
+        if queue not in self.queues:
+            return False
+        self.queues = tuple(q for q in self.queues if q != queue)
+        if self.consumers is not None and self.is_open:
+            await self.consumers.cancel(queue)
+        return True
+
     async def cancel_all(self) -> None:
         if self.consumers is not None and self.is_open:
             await self.consumers.cancel_all()

@@ -34,6 +34,7 @@ def snapshot(sup: Any) -> dict:
         })
     return {
         "pid": os.getpid(),
+        "hostname": sup.hostname,
         "started_at": sup.started_at,
         "uptime": round(time.time() - sup.started_at, 1),
         "config": sup.config.source,
@@ -144,6 +145,7 @@ def format_status(state: dict) -> str:
     c = state["counters"]
     lines = [
         f"pid:        {state['pid']}",
+        f"node:       {state.get('hostname', '-')}",
         f"uptime:     {state['uptime']:.0f}s (since {when(state['started_at'])})",
         f"config:     {state['config']} (loaded {when(state['config_loaded_at'])})",
     ]

@@ -6,8 +6,8 @@ gives ready jobs to idle children, then (``worker.child_prefetch`` > 1) more in
 advance to busy ones, so that they never wait for the supervisor. Jobs go
 round the children one at a time; each child's share is written at once. On
 the way out a job is checked once more: an unknown task is dead-lettered, an
-expired one revoked, one whose arguments cannot be pickled dead-lettered. A
-child starting a job arms the job's hard time limit.
+expired or revoked one settled REVOKED, one whose arguments cannot be pickled
+dead-lettered. A child starting a job arms the job's hard time limit.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class Dispatcher:
         self.task_limits: dict = {}         # task name -> (time_limit, soft_time_limit)
         self._timer: Optional[asyncio.TimerHandle] = None       # the schedule's
         self._handle: Optional[asyncio.Handle] = None           # dispatch_soon's
+        self.total: collections.Counter = collections.Counter()    # task name -> started
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -73,6 +74,11 @@ class Dispatcher:
         self.schedule.hold(time.monotonic() + delay, job)
         self.held(len(self.schedule))
         self._arm_schedule_timer()
+
+    def scheduled(self) -> list:
+        """``(due, job)`` of the jobs held for their ETA, earliest first (``due`` in
+        :func:`time.monotonic` seconds)."""
+        return self.schedule.entries()
 
     def drop(self) -> int:
         """Forget every waiting job (they stay unacked: the broker requeues them)."""
@@ -131,6 +137,7 @@ class Dispatcher:
 
     def started(self, child: Any, job: Any) -> None:
         """A child starts ``job``: arm its hard time limit."""
+        self.total[job.task_name] += 1
         if job.hard_limit:
             job.timer = self.loop.call_later(job.hard_limit, self._time_limit_hit, child, job,
                                              job.hard_limit)
@@ -145,7 +152,7 @@ class Dispatcher:
                 self.outcomes.dead_letter(job, f"NotRegistered: unknown task {name}",
                                           NotRegistered(f"task {name} is not registered in "
                                                         "this worker"))
-            elif not self.outcomes.expire(job):
+            elif not self.outcomes.expire(job) and not self.outcomes.revoke(job):
                 frame = self._frame(job)
                 if frame is not None:
                     return job, frame

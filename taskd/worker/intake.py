@@ -99,7 +99,7 @@ class Intake:
         if job.redelivered and (self._finish_duplicate(job)
                                 or self.duplicates.hold_twin(job, self.pool.busy())):
             return False
-        if self.outcomes.expire(job):
+        if self.outcomes.expire(job) or self.outcomes.revoke(job):
             return False
         eta = job.request.eta
         if eta is not None:

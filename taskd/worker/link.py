@@ -40,6 +40,7 @@ class Link:
         self.publisher: Optional[AsyncChannel] = None
         self.reconnecting = True            # until the first connection is up
         self.pacer = recovery.ReconnectPacer()
+        self.mailbox: Any = None            # remote control, opened before the consumer
 
     @property
     def connected(self) -> bool:
@@ -58,6 +59,8 @@ class Link:
         self.publisher = self.replies.publisher = self.channel("taskd-worker-publish")
         await self.publisher.open()
         await self.publisher.enable_confirms()
+        if self.mailbox is not None:        # revokes are known before any task arrives
+            await self.mailbox.open()
         base = host.concurrency * host.config["worker.prefetch_multiplier"]
         self.acker.attach(await self.consumer.open(host.queues, base))
 
@@ -79,6 +82,8 @@ class Link:
         return ok
 
     async def close(self) -> None:
+        if self.mailbox is not None:
+            await self.mailbox.close()
         await self.consumer.close()
         if self.publisher is not None:
             await self.publisher.close()

@@ -15,7 +15,9 @@ through :class:`~taskd.worker.copies.Copies`: mandatory, headers made
 encodable and small enough, a return counts as a failure (the original is
 given back or held) and the topology is declared again.
 
-A revoke check (a later issue) plugs in beside :meth:`Outcomes.expire`.
+A revoked task (:mod:`taskd.worker.revokes`) ends like an expired one:
+:meth:`Outcomes.revoke` beside :meth:`Outcomes.expire`, and a child a revoke
+terminated is not a crash: its task ends REVOKED, not redelivered.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Outcomes:
                  duplicates: Any, counters: collections.Counter, config: Any) -> None:
         self.loop, self.acker, self.replies, self.copies = loop, acker, replies, copies
         self.duplicates, self.counters, self.config = duplicates, counters, config
+        self.revoked: Any = None    # a RevokedSet, when remote control is on
 
     # == a task ran ========================================================================
     def ran(self, job: Any, outcome: Outcome) -> None:
@@ -72,6 +75,11 @@ class Outcomes:
         if job.timed_out:
             self.counters["failed"] += 1
             self.fail(job, TimeLimitExceeded(f"hard time limit ({job.timed_out:g}s) exceeded"))
+        elif job.terminated:
+            log.warning("task %s: terminated by a revoke (%s)", job.describe(), job.terminated)
+            self.counters["revoked"] += 1
+            self.fail(job, TaskRevokedError(f"revoked, terminated ({job.terminated})"),
+                      protocol.REVOKED)
         else:
             self.redeliver(job, reason, count=count)
 
@@ -83,6 +91,15 @@ class Outcomes:
         log.warning("task %s expired at %s: not run", job.describe(), expires.isoformat())
         self.counters["revoked"] += 1
         self.fail(job, TaskRevokedError(f"expired at {expires.isoformat()}"), protocol.REVOKED)
+        return True
+
+    def revoke(self, job: Any) -> bool:
+        """Settle ``job`` as REVOKED if its id was revoked; True if it was."""
+        if self.revoked is None or job.request.id not in self.revoked:
+            return False
+        log.warning("task %s was revoked: not run", job.describe())
+        self.counters["revoked"] += 1
+        self.fail(job, TaskRevokedError("revoked"), protocol.REVOKED)
         return True
 
     def fault(self, job: Any) -> None:

@@ -365,6 +365,9 @@ class Pool:
             log.error("child %d (pid %d) %s while starting (%s); next attempt in %.0fs",
                       child.index, child.pid, reason,
                       self.last_failure or "no reason given", delay)
+        elif job is not None and getattr(job, "terminated", None):     # asked for: no error
+            log.info("child %d (pid %d) %s (a revoke terminated its task)", child.index,
+                     child.pid, reason)
         elif job is not None:
             log.error("child %d (pid %d) %s while running %s", child.index, child.pid, reason,
                       getattr(job, "describe", lambda: job)())

@@ -42,6 +42,7 @@ import collections
 import logging
 import re
 import signal
+import socket
 import time
 from typing import Any, Optional
 
@@ -55,6 +56,7 @@ from .recovery import Duplicates
 from .framing import Outcome
 from .intake import Intake
 from .link import Link
+from .mailbox import Mailbox
 from .outcomes import Outcomes
 from .pool import Pool
 from .reload import Reloader
@@ -69,8 +71,11 @@ log = logging.getLogger("taskd.supervisor")
 
 class Supervisor:
     def __init__(self, config: Any, *, queues: Optional[tuple] = None,
-                 concurrency: Optional[int] = None, config_path: Optional[str] = None) -> None:
+                 concurrency: Optional[int] = None, config_path: Optional[str] = None,
+                 hostname: Optional[str] = None) -> None:
         self.config, self.config_path = config, config_path
+        # The node name (-n, worker.hostname), read once: a reload does not rename a node.
+        self.hostname = hostname or config["worker.hostname"] or f"taskd@{socket.gethostname()}"
         self.queue_override, self.concurrency_override = queues, concurrency
         self.queues = self.queues_for(config)
         self.concurrency = concurrency or config["worker.concurrency"]
@@ -109,6 +114,12 @@ class Supervisor:
                                        self.intake, pool, shutdown, status, self.counters)
         self.beat = Beat(loop, config, self.counters, shutdown)     # the schedule: periodic.md
         consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
+        # Remote control and revokes (docs/remote-control.md), opened by the link.
+        self.mailbox = self.link.mailbox = Mailbox(loop, self, pool, dispatcher, consumer,
+                                                   self.counters, self.hostname,
+                                                   lambda: self.link.connected)
+        if self.mailbox.enabled:
+            outcomes.revoked = self.mailbox.revokes.revoked
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
         # Served from the start, so that `taskd status` answers while the worker waits
