@@ -45,6 +45,7 @@ import signal
 import time
 from typing import Any, Optional
 
+from . import events, lifecycle, metrics
 from .acker import Acker
 from .consumer import Consumer
 from . import control
@@ -112,6 +113,13 @@ class Supervisor:
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
+        # Observers of the lifecycle seam (None when off): events and metrics.
+        self.events = events.for_config(config, loop, pool, self.counters)
+        self.metrics = metrics.for_config(config, pool, dispatcher, self.link, shutdown,
+                                          self.counters)
+        self.lifecycle = observers = lifecycle.combine((self.events, self.metrics))
+        for part in (self.intake, dispatcher, outcomes, pool, spawner, self.link, shutdown):
+            part.lifecycle = observers
 
     def queues_for(self, config: Any) -> tuple:
         """The queues this worker consumes under ``config`` (``-Q`` wins)."""
@@ -131,10 +139,13 @@ class Supervisor:
     async def _main(self) -> None:
         self._install_signals()
         await self.control.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         try:
             await self._start()
         finally:
             self.control.close()
+            self.lifecycle.close()
             # Before the loop closes its wake-up pipe: a signal arriving in between
             # (a child's SIGCHLD) would hit a closed fd and print a traceback.
             for sig in self._signals:
