@@ -19,16 +19,18 @@ unchanged:
 * worker events go one per message, routing key ``worker.online``,
   ``worker.heartbeat`` (every 2 s: ``freq``, ``active``, ``processed``,
   ``loadavg``, ``sw_ident``, ``sw_ver``, ``sw_sys``), ``worker.offline``;
-* task events are batched as Celery's prefork worker batches them: those of
-  one turn of the supervisor's loop go in one message, a JSON list, routing key
-  ``task.multi``. Celery's receiver (and so Flower and celery-exporter) takes
+* task events are batched as Celery's prefork worker batches them: a JSON
+  list in one message, routing key ``task.multi``, sent :data:`FLUSH_DELAY`
+  after the first event of the batch (Celery flushes once per turn of its
+  loop; a short window instead of a turn sends one message per window rather
+  than one per task at high rates). Celery's receiver (and so Flower and celery-exporter) takes
   both forms; a consumer binding ``task.succeeded`` alone would see nothing,
   with Celery's workers too. Bind ``#`` or ``task.#``.
 
 Events are best effort, as in Celery. They go on a channel of their own on
 the worker's publishing connection, without confirms (the results and copies
 beside them keep theirs), and never hold up a delivery: they are encoded and
-published after the loop turn that produced them. While the broker is away up
+published in a batch after the delivery path has moved on. While the broker is away up
 to :data:`BUFFER` events wait and go out after the reconnect (older ones are
 dropped first); while the broker blocks the connection (a resource alarm)
 events are dropped. Drops are counted (``taskd status``: ``events_dropped``).
@@ -57,7 +59,8 @@ log = logging.getLogger("taskd.supervisor")
 EXCHANGE = "celeryev"
 HEARTBEAT_FREQ = 2.0        # seconds, Celery's default
 BUFFER = 10000              # events kept while the broker is away
-BATCH = 200                 # task events per task.multi message at most
+BATCH = 500                 # task events per task.multi message at most
+FLUSH_DELAY = 0.02          # seconds a task event waits for others to share its message
 REPR_LIMIT = 1024           # characters of an args/kwargs/result repr (Celery: 1024)
 DECODE_LIMIT = 1 << 16      # results larger than this are not decoded for their repr
 SOFTWARE = {"sw_ident": "taskd", "sw_ver": __version__, "sw_sys": platform.system()}
@@ -82,8 +85,12 @@ def utcoffset(now: Optional[float] = None) -> int:
     return (time.altzone if time.localtime(now).tm_isdst else time.timezone) // 3600
 
 
+_SCALARS = (int, float, bool, type(None))
+
+
 def bounded_repr(value: Any) -> str:
-    text = _repr.repr(value)
+    """A repr of at most :data:`REPR_LIMIT` characters (containers and long strings cut)."""
+    text = repr(value) if type(value) in _SCALARS else _repr.repr(value)
     return text if len(text) <= REPR_LIMIT else text[:REPR_LIMIT - 3] + "..."
 
 
@@ -102,7 +109,7 @@ class Events(Observer):
         self.channel: Any = None            # pika channel for events, once open
         self.publisher: Any = None          # the AsyncChannel whose connection it is on
         self.pending: collections.deque = collections.deque(maxlen=BUFFER)
-        self._flush: Optional[asyncio.Handle] = None
+        self._flush: Optional[asyncio.TimerHandle] = None
         self._heartbeat: Optional[asyncio.TimerHandle] = None
         self.properties = pika.BasicProperties(content_type="application/json",
                                                content_encoding="utf-8", delivery_mode=1,
@@ -118,13 +125,13 @@ class Events(Observer):
         return fields
 
     def task(self, type_: str, job: Any, **fields: Any) -> None:
-        """Queue a task event; they go out together at the end of this loop turn."""
+        """Queue a task event; those of the next :data:`FLUSH_DELAY` go out together."""
         fields["uuid"] = job.task_id
         if len(self.pending) == BUFFER:     # the oldest goes
             self.counters["events_dropped"] += 1
         self.pending.append(self.event(type_, fields))
         if self._flush is None and self.channel is not None:
-            self._flush = self.loop.call_soon(self.flush)
+            self._flush = self.loop.call_later(FLUSH_DELAY, self.flush)
 
     def worker(self, type_: str) -> None:
         """Publish a worker event now (with the task events queued before it)."""
@@ -135,7 +142,9 @@ class Events(Observer):
 
     def flush(self) -> None:
         """Publish the task events queued: lists of up to :data:`BATCH`, ``task.multi``."""
-        self._flush = None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         pending = self.pending
         while pending and self.channel is not None and self.channel.is_open:
             batch = [pending.popleft() for _ in range(min(BATCH, len(pending)))]
@@ -148,8 +157,7 @@ class Events(Observer):
         if channel is None or not channel.is_open or self.publisher.blocked:
             self.counters["events_dropped"] += len(body) if isinstance(body, list) else 1
             return
-        channel.basic_publish(EXCHANGE, routing_key, json.dumps(body, default=str).encode(),
-                              self.properties)
+        channel.basic_publish(EXCHANGE, routing_key, _dumps(body).encode(), self.properties)
 
     # == the lifecycle hooks ================================================================
     def received(self, job: Any) -> None:
@@ -248,6 +256,9 @@ class Events(Observer):
             self._heartbeat = None
 
 
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _loadavg() -> list:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -260,7 +271,11 @@ def _meta(outcome: Any) -> Optional[dict]:
     if len(outcome.body) > DECODE_LIMIT:
         return None
     try:
-        meta = serialization.loads(outcome.body, outcome.content_type, outcome.content_encoding)
+        if outcome.content_type == "application/json":     # for a repr: plain JSON will do
+            meta = json.loads(outcome.body)
+        else:
+            meta = serialization.loads(outcome.body, outcome.content_type,
+                                       outcome.content_encoding)
     except Exception:
         return None
     return meta if isinstance(meta, dict) else None

@@ -142,15 +142,15 @@ def a_job(name="t.add", args=(2, 2), **headers):
     return types.SimpleNamespace(task_id=request.id, request=request, queue="q")
 
 
-def test_task_events_of_one_loop_turn_go_out_as_one_task_multi_message_with_celerys_fields():
+def test_task_events_close_together_go_out_as_one_task_multi_message_with_celerys_fields():
     async def main():
         ev = events_for(asyncio.get_running_loop())
         job = a_job(eta=datetime(2030, 1, 1, tzinfo=timezone.utc))
         ev.received(job)
         ev.started(job, 7)
         ev.succeeded(job, outcome(protocol.SUCCESS, encoded(protocol.SUCCESS, [4, "four"])))
-        assert ev.channel.published == []           # not yet: at the end of the turn
-        await asyncio.sleep(0)
+        assert ev.channel.published == []           # not yet: others may join them
+        await asyncio.sleep(events_mod.FLUSH_DELAY * 2)
         return ev.channel.published
 
     [(exchange, key, body, props)] = asyncio.run(main())
@@ -180,7 +180,7 @@ def test_failed_and_retried_events_carry_the_exception_repr_and_the_traceback():
         ev.failed(job, exc=TimeoutError("hard time limit (5s) exceeded"))
         ev.revoked(job, "expired at ...", expired=True)
         ev.dead_lettered(job, "NotRegistered")
-        await asyncio.sleep(0)
+        ev.flush()
         return ev.channel.published[0][2]
 
     failed, retried, limit, revoked, rejected = asyncio.run(main())
@@ -217,7 +217,7 @@ def test_events_wait_while_the_broker_is_away_and_are_dropped_while_it_blocks():
         ev.disconnected()
         ev.received(a_job())
         ev.started(a_job(), 1)
-        await asyncio.sleep(0)
+        await asyncio.sleep(events_mod.FLUSH_DELAY * 2)
         assert len(ev.pending) == 2 and channel.published == []
         ev.channel, ev.publisher = channel, types.SimpleNamespace(blocked=False)
         ev.flush()                                  # what connected() does, once declared
@@ -225,7 +225,7 @@ def test_events_wait_while_the_broker_is_away_and_are_dropped_while_it_blocks():
                                                                 "task-started"]
         ev.publisher.blocked = True
         ev.received(a_job())
-        await asyncio.sleep(0)
+        ev.flush()
         return ev, channel
 
     ev, channel = asyncio.run(main())
