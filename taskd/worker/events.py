@@ -257,6 +257,7 @@ class Events(Observer):
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_loads = json.JSONDecoder().decode
 
 
 def _loadavg() -> list:
@@ -272,7 +273,7 @@ def _meta(outcome: Any) -> Optional[dict]:
         return None
     try:
         if outcome.content_type == "application/json":     # for a repr: plain JSON will do
-            meta = json.loads(outcome.body)
+            meta = _loads(bytes(outcome.body).decode())
         else:
             meta = serialization.loads(outcome.body, outcome.content_type,
                                        outcome.content_encoding)

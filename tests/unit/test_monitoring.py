@@ -337,3 +337,24 @@ def test_metrics_listen_is_checked_when_the_configuration_is_loaded():
     with pytest.raises(config_mod.ConfigError) as info:
         config_mod.loads("worker:\n  send_events: 'yes'\n")
     assert "worker.send_events" in str(info.value.errors)
+
+
+def test_the_dashboard_and_the_alert_rules_use_only_metrics_the_worker_serves():
+    import pathlib
+    import re
+    import yaml
+    root = pathlib.Path(__file__).resolve().parents[2] / "etc" / "monitoring"
+    dashboard = json.loads((root / "grafana-dashboard.json").read_text())
+    rules = yaml.safe_load((root / "prometheus-rules.yml").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {name for e in exprs for name in re.findall(r"\btaskd_[a-z_]+", e)}
+    m = metrics_for()
+    m.succeeded(a_job(), outcome(protocol.SUCCESS))
+    m.received(job := a_job())
+    m.started(job, 1)
+    m.child_exited(None, "killed")
+    served = {name for name, _ in scrape(m)}
+    assert used and used <= served, used - served
+    assert {r["alert"] for g in rules["groups"] for r in g["rules"]} >= {
+        "TaskdWorkerDown", "TaskdHighFailureRate", "TaskdQueueWaitHigh"}
