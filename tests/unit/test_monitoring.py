@@ -358,3 +358,38 @@ def test_the_dashboard_and_the_alert_rules_use_only_metrics_the_worker_serves():
     assert used and used <= served, used - served
     assert {r["alert"] for g in rules["groups"] for r in g["rules"]} >= {
         "TaskdWorkerDown", "TaskdHighFailureRate", "TaskdQueueWaitHigh"}
+
+
+def test_dash_e_and_dash_n_set_the_worker_settings_and_an_empty_name_is_refused(capsys):
+    from taskd import cli
+    config = config_mod.loads("worker:\n  hostname: 'from@file'\n")
+    args = cli.build_parser().parse_args(["worker", "-E", "-n", "w1@%h"])
+    changed = cli._worker_overrides(config, args)
+    assert changed["worker.send_events"] is True and changed["worker.hostname"] == "w1@%h"
+    assert config["worker.send_events"] is False            # the loaded one is unchanged
+    plain = cli.build_parser().parse_args(["worker"])
+    assert cli._worker_overrides(config, plain) is config
+    with pytest.raises(SystemExit) as info:
+        cli._worker_overrides(config, cli.build_parser().parse_args(["worker", "-n", " "]))
+    assert info.value.code == cli.EX_USAGE and "-n: expected a node name" in capsys.readouterr().err
+
+
+def test_task_events_written_as_json_text_round_trip_any_text_and_number():
+    async def main():
+        ev = events_for(asyncio.get_running_loop())
+        job = a_job()
+        job.task_id = 'id "quoted" \\ \n \x00 \u00e9 \U0001f600 \ud800'   # a lone surrogate too
+        tb = "Traceback\n\t\"x\" \u2028"
+        ev.failed(job, exc=ValueError("caf\u00e9", float("nan")))
+        ev.retried(job, outcome(protocol.RETRY, encoded(protocol.RETRY, KeyError("k"), tb),
+                                runtime=float("inf")))
+        ev.succeeded(job, outcome(protocol.SUCCESS, encoded(protocol.SUCCESS, {"\u00e9": 1.5})))
+        ev.flush()
+        return ev.channel.published[0][2], job.task_id
+
+    (failed, retried, succeeded), task_id = asyncio.run(main())
+    assert failed["uuid"] == retried["uuid"] == task_id
+    assert failed["exception"] == "ValueError('caf\u00e9', nan)"
+    assert retried["traceback"] == "Traceback\n\t\"x\" \u2028"
+    assert succeeded["result"] == "{'\u00e9': 1.5}"
+    assert events_mod._json(float("inf")) == "null" and events_mod._json(2) == "2"
