@@ -3,6 +3,7 @@ config-reference."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -76,9 +77,14 @@ def build_parser():
                    help="number of child processes (overrides worker.concurrency)")
     w.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
                    help="log level (overrides logging.level)")
+    # -- events (docs/monitoring.md) --
+    w.add_argument("-E", "--task-events", action="store_true", dest="send_events",
+                   help="publish Celery events for Flower and celery-exporter (sets "
+                        "worker.send_events)")
     w.add_argument("-n", "--hostname", metavar="NAME",
-                   help="node name (overrides worker.hostname; default taskd@<host name>), "
-                        "as shown by `taskd inspect` and picked by -d/--destination")
+                   help="node name, e.g. taskd@%%h (overrides worker.hostname; default "
+                        "taskd@<host name>; %%h host name, %%n its first label, %%d domain): "
+                        "what events, `taskd inspect` and -d/--destination use")
 
     c = sub.add_parser("check-config", help="validate the configuration file and exit",
                        description="Validate the configuration; print every error and exit 78, "
@@ -167,7 +173,9 @@ def cmd_worker(args):
         return code
     setup_logging(args.loglevel or config["logging.level"])
     from .worker.supervisor import Supervisor
-    errors = serialization.check_config(config)
+    from .worker.metrics import check_config as metrics_errors
+    config = _worker_overrides(config, args)
+    errors = serialization.check_config(config) + metrics_errors(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)
@@ -181,11 +189,25 @@ def cmd_worker(args):
     return supervisor.run()
 
 
+def _worker_overrides(config, args):
+    """``-E`` and ``-n`` over the configuration (read at start, kept across reloads)."""
+    values = {}
+    if args.send_events:
+        values["worker.send_events"] = True
+    if args.hostname is not None:
+        if not args.hostname.strip():
+            print("taskd: -n: expected a node name", file=sys.stderr)
+            sys.exit(EX_USAGE)
+        values["worker.hostname"] = args.hostname
+    return dataclasses.replace(config, values={**config.values, **values}) if values else config
+
+
 def cmd_check_config(args):
     config, code = _load(args)
     if config is None:
         return code
-    errors = serialization.check_config(config)
+    from .worker.metrics import check_config as metrics_errors
+    errors = serialization.check_config(config) + metrics_errors(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)

@@ -83,6 +83,19 @@ def _regex(v):
     return v, None
 
 
+def _listen(v):
+    """``HOST:PORT`` to listen on (``[::1]:9808`` for IPv6), or null for off."""
+    expected = "HOST:PORT such as 127.0.0.1:9808, or null for off"
+    if v is None:
+        return None, None
+    if not isinstance(v, str):
+        return None, expected
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None, expected
+    return v, None
+
+
 def _str_list(v):
     if isinstance(v, str):
         v = [p.strip() for p in v.split(",") if p.strip()]
@@ -236,7 +249,9 @@ SETTINGS = (
     Setting("worker.hostname", _str, None,
             "The worker's node name (`-n` overrides), as Celery's `-n`: what `celery "
             "inspect`, `taskd inspect` and monitors show, and what `-d/--destination` "
-            "picks. Default: `taskd@<host name>`. Give each worker on one broker its own."),
+            "picks, and the `hostname` of every event. `%h` is the host name, `%n` its first "
+            "label, `%d` its domain. Default: `taskd@%h`. Give each worker on one broker "
+            "its own. Read at start."),
     # -- remote control and revoke (issue 16; docs/remote-control.md) --
     Setting("worker.remote_control", _bool, True,
             "Answer Celery's remote-control commands (`celery inspect`, `celery control`, "
@@ -256,6 +271,17 @@ SETTINGS = (
             "RabbitMQ stream (`x-queue-type: stream`) that keeps revokes for "
             "`worker.revoke_ttl`; each worker replays it at start. Clients and workers "
             "must name the same one."),
+    # -- events and metrics (docs/monitoring.md) --
+    Setting("worker.send_events", _bool, False,
+            "Publish Celery events (task-received/started/succeeded/failed/retried/revoked/"
+            "rejected, worker-online/heartbeat/offline) to the `celeryev` exchange, for "
+            "Flower and celery-exporter (`-E` turns it on). Best effort, unconfirmed. Read "
+            "at start: a reload does not change it."),
+    Setting("metrics.listen", _listen, None,
+            "`HOST:PORT` where the supervisor serves `/metrics` (Prometheus text format; "
+            "needs the `metrics` extra) and `/healthz` (200 while consuming, else 503). "
+            "Default: off. Keep it on a private address: it has no authentication. Read at "
+            "start."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
 )

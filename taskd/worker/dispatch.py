@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from .. import protocol
 from ..exceptions import InvalidTaskMessage, NotRegistered
+from . import lifecycle
 from .framing import encode_job
 from .schedule import Schedule
 
@@ -39,6 +40,7 @@ class Dispatcher:
         self._timer: Optional[asyncio.TimerHandle] = None       # the schedule's
         self._handle: Optional[asyncio.Handle] = None           # dispatch_soon's
         self.total: collections.Counter = collections.Counter()    # task name -> started
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -138,6 +140,7 @@ class Dispatcher:
     def started(self, child: Any, job: Any) -> None:
         """A child starts ``job``: arm its hard time limit."""
         self.total[job.task_name] += 1
+        self.lifecycle.started(job, child.pid)
         if job.hard_limit:
             job.timer = self.loop.call_later(job.hard_limit, self._time_limit_hit, child, job,
                                              job.hard_limit)

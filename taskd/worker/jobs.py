@@ -32,7 +32,7 @@ class Job:
 
     __slots__ = ("seq", "tag", "channel", "queue", "exchange", "routing_key", "properties",
                  "body", "request", "timer", "timed_out", "redelivered", "hard_limit", "key",
-                 "epoch", "terminated")
+                 "epoch", "terminated", "received_at")
 
     def __init__(self, seq: int, tag: int, channel: Any, queue: str, exchange: str,
                  routing_key: str, properties: pika.BasicProperties, body: bytes,

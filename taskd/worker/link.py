@@ -21,7 +21,7 @@ import logging
 from typing import Any, Optional
 
 from ..exceptions import ConfigError
-from . import recovery
+from . import lifecycle, recovery
 from .amqp import AsyncChannel, max_message_size
 from .stopping import EX_CONFIG, EX_UNAVAILABLE
 
@@ -41,6 +41,7 @@ class Link:
         self.reconnecting = True            # until the first connection is up
         self.pacer = recovery.ReconnectPacer()
         self.mailbox: Any = None            # remote control, opened before the consumer
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     @property
     def connected(self) -> bool:
@@ -79,6 +80,7 @@ class Link:
         if ok:
             self.reconnecting = False
             self.pacer.connected()
+            self.lifecycle.connected(self.publisher)
         return ok
 
     async def close(self) -> None:
@@ -94,6 +96,7 @@ class Link:
             return
         self.reconnecting = True
         self.counters["connection_lost"] += 1
+        self.lifecycle.disconnected()
         limit = max_message_size(reason)
         if limit:
             self.replies.broker_max_size = limit

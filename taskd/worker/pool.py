@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from . import child as child_mod
 from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
-from . import framing
+from . import framing, lifecycle
 from .framing import ImportFailed, Outcome, Ready
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Pool:
         self.next_spawn_at = 0.0    # monotonic; back-off after start-up failures
         self.last_failure = None
         self._emptied = []          # futures resolved once no child is left
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     # -- queries ------------------------------------------------------------
     def busy(self) -> list[Child]:
@@ -132,6 +133,7 @@ class Pool:
         self.children[pid] = child
         self.loop.add_reader(out_r, self._on_readable, child)
         log.debug("spawned child %d (pid %d, generation %d)", index, pid, generation)
+        self.lifecycle.child_started(child)
         return child
 
     def trial(self, imports: Iterable[str], memory_limit: int) -> tuple[Child, asyncio.Future]:
@@ -343,6 +345,7 @@ class Pool:
         child.exit_status = status
         was_starting = child.state == STARTING
         job, unstarted = child.job, list(child.queued)
+        self.lifecycle.child_exited(child, exit_cause(child, status, job, was_starting))
         child.state, child.job = DEAD, None
         child.queued.clear()
         if child.from_child is not None:
@@ -374,6 +377,21 @@ class Pool:
         else:
             log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
         self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
+
+
+def exit_cause(child: Child, status: Optional[int], job: Any, was_starting: bool) -> str:
+    """Why ``child`` left, in one word (a metric's label: a short, fixed set)."""
+    if was_starting:
+        return "start_failed"
+    if child.fault:
+        return "broken_stream"
+    if job is not None and getattr(job, "timed_out", False):
+        return "time_limit"
+    if child.state == RETIRING and job is None:
+        return "retired"
+    if status is not None and os.WIFSIGNALED(status):
+        return "killed"
+    return "exited"
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:

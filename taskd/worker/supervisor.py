@@ -42,10 +42,10 @@ import collections
 import logging
 import re
 import signal
-import socket
 import time
 from typing import Any, Optional
 
+from . import events, lifecycle, metrics
 from .acker import Acker
 from .beat import Beat
 from .consumer import Consumer
@@ -75,7 +75,7 @@ class Supervisor:
                  hostname: Optional[str] = None) -> None:
         self.config, self.config_path = config, config_path
         # The node name (-n, worker.hostname), read once: a reload does not rename a node.
-        self.hostname = hostname or config["worker.hostname"] or f"taskd@{socket.gethostname()}"
+        self.hostname = events.node_name(hostname or config["worker.hostname"])
         self.queue_override, self.concurrency_override = queues, concurrency
         self.queues = self.queues_for(config)
         self.concurrency = concurrency or config["worker.concurrency"]
@@ -125,6 +125,13 @@ class Supervisor:
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
+        # Observers of the lifecycle seam (None when off): events and metrics.
+        self.events = events.for_config(config, self.hostname, loop, pool, self.counters)
+        self.metrics = metrics.for_config(config, pool, dispatcher, self.link, shutdown,
+                                          self.counters)
+        self.lifecycle = observers = lifecycle.combine((self.events, self.metrics))
+        for part in (self.intake, dispatcher, outcomes, pool, spawner, self.link, shutdown):
+            part.lifecycle = observers
 
     def queues_for(self, config: Any) -> tuple:
         """The queues this worker consumes under ``config`` (``-Q`` wins)."""
@@ -144,10 +151,13 @@ class Supervisor:
     async def _main(self) -> None:
         self._install_signals()
         await self.control.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         try:
             await self._start()
         finally:
             self.control.close()
+            self.lifecycle.close()
             # Before the loop closes its wake-up pipe: a signal arriving in between
             # (a child's SIGCHLD) would hit a closed fd and print a traceback.
             for sig in self._signals:
