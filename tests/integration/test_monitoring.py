@@ -16,7 +16,7 @@ import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BROKER_URL, ROOT, wait_for
+from conftest import BROKER_URL, PYTHONPATH, ROOT, wait_for
 from tcpproxy import Proxy
 
 CELERY_FIELDS = {"type", "hostname", "timestamp", "utcoffset", "pid", "clock"}
@@ -182,12 +182,17 @@ def _scrape(base):
             for s in family.samples}
 
 
-def test_flower_lists_the_workers_tasks_from_its_events(topo, workers, app_for, tmp_path):
+def test_flower_lists_the_worker_and_its_tasks(topo, workers, app_for, tmp_path):
+    """Flower's task list comes from the worker's events, its worker list (stats,
+    queues, registered tasks) from remote control: both reach a taskd worker."""
     node = f"taskd-fl-{uuid.uuid4().hex[:8]}@test"
     port = free_port()
-    env = dict(os.environ, FLOWER_UNAUTHENTICATED_API="true")
+    # celeryctl: a Celery app whose control name space is this test's (conftest's
+    # Topology gives each test worker its own), so Flower's inspect reaches this worker.
+    env = dict(os.environ, FLOWER_UNAUTHENTICATED_API="true", PYTHONPATH=PYTHONPATH,
+               TASKD_BROKER_URL=BROKER_URL, CELERYCTL_EXCHANGE=topo.prefix + "ctl")
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "--broker", BROKER_URL, "flower",
+        [sys.executable, "-m", "celery", "-A", "celeryctl", "--broker", BROKER_URL, "flower",
          f"--port={port}", "--address=127.0.0.1", f"--db={tmp_path / 'flower.db'}",
          "--persistent=False", "--inspect_timeout=500"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -227,6 +232,13 @@ def test_flower_lists_the_workers_tasks_from_its_events(topo, workers, app_for, 
         status, body = get(base + "/workers?json=1")
         listed = {w["hostname"]: w for w in json.loads(body)["data"]}
         assert status == 200 and listed[node]["status"] is True
+        # Its API's worker list asks the workers over remote control.
+        status, body = get(base + "/api/workers?refresh=1")
+        info = json.loads(body)[node]
+        assert status == 200 and info["stats"]["pool"]["max-concurrency"] == 2
+        assert info["stats"]["total"].get("ttasks.add", 0) >= 2
+        assert [q["name"] for q in info["active_queues"]] == [topo.name("celery")]
+        assert "ttasks.add" in info["registered"]
     finally:
         flower.terminate()
         try:
