@@ -23,6 +23,7 @@ from typing import Any, Optional
 from ..exceptions import ConfigError
 from . import recovery
 from .amqp import AsyncChannel, max_message_size
+from .consumer import prefetch_base
 from .stopping import EX_CONFIG, EX_UNAVAILABLE
 
 log = logging.getLogger("taskd.supervisor")
@@ -58,7 +59,7 @@ class Link:
         self.publisher = self.replies.publisher = self.channel("taskd-worker-publish")
         await self.publisher.open()
         await self.publisher.enable_confirms()
-        base = host.concurrency * host.config["worker.prefetch_multiplier"]
+        base = prefetch_base(host.concurrency, host.config)
         self.acker.attach(await self.consumer.open(host.queues, base))
 
     async def connect(self) -> bool:
