@@ -382,7 +382,7 @@ class Pool:
                       self.last_failure or "no reason given", delay)
         elif job is not None:
             log.error("child %d (pid %d) %s while running %s", child.index, child.pid, reason,
-                      ", ".join(getattr(j, "describe", lambda: j)() for j in [job, *others]))
+                      ", ".join(str(getattr(j, "describe", lambda: j)()) for j in [job, *others]))
         else:
             log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
         self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
