@@ -183,6 +183,7 @@ class Server:
         self.busy = 0                       # jobs started and not reported
         self.closed = False                 # the supervisor closed the job pipe
         self.error: Optional[BaseException] = None    # what ends the child (a bug)
+        self.outbox: list = []              # outcome frames not yet written
 
     def start(self) -> None:
         self.ev.add_reader(self.read_fd, self._on_readable)
@@ -231,7 +232,7 @@ class Server:
                 self._done(job, outcome, started)
         self._title()
         if self.closed and not self.busy:
-            self.ev.stop()
+            self.ev.call_soon(self.ev.stop)     # after the last outcomes are written
 
     async def _run(self, task: Any, job: framing.Job, started: float) -> None:
         try:
@@ -243,8 +244,20 @@ class Server:
             self._fatal(exc)
 
     def _done(self, job: framing.Job, outcome: tuple, started: float) -> None:
+        """Report ``job``'s outcome; the outcomes of coroutines that end in the same turn
+        of the loop go up in one write."""
         self.busy -= 1
-        child_mod.report(self.write_fd, job, outcome, started, self.process, self.memory_limit)
+        self.outbox.append(child_mod.outcome_frame(job, outcome, started, self.process,
+                                                   self.memory_limit))
+        if len(self.outbox) == 1:
+            self.ev.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            data, self.outbox = b"".join(self.outbox), []
+            framing.write_all(self.write_fd, data)
+        except BaseException as exc:
+            self._fatal(exc)
 
     def _title(self) -> None:
         setproctitle(f"taskd: child {self.index} {self.busy} running" if self.busy

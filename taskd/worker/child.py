@@ -162,11 +162,17 @@ def memory_probe(memory_limit: int) -> Any:
 def report(write_fd: int, job: framing.Job, outcome: tuple, started: float, process: Any,
            memory_limit: int) -> None:
     """Write ``job``'s outcome (what :func:`run_job` returned) up the pipe."""
+    framing.write_all(write_fd, outcome_frame(job, outcome, started, process, memory_limit))
+
+
+def outcome_frame(job: framing.Job, outcome: tuple, started: float, process: Any,
+                  memory_limit: int) -> bytes:
+    """The frame of ``job``'s outcome, with its runtime and the child's memory."""
     status, body, content_type, encoding, error, retry = outcome
     runtime = time.monotonic() - started
     rss = memory_used(process, memory_limit) if process is not None else 0
-    framing.write_all(write_fd, framing.encode_record(Outcome(
-        job.seq, status, body, content_type, encoding, runtime, rss, error, retry)))
+    return framing.encode_record(Outcome(job.seq, status, body, content_type, encoding,
+                                         runtime, rss, error, retry))
 
 
 def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tuple:

@@ -177,7 +177,10 @@ class Supervisor:
         self.outcomes.ran(job, outcome)
         self.spawner.recycle(child)
         self.spawner.manage()
-        self.dispatcher.dispatch()
+        if child.slots > 1:     # outcomes come in bursts: refill once, one write per child
+            self.dispatcher.dispatch_soon()
+        else:
+            self.dispatcher.dispatch()
 
     def on_child_lost(self, child: Any, job: Any, reason: str, unstarted: list = ()) -> None:
         if unstarted:       # sent in advance, never started: first in line again
