@@ -121,6 +121,8 @@ def main(index: int, read_fd: int, write_fd: int, imports: Iterable[str], memory
             framing.write_all(write_fd, framing.encode_record(ImportFailed(message,
                                                                    traceback.format_exc())))
             os._exit(EXIT_IMPORT_FAILED)
+        if async_concurrency > 1 or any(map(aiochild.is_async, task_mod.registry.values())):
+            aiochild.loop()     # before the hook, so that it can bind clients to this loop
         signals.worker_process_init.send(sender=None)
         limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
         framing.write_all(write_fd, framing.encode_record(Ready(os.getpid(), limits)))

@@ -39,6 +39,7 @@ def test_coroutines_run_together_on_one_loop_per_child_with_limits_retries_and_s
     naps = [r.get(timeout=20) for r in results]
     pids = {n["pid"] for n in naps}
     assert len(pids) == 1 and {n["loops"] for n in naps} == {1}
+    assert all(n["init_loop"] for n in naps)    # worker_process_init saw the same loop
     starts = sorted(n["started"] for n in naps)
     assert starts[-1] - starts[0] < 0.5, "the last started after the first had finished"
 
@@ -107,6 +108,6 @@ def test_an_async_task_on_a_worker_of_plain_children(topo, workers, app_for):
     first = app.send_task("aiotasks.nap", [0.01]).get(timeout=10)
     assert app.send_task("ttasks.add", [2, 2]).get(timeout=10) == 4
     second = app.send_task("aiotasks.nap", [0.01]).get(timeout=10)
-    assert first["pid"] == second["pid"] and second["loops"] == 1
+    assert first["pid"] == second["pid"] and second["loops"] == 1 and second["init_loop"]
     assert app.send_task("aiotasks.soft", [10], soft_time_limit=0.2).get(timeout=10) == \
         "caught SoftTimeLimitExceeded"

@@ -20,8 +20,12 @@ def _note(line):
             fh.write(f"{line}\n")
 
 
+INIT_LOOP = []      # the loop current when worker_process_init ran
+
+
 @signals.worker_process_init.connect
 def _child_ready(sender=None, **kwargs):
+    INIT_LOOP.append(id(asyncio.get_event_loop()))
     _note(f"worker_process_init {os.getpid()} -")
 
 
@@ -65,7 +69,8 @@ async def nap(seconds, token=None):
     LOOPS.add(id(asyncio.get_running_loop()))
     started = time.time()
     await asyncio.sleep(seconds)
-    return {"pid": os.getpid(), "loops": len(LOOPS), "started": started, "token": token}
+    return {"pid": os.getpid(), "loops": len(LOOPS), "started": started, "token": token,
+            "init_loop": INIT_LOOP == [id(asyncio.get_running_loop())]}
 
 
 @app.task(name="aiotasks.soft")
