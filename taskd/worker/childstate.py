@@ -59,6 +59,16 @@ class Child:
         """When its oldest running job started (monotonic), or None."""
         return next(iter(self.running.values()), None)
 
+    def running_job(self, seq: Any) -> Any:
+        """The running job an outcome is for: the only one, else the one with that
+        ``seq`` (None if there is none)."""
+        if len(self.running) == 1:
+            return self.job
+        for job in self.running:
+            if getattr(job, "seq", None) == seq:
+                return job
+        return None
+
     def __repr__(self) -> str:
         return f"<child {self.index} pid={self.pid} {self.state}>"
 

@@ -251,7 +251,7 @@ class Pool:
             log.error("child %d sent a frame of no known kind: ignored", child.index)
 
     def _on_outcome(self, child: Child, outcome: Outcome) -> None:
-        job = _finished(child, outcome.seq)
+        job = child.running_job(outcome.seq)
         if job is None:
             log.error("child %d sent the outcome of a job it was not running (seq %r): "
                       "ignored", child.index, outcome.seq)
@@ -388,16 +388,6 @@ class Pool:
         self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
         for other in others:        # each redelivered (or failed, if it timed out) as well
             self._call(self.on_lost, child, other, reason, [], give_back=other)
-
-
-def _finished(child: Child, seq: Any) -> Any:
-    """The running job an outcome is for: the only one, or the one with its ``seq``."""
-    if len(child.running) == 1:
-        return child.job
-    for job in child.running:
-        if getattr(job, "seq", None) == seq:
-            return job
-    return None
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:
