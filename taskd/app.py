@@ -285,7 +285,8 @@ class App:
                 # A publisher per call, closed after it (its channel with it).
                 with Publisher(self, connection=options.connection) as borrowed:
                     sent = borrowed.publish(message, route, options)
-            signals.after_task_publish.send(sender=name, body=body, exchange=route.exchange,
+            signals.after_task_publish.send(sender=name, body=body, headers=message.headers,
+                                            exchange=route.exchange,
                                             routing_key=route.routing_key)
             result = AsyncResult(options.task_id, app=self, task_name=name,
                                  reply_to=sent.reply_to)

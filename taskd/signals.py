@@ -160,4 +160,5 @@ task_retry = Signal("task_retry", ("request", "reason", "einfo"))
 before_task_publish = Signal("before_task_publish",
                              ("body", "exchange", "routing_key", "headers", "properties",
                               "declare", "retry_policy"))
-after_task_publish = Signal("after_task_publish", ("body", "exchange", "routing_key"))
+after_task_publish = Signal("after_task_publish",
+                            ("body", "headers", "exchange", "routing_key"))

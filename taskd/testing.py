@@ -114,8 +114,8 @@ def run(app: Any, name: str, args: Any, kwargs: Any, options: Any, route: Any,
         headers=message.headers, properties={"correlation_id": message.correlation_id,
                                              "reply_to": None, "priority": message.priority},
         declare=list(route.declare), retry_policy=options.retry_policy)
-    signals.after_task_publish.send(sender=name, body=body, exchange=route.exchange,
-                                    routing_key=route.routing_key)
+    signals.after_task_publish.send(sender=name, body=body, headers=message.headers,
+                                    exchange=route.exchange, routing_key=route.routing_key)
     headers, payload = message.headers, message.body
     ctype, encoding = message.content_type, message.content_encoding
     accept = serialization.accept_set(app.config["accept_content"])

@@ -31,8 +31,8 @@ def test_coroutines_run_together_on_one_loop_per_child_with_limits_retries_and_s
         published.append(("before", os.getpid(), sender, headers["id"], routing_key))
 
     @signals.after_task_publish.connect(sender="aiotasks.nap")
-    def after(sender=None, **kwargs):
-        published.append(("after", os.getpid(), sender))
+    def after(sender=None, headers=None, **kwargs):
+        published.append(("after", os.getpid(), headers["task"]))
 
     # ten coroutines that each await 0.5 s run at once in the one child, on one loop
     results = [app.send_task("aiotasks.nap", [0.5, i]) for i in range(10)]
