@@ -53,6 +53,12 @@ def _number(minimum=0.0, allow_none=False):
     return check
 
 
+def _seconds_or_off(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        return None, "a number of seconds >= 0 (0: off)"
+    return float(v), None
+
+
 def _bool(v):
     return (v, None) if isinstance(v, bool) else (None, "true or false")
 
@@ -282,6 +288,22 @@ SETTINGS = (
             "needs the `metrics` extra) and `/healthz` (200 while consuming, else 503). "
             "Default: off. Keep it on a private address: it has no authentication. Read at "
             "start."),
+    # -- async def tasks and the test mode (docs/asyncio.md, docs/testing.md) --
+    Setting("worker.async_concurrency", _int(1), 1,
+            "Coroutines (`async def` tasks) each child runs at once on its event loop. The "
+            "worker's prefetch becomes concurrency x this x `prefetch_multiplier`. Above 1, "
+            "a plain `def` task in the same worker runs on the loop's thread and holds up "
+            "the coroutines while it runs: give such tasks their own worker."),
+    Setting("worker.async_block_warning", _seconds_or_off, 1.0,
+            "Log a warning naming the task when a coroutine keeps its child's event loop "
+            "this many seconds without awaiting (0: never)."),
+    Setting("task_always_eager", _bool, False,
+            "Client: run every task in the calling process instead of sending it (for "
+            "tests; `with app.testing():` does it for a block). The message is still "
+            "encoded, routed and decoded as it would be for a worker."),
+    Setting("task_eager_propagates", _bool, False,
+            "Client, in the test mode: a task that fails raises its exception from the "
+            "call itself (`delay`, `apply_async`) instead of only from `get()`."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
 )

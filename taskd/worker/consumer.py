@@ -4,7 +4,7 @@ One :class:`Consumer` lives as long as the supervisor; each (re)connection
 opens a new consuming channel in :meth:`Consumer.open`, which declares the
 worker's topology, sets the prefetch and consumes every queue
 (:class:`~taskd.worker.consumers.Consumers` keeps the tags and answers broker
-cancels). The prefetch is ``base`` (concurrency times the prefetch multiplier)
+cancels). The prefetch is ``base`` (:func:`prefetch_base`)
 plus room for the ETA jobs held in memory (:meth:`Consumer.hold`), so that held
 jobs do not starve the rest.
 """
@@ -20,6 +20,13 @@ from .amqp import AsyncChannel, ChannelLost
 from .consumers import Consumers
 
 MAX_PREFETCH = 65535
+
+
+def prefetch_base(concurrency: int, config: Any) -> int:
+    """The QoS before ETA jobs: every job the children may run at once (``concurrency`` x
+    ``worker.async_concurrency``) x ``worker.prefetch_multiplier``."""
+    return (concurrency * config["worker.async_concurrency"]
+            * config["worker.prefetch_multiplier"])
 
 
 class Consumer:

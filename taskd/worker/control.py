@@ -30,7 +30,7 @@ def snapshot(sup: Any) -> dict:
             "index": c.index, "pid": c.pid, "generation": c.generation, "state": c.state,
             "task": job.task_name if job else None, "task_id": job.task_id if job else None,
             "running_for": round(now - c.job_started, 3) if job and c.job_started else None,
-            "tasks_done": c.tasks_done, "rss": c.rss,
+            "running": len(c.running), "tasks_done": c.tasks_done, "rss": c.rss,
         })
     return {
         "pid": os.getpid(),

@@ -133,8 +133,8 @@ class Dispatcher:
                 else:
                     rooms[child] -= 1
         for child, (batch, frames) in batches.items():
-            started = self.pool.send(child, batch, b"".join(frames) if len(frames) > 1 else frames[0])
-            if started is not None:
+            data = b"".join(frames) if len(frames) > 1 else frames[0]
+            for started in self.pool.send(child, batch, data):
                 self.started(child, started)
 
     def started(self, child: Any, job: Any) -> None:
@@ -175,7 +175,7 @@ class Dispatcher:
             return None
 
     def _time_limit_hit(self, child: Any, job: Any, limit: float) -> None:
-        if child.job is job:
+        if job in child.running:
             log.error("task %s exceeded its hard time limit (%gs): killing child %d (pid %d)",
                       job.describe(), limit, child.index, child.pid)
             job.timed_out = limit

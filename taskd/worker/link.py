@@ -23,6 +23,7 @@ from typing import Any, Optional
 from ..exceptions import ConfigError
 from . import lifecycle, recovery
 from .amqp import AsyncChannel, max_message_size
+from .consumer import prefetch_base
 from .stopping import EX_CONFIG, EX_UNAVAILABLE
 
 log = logging.getLogger("taskd.supervisor")
@@ -62,7 +63,7 @@ class Link:
         await self.publisher.enable_confirms()
         if self.mailbox is not None:        # revokes are known before any task arrives
             await self.mailbox.open()
-        base = host.concurrency * host.config["worker.prefetch_multiplier"]
+        base = prefetch_base(host.concurrency, host.config)
         self.acker.attach(await self.consumer.open(host.queues, base))
 
     async def connect(self) -> bool:

@@ -89,7 +89,7 @@ class Shutdown:
             self.stopped.set_result(None)
 
     def _running(self) -> list:
-        return [c.job.describe() for c in self.pool.busy()]
+        return [job.describe() for c in self.pool.busy() for job in c.running]
 
     def check_drained(self) -> None:
         """A warm shutdown is drained once no task runs and no ack or confirm waits."""

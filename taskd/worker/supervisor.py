@@ -48,7 +48,7 @@ from typing import Any, Optional
 from . import events, lifecycle, metrics
 from .acker import Acker
 from .beat import Beat
-from .consumer import Consumer
+from .consumer import Consumer, prefetch_base
 from . import control
 from .copies import Copies
 from .dispatch import Dispatcher
@@ -89,7 +89,9 @@ class Supervisor:
         self.pool = pool = Pool(loop, config["imports"],
                                 memory_limit=config["worker.max_memory_per_child"],
                                 on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                                on_lost=self.on_child_lost)
+                                on_lost=self.on_child_lost,
+                                async_concurrency=config["worker.async_concurrency"],
+                                block_warning=config["worker.async_block_warning"])
         self.acker = acker = Acker(loop, self.in_hand, batch=self.ack_batch())
         self.consumer = consumer = Consumer(loop, None, None, config)
         self.replies = replies = Replies(loop, acker.complete, self.counters,
@@ -200,7 +202,10 @@ class Supervisor:
         self.outcomes.ran(job, outcome)
         self.spawner.recycle(child)
         self.spawner.manage()
-        self.dispatcher.dispatch()
+        if child.slots > 1:     # outcomes come in bursts: refill once, one write per child
+            self.dispatcher.dispatch_soon()
+        else:
+            self.dispatcher.dispatch()
 
     def on_child_lost(self, child: Any, job: Any, reason: str, unstarted: list = ()) -> None:
         if unstarted:       # sent in advance, never started: first in line again
@@ -217,12 +222,12 @@ class Supervisor:
 
     def ack_batch(self) -> int:
         """Completed deliveries that are acked at once, without waiting for ACK_DELAY."""
-        return max(1, self.concurrency * self.config["worker.prefetch_multiplier"] // 4)
+        return max(1, prefetch_base(self.concurrency, self.config) // 4)
 
     def resize(self) -> None:
         """The pool's size changed (TTIN, TTOU, a reload): so do the prefetch and batch."""
         self.acker.batch = self.ack_batch()
-        self.consumer.resize(self.concurrency * self.config["worker.prefetch_multiplier"])
+        self.consumer.resize(prefetch_base(self.concurrency, self.config))
 
     # == signals (SIGHUP: the reloader; SIGCHLD: the pool) ==================================
     def handle_term(self) -> None:
@@ -275,6 +280,8 @@ class Supervisor:
         self.replies.pattern = re.compile(new["worker.reply_to_pattern"])
         self.replies.max_result_size = new["worker.max_result_size"]
         self.outcomes.config = self.dispatcher.config = self.consumer.config = new
+        self.pool.async_concurrency = new["worker.async_concurrency"]    # children forked
+        self.pool.block_warning = new["worker.async_block_warning"]      # from now on
         self.shutdown.config = new
         self.intake.configure(new)
         self.beat.configure(new)
