@@ -46,7 +46,9 @@ def mask_value(name, value):
     if is_secret(name):
         return MASK
     if str(name).endswith("url") and isinstance(value, str):
-        return mask_url(value)
+        return ";".join(mask_url(u) for u in value.split(";"))
+    if str(name).endswith("url") and isinstance(value, (list, tuple)):
+        return [mask_url(u) if isinstance(u, str) else u for u in value]
     return value
 
 

@@ -20,6 +20,7 @@ import collections
 import logging
 from typing import Any, Optional
 
+from ..broker.connection import describe_node
 from ..exceptions import ConfigError
 from . import recovery
 from .amqp import AsyncChannel, max_message_size
@@ -40,6 +41,7 @@ class Link:
         self.publisher: Optional[AsyncChannel] = None
         self.reconnecting = True            # until the first connection is up
         self.pacer = recovery.ReconnectPacer()
+        self.nodes = host.config.nodes()   # shared by both connections: they fail over together
 
     @property
     def connected(self) -> bool:
@@ -50,7 +52,7 @@ class Link:
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
                             on_lost=self.on_lost, on_return=self.copies.on_return,
-                            tls=cfg["broker.tls"])
+                            tls=cfg["broker.tls"], nodes=self.nodes)
 
     async def open(self) -> None:
         """Open both connections, declare the topology, set QoS and start consuming."""
@@ -114,6 +116,7 @@ class Link:
                 self.shutdown.fail(EX_UNAVAILABLE)
                 await self.shutdown.run(cold=False)
             return
-        log.info("reconnected; consuming %s again", ", ".join(self.host.queues))
+        log.info("reconnected to %s; consuming %s again", describe_node(self.consumer.conn.url),
+                 ", ".join(self.host.queues))
         self.replies.resend()
         self.status.notifier.ready(self.status.line())
