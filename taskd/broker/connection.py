@@ -87,6 +87,9 @@ def describe_failure(url, exc, connect_timeout, tls=None):
         reason = str(inner) or type(inner).__name__
         if isinstance(inner, pika.exceptions.AMQPConnectionError) and inner.args:
             reason = str(inner.args[0]) or reason
+        cause = getattr(inner, "exception", None)      # pika's connector phase errors
+        if isinstance(cause, OSError):
+            reason = cause.strerror or str(cause) or type(cause).__name__
     if isinstance(exc, pika.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in reason:
         reason = "authentication failed (check the user and password in the broker URL)"
     if "timed out" in reason.lower() or "timeout" in reason.lower():
