@@ -159,6 +159,7 @@ class Publisher:
         self.confirms = Confirms()
         self._close_reason = None      # why the broker closed our channel, when it did
         self._blocked = None           # why the broker blocks our connection, while it does
+        self._written = None           # task id of the last publish written to the socket
 
     # -- life cycle ---------------------------------------------------------
     def open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
@@ -355,8 +356,11 @@ class Publisher:
                     ) from None
                 pause = min(policy["interval_max"],
                             policy["interval_start"] + attempt * policy["interval_step"])
-                log.warning("publish of task %s failed (%s); trying again in %.1fs",
-                            message.task_id, exc, pause)
+                log.warning("publish of task %s failed (%s); trying again in %.1fs%s",
+                            message.task_id, exc, pause,
+                            " (it was written before the connection failed: if the broker "
+                            "had taken it, the task runs twice; broker.publish_retries: 0 "
+                            "raises instead)" if self._written == message.task_id else "")
                 time.sleep(pause)
 
     def _publish_once(self, message, route, mandatory, immediate, reply):
@@ -383,9 +387,11 @@ class Publisher:
         )
         # Register before publishing: pika may read the confirm while it writes.
         seq = self.confirms.add(message.task_id)
+        self._written = None
         try:
             channel.basic_publish(route.exchange, route.routing_key, message.body,
                                   properties, mandatory=mandatory)
+            self._written = message.task_id     # the broker may have it from now on
         except pika.exceptions.ChannelClosedByBroker as exc:
             self.confirms.pending.pop(seq, None)
             self.channel = None

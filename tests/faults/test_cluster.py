@@ -69,13 +69,19 @@ def test_the_workers_node_killed_mid_stream_every_confirmed_task_runs_once(
 
 
 def test_the_client_keeps_sending_through_the_failover(topo, workers, app_for, cluster,
-                                                       tmp_path):
+                                                       tmp_path, caplog):
+    """Every confirmed send runs; a send that raises is reported. A send whose connection
+    died after the message was written is sent again (broker.publish_retries) and may run
+    twice, if the broker had taken the first copy: the client says so in its log, and only
+    such a send may run twice."""
     a, b, c = cluster.nodes
     workers(config(topo, [c.url, a.url, b.url])).ready()
     app = app_for(config(topo, [b.url, c.url, a.url]))       # the client starts on node b
     out = tmp_path / "runs.txt"
     confirmed, raised = [], []
     killed = threading.Event()
+
+    slowest = [0.0]
 
     def kill_b():
         wait_for(lambda: len(confirmed) >= 50, timeout=30, message="50 sends")
@@ -89,9 +95,12 @@ def test_the_client_keeps_sending_through_the_failover(topo, workers, app_for, c
             and time.monotonic() < deadline:
         token = f"s{i}"
         i += 1
+        sent_at = time.monotonic()
         try:
-            app.send_task("ttasks.record", [str(out), token], ignore_result=True)
+            app.send_task("ttasks.record", [str(out), token], ignore_result=True,
+                          task_id=f"id-{token}")
             confirmed.append(token)
+            slowest[0] = max(slowest[0], time.monotonic() - sent_at)
         except Exception as exc:           # reported, never silent
             raised.append((token, repr(exc)))
         if killed.is_set() and i >= 200:
@@ -100,13 +109,16 @@ def test_the_client_keeps_sending_through_the_failover(topo, workers, app_for, c
     assert killed.is_set()
     publisher = app.session().publisher
     assert publisher.connection.taskd_url != b.url        # it moved to another node
-    print(f"client: {len(confirmed)} sends confirmed, {len(raised)} raised: {raised[:3]}")
+    print(f"client: {len(confirmed)} sends confirmed, {len(raised)} raised: {raised[:3]}; "
+          f"slowest confirmed send {slowest[0]:.2f}s")
     assert len(raised) <= 3, raised      # the retries absorb a node's loss
     wait_for(lambda: set(confirmed) <= set(executions(out)), timeout=30,
              message="every confirmed send run")
     time.sleep(1.0)
-    counts = executions(out)
-    assert {t: k for t, k in counts.items() if t in confirmed and k > 1} == {}
+    twice = {t for t, k in executions(out).items() if k > 1}
+    resent = {r.args[0].removeprefix("id-") for r in caplog.records
+              if "it was written before the connection failed" in r.getMessage()}
+    assert twice <= resent, (twice, resent)
 
 
 def test_a_restarted_node_rejoins_and_serves_the_clients_that_list_it_first(
@@ -129,19 +141,27 @@ def test_a_restarted_node_rejoins_and_serves_the_clients_that_list_it_first(
     print(f"node restart: up and rejoined in {restart:.1f}s")
 
 
-def test_a_cut_connection_moves_the_worker_to_the_next_node(topo, workers, app_for, cluster):
+@pytest.mark.parametrize("fault", ["cut"])
+def test_a_cut_connection_moves_the_worker_to_the_next_node(topo, workers, app_for, cluster,
+                                                           fault):
+    """``cut``: both directions closed (a reset). ``freeze`` (nothing more forwarded, nothing
+    closed: a partition) works too but costs about 13 s with heartbeat 2, pika checking
+    for received frames every heartbeat + 5 s: run it by hand with ``fault`` "freeze"."""
     a, b, c = cluster.nodes
     proxy = Proxy(target=("127.0.0.1", a.port)).start()
     try:
-        w = workers(config(topo, [proxy.url, b.url, c.url])).ready()
+        w = workers(config(topo, [proxy.url, b.url, c.url], heartbeat=2)).ready()
         app = app_for(config(topo, [c.url]))
         assert app.send_task("ttasks.add", [1, 2]).get(timeout=15) == 3
         cut_at = time.monotonic()
-        assert proxy.cut() >= 2             # the consuming and the publishing connection
+        if fault == "cut":      # the consuming and the publishing connection
+            assert proxy.cut() >= 2
+        else:
+            assert len(proxy.freeze()) >= 2
         w.wait_log(f"reconnected to 127.0.0.1:{b.port}", timeout=20)
         moved = time.monotonic() - cut_at
         assert app.send_task("ttasks.add", [2, 2]).get(timeout=15) == 4
         assert w.proc.poll() is None
-        print(f"connection cut: the worker consumed from the next node {moved:.1f}s later")
+        print(f"connection {fault}: the worker consumed from the next node {moved:.1f}s later")
     finally:
         proxy.stop()
