@@ -179,12 +179,17 @@ class Publisher:
             self._renew_channel()
         if self.channel is None or not self.channel.is_open:
             self.confirms.lost("its channel closed", channel_closed=True)
-            self.channel = self.connection.channel()
+            self.channel = channel = self.connection.channel()
             self._close_reason = None
             selected = []
-            pikashim.watch_channel(self.channel, on_confirm=self.confirms.on_confirm,
-                                   on_return=self.confirms.on_return,
-                                   on_close=self._on_channel_closed, on_selected=selected.append)
+
+            def current(handler):
+                # a channel given up (_drop_channel) settles and closes nothing any more
+                return lambda *args: handler(*args) if self.channel is channel else None
+            pikashim.watch_channel(channel, on_confirm=current(self.confirms.on_confirm),
+                                   on_return=current(self.confirms.on_return),
+                                   on_close=current(self._on_channel_closed),
+                                   on_selected=selected.append)
             self._pump_until(lambda: selected, "confirm.select")
             self._declared = set()
         return self.channel
@@ -201,12 +206,12 @@ class Publisher:
         self._drop_channel()
 
     def _drop_channel(self):
+        """Go on without the current channel: from now on its confirms, returns and close
+        are ignored, and its close is sent without waiting for the broker's answer (a
+        connection that stopped answering must not hang the caller)."""
         channel, self.channel = self.channel, None
-        try:
-            if channel is not None and channel.is_open:
-                channel.close()
-        except (*CONNECTION_ERRORS, pika.exceptions.AMQPError):
-            pass
+        if channel is not None:
+            pikashim.close_channel_nowait(channel)
 
     def _pump_until(self, predicate, what):
         """Run the connection's I/O until ``predicate()`` is true (bounded). If the

@@ -42,6 +42,7 @@ class Link:
         self.reconnecting = True            # until the first connection is up
         self.pacer = recovery.ReconnectPacer()
         self.nodes = host.config.nodes()   # shared by both connections: they fail over together
+        self.urls = host.config.broker_urls
 
     @property
     def connected(self) -> bool:
@@ -49,6 +50,8 @@ class Link:
 
     def channel(self, name: str) -> AsyncChannel:
         cfg = self.host.config
+        if (cfg.broker_urls, cfg["broker.failover"]) != (self.urls, self.nodes.strategy):
+            self.urls, self.nodes = cfg.broker_urls, cfg.nodes()    # a reload changed them
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
                             on_lost=self.on_lost, on_return=self.copies.on_return,

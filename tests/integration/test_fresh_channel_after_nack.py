@@ -68,3 +68,22 @@ def test_the_worker_publishes_on_a_new_channel_after_a_nack(topo, workers, broke
     [(props, body)] = broker.get_all(rq)
     assert props.correlation_id == task_id and json.loads(body)["result"] == 5
     assert "lost the broker connection" not in w.log
+
+
+def test_a_pipelining_publisher_reports_the_nacked_sends_and_goes_on_on_a_new_channel(
+        topo, broker, app_for):
+    name = full_queue(topo, broker)
+    app = app_for(topo.config({"broker": {"url": broker.url}}))
+    publisher = app.get_publisher(window=10)
+    ids = [app.send_task("ttasks.add", [i, i], exchange="", routing_key=name,
+                         ignore_result=True, publisher=publisher).id for i in range(3)]
+    with pytest.raises(PublishError, match=r"3 task\(s\) were not taken") as info:
+        publisher.flush()
+    assert info.value.task_ids == ids
+    nacked_channel = publisher.channel
+    broker.get_all(name)                                        # room again
+    app.send_task("ttasks.add", [1, 1], exchange="", routing_key=name, ignore_result=True,
+                  publisher=publisher)
+    publisher.close()
+    assert not nacked_channel.is_open
+    assert broker.queue_state(name)[0] == 1
