@@ -4,13 +4,17 @@ and a client: failover, quorum queues, a restarted node, a cut connection (issue
 The cluster is started once for this module (about 13 s here) and stopped by PID at the
 end. Select these tests with ``-m cluster``, leave them out with ``-m "not cluster"``.
 """
+import os
+import subprocess
 import threading
 import time
 
 import pytest
 
+import certs
 import cluster as cluster_mod
-from conftest import executions, wait_for
+import rmqnode
+from conftest import PYTHONPATH, ROOT, TASKD, executions, wait_for
 from tcpproxy import Proxy
 
 pytestmark = [pytest.mark.cluster,
@@ -22,8 +26,14 @@ QUORUM = [{"name": "celery", "queue_type": "quorum"}]
 
 
 @pytest.fixture(scope="module")
-def rabbit():
-    c = cluster_mod.Cluster(3).start()
+def pki(tmp_path_factory):
+    return certs.make(tmp_path_factory.mktemp("pki")) if certs.available() else None
+
+
+@pytest.fixture(scope="module")
+def rabbit(pki):
+    tls = pki and rmqnode.TlsFiles(str(pki.ca), str(pki.server_cert), str(pki.server_key))
+    c = cluster_mod.Cluster(3, tls=tls).start()
     yield c
     c.stop()
 
@@ -37,9 +47,10 @@ def cluster(rabbit):
     return rabbit
 
 
-def config(topo, urls, **broker):
+def config(topo, urls, name="taskd.yaml", **broker):
+    """A config file for these node URLs (``name``: a client's file beside the worker's)."""
     return topo.config({"broker": {"url": urls, "connect_timeout": 2, "heartbeat": 5, **broker},
-                        "queues": QUORUM})
+                        "queues": QUORUM}, name=name)
 
 
 def test_the_workers_node_killed_mid_stream_every_confirmed_task_runs_once(
@@ -47,7 +58,7 @@ def test_the_workers_node_killed_mid_stream_every_confirmed_task_runs_once(
     a, b, c = cluster.nodes
     w = workers(config(topo, [a.url, b.url, c.url])).ready()
     assert f"connected to 127.0.0.1:{a.port} (node 1 of 3)" in w.log
-    app = app_for(config(topo, [c.url, b.url, a.url]))       # the client stays on node c
+    app = app_for(config(topo, [c.url, b.url, a.url], "client.yaml"))   # the client: on c
     out = tmp_path / "runs.txt"
     n = 300
     for i in range(n):         # each returns once the broker confirmed it
@@ -78,7 +89,7 @@ def test_the_client_keeps_sending_through_the_failover(topo, workers, app_for, c
     # The worker declares the queue on node b, so b holds its leader: the kill of b makes
     # the client publish to a queue whose new leader may not be elected yet.
     workers(config(topo, [b.url, a.url, c.url])).ready()
-    app = app_for(config(topo, [b.url, c.url, a.url]))       # the client starts on node b
+    app = app_for(config(topo, [b.url, c.url, a.url], "client.yaml"))   # the client: on b
     out = tmp_path / "runs.txt"
     confirmed, raised = [], []
     killed = threading.Event()
@@ -137,7 +148,7 @@ def test_a_restarted_node_rejoins_and_serves_the_clients_that_list_it_first(
     rabbit.restart(b)
     restart = time.monotonic() - started
     assert {n.name for n in rabbit.nodes} == rabbit.running()
-    app = app_for(config(topo, [b.url, c.url]))
+    app = app_for(config(topo, [b.url, c.url], "client.yaml"))
     assert app.send_task("ttasks.add", [2, 3]).get(timeout=15) == 5
     assert app.session().publisher.connection.taskd_url == b.url
     assert w.proc.poll() is None and "lost the broker connection" not in w.log
@@ -154,7 +165,7 @@ def test_a_cut_connection_moves_the_worker_to_the_next_node(topo, workers, app_f
     proxy = Proxy(target=("127.0.0.1", a.port)).start()
     try:
         w = workers(config(topo, [proxy.url, b.url, c.url], heartbeat=2)).ready()
-        app = app_for(config(topo, [c.url]))
+        app = app_for(config(topo, [c.url], "client.yaml"))
         assert app.send_task("ttasks.add", [1, 2]).get(timeout=15) == 3
         cut_at = time.monotonic()
         if fault == "cut":      # the consuming and the publishing connection
@@ -168,3 +179,27 @@ def test_a_cut_connection_moves_the_worker_to_the_next_node(topo, workers, app_f
         print(f"connection {fault}: the worker consumed from the next node {moved:.1f}s later")
     finally:
         proxy.stop()
+
+
+def test_a_worker_fails_over_between_verified_tls_nodes_and_check_config_reports_each(
+        topo, workers, app_for, cluster, pki):
+    if pki is None:
+        pytest.skip("needs openssl")
+    a, b, c = cluster.nodes
+    urls = [n.tls_url for n in cluster.nodes]
+    path = config(topo, urls, tls={"ca_file": str(pki.ca)})
+    w = workers(path).ready()
+    app = app_for(config(topo, [c.tls_url], "client.yaml", tls={"ca_file": str(pki.ca)}))
+    assert app.send_task("ttasks.add", [1, 2]).get(timeout=15) == 3
+    cluster.kill(a)
+    w.wait_log(f"reconnected to 127.0.0.1:{b.tls_port}", timeout=20)
+    assert app.send_task("ttasks.add", [2, 2]).get(timeout=15) == 4
+    assert "verification is off" not in w.log and "guest:guest" not in w.log
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH)
+    out = subprocess.run([*TASKD, "check-config", "--config", str(path)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    for node in (b, c):
+        assert (f"127.0.0.1:{node.tls_port}  ok: RabbitMQ 3." in out.stdout
+                and "TLS, certificate and host name verified" in out.stdout), out.stdout
+    assert f"127.0.0.1:{a.tls_port}  FAILED: cannot connect" in out.stdout

@@ -14,8 +14,8 @@ the machine's own broker.
 Every node is started with PR_SET_PDEATHSIG: if the test process dies, its nodes
 die with it (the signal follows the *thread* that started the node: boot nodes from
 the test's main thread, never from a helper thread that ends). :meth:`Cluster.stop`
-kills them by the PIDs started here, nothing else. A directory left by a test process that no longer runs is removed by the
-next ``Cluster``.
+kills them by the PIDs started here, nothing else. A directory left by a test process
+that no longer runs is removed by the next ``Cluster``.
 """
 import ctypes
 import glob
@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -58,12 +59,20 @@ class Node:
         self.cluster = cluster
         self.port = free_port()
         self.dist_port = free_port()
+        self.tls_port = free_port() if cluster.tls else None
         self.name = f"taskdtest-{cluster.id}-{letter}@localhost"
         self.dir = os.path.join(cluster.dir, letter)
         for sub in ("mnesia", "log"):
             os.makedirs(os.path.join(self.dir, sub))
         conf = [f"listeners.tcp.default = {self.port}", "loopback_users = none",
                 "cluster_partition_handling = ignore"]
+        if cluster.tls:     # a TLS listener beside the plain one; client certificates optional
+            conf += [f"listeners.ssl.default = {self.tls_port}",
+                     f"ssl_options.cacertfile = {cluster.tls.ca}",
+                     f"ssl_options.certfile = {cluster.tls.cert}",
+                     f"ssl_options.keyfile = {cluster.tls.key}",
+                     "ssl_options.verify = verify_peer",
+                     "ssl_options.fail_if_no_peer_cert = false"]
         with open(os.path.join(self.dir, "rabbitmq.conf"), "w") as fh:
             fh.write("\n".join(conf) + "\n")
         with open(os.path.join(self.dir, "enabled_plugins"), "w") as fh:
@@ -74,6 +83,10 @@ class Node:
     @property
     def url(self):
         return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def tls_url(self):
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/%2F"
 
     def env(self):
         d = self.dir
@@ -95,17 +108,27 @@ class Node:
 
     def wait_up(self, timeout=60):
         deadline = time.monotonic() + timeout
-        while not amqp_answers(self.port):
+        while not (amqp_answers(self.port) and self._tls_listening()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"RabbitMQ node {self.name} did not start (exit "
                                    f"{self.proc.poll()}); logs in {self.dir}/log")
             time.sleep(0.1)
 
+    def _tls_listening(self):
+        if self.tls_port is None:
+            return True
+        try:
+            socket.create_connection(("127.0.0.1", self.tls_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     def ctl(self, *args, timeout=60):
         out = subprocess.run([CTL, "-n", self.name, *args], env=self.env(), capture_output=True,
                              text=True, timeout=timeout)
         if out.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)}: {out.stderr or out.stdout}")
+            raise RuntimeError(f"rabbitmqctl -n {self.name} {' '.join(args)}: "
+                               f"{out.stderr or out.stdout}")
         return out.stdout
 
     @property
@@ -123,8 +146,12 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, size=3):
+    """``tls``: a :class:`rmqnode.TlsFiles`; each node then also listens for TLS
+    (``tls_port``, ``tls_url``) with that certificate."""
+
+    def __init__(self, size=3, tls=None):
         _remove_stale_dirs()
+        self.tls = tls
         self.id = secrets.token_hex(3)
         self.dir = tempfile.mkdtemp(prefix=PREFIX)
         with open(os.path.join(self.dir, "owner"), "w") as fh:
