@@ -21,17 +21,23 @@ worker's consuming and publishing connections), so that both move on together.
 from __future__ import annotations
 
 import random
+import re
 from typing import Callable, Iterable, Sequence, Union
 
 STRATEGIES = ("round-robin", "shuffle")
+
+
+# A ";" separates two URLs only where the next URL begins ("amqp://", "amqps://"): an
+# unencoded ";" inside a password does not split its URL (nor leak part of it when masked).
+_SEPARATOR = re.compile(r";(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def split_urls(value: Union[str, Sequence[str], None]) -> tuple:
     """The node URLs of a ``broker.url`` value: a string (``;``-separated) or a list."""
     if value is None:
         return ()
-    items: Iterable[str] = value.split(";") if isinstance(value, str) else value
-    return tuple(u.strip() for u in items if isinstance(u, str) and u.strip())
+    items: Iterable[str] = _SEPARATOR.split(value) if isinstance(value, str) else value
+    return tuple(u.strip(" ;") for u in items if isinstance(u, str) and u.strip(" ;"))
 
 
 class Nodes:

@@ -81,6 +81,13 @@ def test_tls_needs_amqps_on_every_node():
         cfg(url=["amqps://u:pw@a/", "amqp://u:pw@b/"], tls={"verify": False})
 
 
+def test_only_a_semicolon_that_starts_a_new_url_separates_two():
+    tricky = "amqp://u:pa;ss@a:5672/%2F"               # an unencoded ";" in the password
+    assert split_urls(f"{tricky};{B}") == (tricky, B)
+    assert mask_value("broker.url", f"{tricky};{B}") == \
+        "amqp://u:***@a:5672/%2F;amqp://u:***@b:5672/%2F"
+
+
 def test_a_list_of_urls_is_masked_when_printed():
     assert mask_value("broker.url", [A, B]) == ["amqp://u:***@a:5672/%2F",
                                                 "amqp://u:***@b:5672/%2F"]
