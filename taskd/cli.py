@@ -87,9 +87,14 @@ def build_parser():
                         "what events, `taskd inspect` and -d/--destination use")
 
     c = sub.add_parser("check-config", help="validate the configuration file and exit",
-                       description="Validate the configuration; print every error and exit 78, "
-                       "or print a summary and exit 0.")
+                       description="Validate the configuration; print every error and exit 78. "
+                       "Then connect to each broker node of broker.url (TLS verified as the "
+                       "worker verifies it) and report each: reachable or why not, its "
+                       "RabbitMQ version and cluster, TLS or not. Exit 0 when at least one "
+                       "node answers, 69 when none does.")
     _config_arg(c)
+    c.add_argument("--offline", action="store_true",
+                   help="only validate the file: do not connect to the broker")
 
     call = sub.add_parser("call", help="send a task by name and print its result",
                           description="Send a task by name (no task code needed) and print "
@@ -214,7 +219,7 @@ def cmd_check_config(args):
         return EX_CONFIG
     queues = ", ".join(q.name for q in config_mod.effective_queues(config))
     print(f"{config.source}: OK")
-    print(f"  broker:    {mask_url(config.broker_url)}")
+    print(f"  broker:    {'; '.join(mask_url(u) for u in config.broker_urls)}")
     tls = for_url(config.broker_url, config["broker.tls"])
     if tls is not None:
         print(f"  tls:       {tls.describe()}")
@@ -223,6 +228,29 @@ def cmd_check_config(args):
     print(f"  imports:   {', '.join(config['imports']) or '(none)'}")
     print(f"  schedule:  {len(config['schedule'])} entr{'y' if len(config['schedule']) == 1 else 'ies'}"
           + ("" if config["worker.beat"] else " (worker.beat: false: this worker never leads)"))
+    if len(config.broker_urls) > 1:
+        print(f"  failover:  {config['broker.failover']}; taskd's own queues: "
+              f"{config.system_queue_type}")
+        classic = [q.name for q in config_mod.effective_queues(config) if not q.quorum]
+        if classic:
+            print(f"  warning:   classic queue(s) {', '.join(classic)}: their messages live on "
+                  "one node and are out of reach while it is down (queue_type: quorum; "
+                  "docs/clusters.md)")
+    if args.offline:
+        return 0
+    return _check_nodes(config)
+
+
+def _check_nodes(config):
+    from .broker.probe import probe_all
+    reports = probe_all(config)
+    for i, report in enumerate(reports):
+        print(f"  {'nodes:' if i == 0 else '':10} {report.line()}")
+    answered = [r for r in reports if r.ok]
+    if not answered:
+        print(f"taskd check-config: no broker node answered ({len(reports)} tried)",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
     return 0
 
 

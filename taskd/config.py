@@ -19,6 +19,7 @@ import yaml
 
 from . import periodic
 from .broker import tls as tls_mod
+from .broker.nodes import Nodes, split_urls
 from .exceptions import ConfigError
 from .masking import mask_value
 # The table of settings lives in taskd.settings; these names are part of this module's
@@ -95,7 +96,25 @@ class Config:
 
     @property
     def broker_url(self):
-        return self.values["broker.url"]
+        """The first node's URL (:attr:`broker_urls` has them all)."""
+        return self.broker_urls[0]
+
+    @property
+    def broker_urls(self):
+        """The URLs of the broker's nodes (``broker.url``: one, a list, or ``;``-separated)."""
+        return split_urls(self.values["broker.url"])
+
+    def nodes(self):
+        """A new failover order over the broker's nodes (one per connection owner)."""
+        return Nodes(self.broker_urls, self.values["broker.failover"])
+
+    @property
+    def system_queue_type(self):
+        """``worker.system_queue_type`` resolved: ``auto`` is quorum for several nodes."""
+        kind = self.values["worker.system_queue_type"]
+        if kind == "auto":
+            return "quorum" if len(self.broker_urls) > 1 else "classic"
+        return kind
 
     def exchange(self, name):
         for ex in self.exchanges:
@@ -277,9 +296,11 @@ def _tls(chk, raw, url):
     if entry.get("key_password") and not entry.get("cert_file"):
         chk.error(["broker", "tls", "key_password"],
                   "is the password of the key of cert_file, which is not set")
-    problem = tls_mod.conflict(url, raw)
-    if problem:
-        chk.error(["broker", "tls"], problem)
+    for node_url in split_urls(url):
+        problem = tls_mod.conflict(node_url, raw)
+        if problem:
+            chk.error(["broker", "tls"], problem)
+            break
     if len(chk.errors) > errors:
         return None
     settings = tls_mod.TLSSettings(**{k: v for k, v in entry.items() if v is not None})

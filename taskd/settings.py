@@ -73,6 +73,15 @@ def _readable_file(v):
         return None, f"the path of a readable file ({exc.strerror})"
 
 
+def _urls(v):
+    """``broker.url``: one URL, ``;``-separated URLs, or a list of URLs."""
+    if isinstance(v, str) and v.strip(" ;"):
+        return v, None
+    if isinstance(v, list) and v and all(isinstance(i, str) and i.strip() for i in v):
+        return tuple(i.strip() for i in v), None
+    return None, "a URL, URLs separated by ';', or a list of URLs"
+
+
 def _choice(*choices):
     def check(v):
         return (v, None) if v in choices else (None, "one of " + ", ".join(choices))
@@ -139,8 +148,21 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("broker.url", _str, DEFAULT_BROKER_URL,
-            "AMQP URL of the RabbitMQ broker. `$TASKD_BROKER_URL` overrides it."),
+    Setting("broker.url", _urls, DEFAULT_BROKER_URL,
+            "AMQP URL of the RabbitMQ broker; for a cluster, a list of the nodes' URLs or "
+            "one string of URLs separated by `;` (`docs/clusters.md`). "
+            "`$TASKD_BROKER_URL` overrides it."),
+    # -- clusters (issue 18) --
+    Setting("broker.failover", _choice("round-robin", "shuffle"), "round-robin",
+            "Order in which the nodes of `broker.url` are tried: `round-robin` (as listed, "
+            "starting after the node that failed last) or `shuffle` (a random order per "
+            "process, to spread clients over the cluster). A lost node goes to the back."),
+    Setting("worker.system_queue_type", _choice("auto", "classic", "quorum"), "auto",
+            "Type of the queues taskd declares for itself (`worker.dead_letter_queue`, the "
+            "delay queues): `quorum` survives the loss of a cluster node; `auto` is "
+            "`quorum` when `broker.url` lists several nodes, else `classic`. Changing it "
+            "for existing queues needs them deleted first (`docs/clusters.md`)."),
+    # -- end clusters --
     Setting("broker.connect_timeout", _number(), 4.0,
             "Seconds to establish a connection (TCP and AMQP handshake) before giving up."),
     Setting("broker.heartbeat", _int(0), 60,

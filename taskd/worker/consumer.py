@@ -74,8 +74,9 @@ class Consumer:
         """The exchanges, queues and bindings this worker needs."""
         cfg = self.config
         return (topology.plan(cfg, tuple(queues))
-                + topology.dead_letter_plan(cfg["worker.dead_letter_queue"])
-                + parking.plan(cfg["worker.delay_queue_prefix"]))
+                + topology.dead_letter_plan(cfg["worker.dead_letter_queue"],
+                                            cfg.system_queue_type)
+                + parking.plan(cfg["worker.delay_queue_prefix"], cfg.system_queue_type))
 
     async def declare_queue(self, queue: str) -> None:
         await self.declare(topology.plan(self.config, (queue,)))

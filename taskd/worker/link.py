@@ -20,6 +20,7 @@ import collections
 import logging
 from typing import Any, Optional
 
+from ..broker.connection import describe_node
 from ..exceptions import ConfigError
 from . import lifecycle, recovery
 from .amqp import AsyncChannel, max_message_size
@@ -43,6 +44,8 @@ class Link:
         self.pacer = recovery.ReconnectPacer()
         self.mailbox: Any = None            # remote control, opened before the consumer
         self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
+        self.nodes = host.config.nodes()   # shared by both connections: they fail over together
+        self.urls = host.config.broker_urls
 
     @property
     def connected(self) -> bool:
@@ -50,10 +53,12 @@ class Link:
 
     def channel(self, name: str) -> AsyncChannel:
         cfg = self.host.config
+        if (cfg.broker_urls, cfg["broker.failover"]) != (self.urls, self.nodes.strategy):
+            self.urls, self.nodes = cfg.broker_urls, cfg.nodes()    # a reload changed them
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
                             on_lost=self.on_lost, on_return=self.copies.on_return,
-                            tls=cfg["broker.tls"])
+                            tls=cfg["broker.tls"], nodes=self.nodes)
 
     async def open(self) -> None:
         """Open both connections, declare the topology, set QoS and start consuming."""
@@ -123,6 +128,7 @@ class Link:
                 self.shutdown.fail(EX_UNAVAILABLE)
                 await self.shutdown.run(cold=False)
             return
-        log.info("reconnected; consuming %s again", ", ".join(self.host.queues))
+        log.info("reconnected to %s; consuming %s again", describe_node(self.consumer.conn.url),
+                 ", ".join(self.host.queues))
         self.replies.resend()
         self.status.notifier.ready(self.status.line())
