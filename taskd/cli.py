@@ -147,13 +147,24 @@ def _load(args):
         return None, EX_CONFIG
 
 
+def _store_errors(config):
+    """The result store's client library, if it is missing (the extra to install)."""
+    from . import stores
+    try:
+        if stores.kind(config["result_backend"]) != "rpc":
+            stores.require(config["result_backend"])
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
 def cmd_worker(args):
     config, code = _load(args)
     if config is None:
         return code
     setup_logging(args.loglevel or config["logging.level"])
     from .worker.supervisor import Supervisor
-    errors = serialization.check_config(config)
+    errors = serialization.check_config(config) + _store_errors(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)

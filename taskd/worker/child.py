@@ -38,7 +38,7 @@ from typing import Any, Container, Iterable, NoReturn
 
 from setproctitle import setproctitle
 
-from .. import protocol, task as task_mod
+from .. import protocol, stores, task as task_mod
 from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
 from . import framing
 from .framing import ImportFailed, Outcome, Ready, RetryMessage
@@ -168,6 +168,7 @@ def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tupl
                                 "(is its module listed under imports:?)")
         task_mod._request.value = task_mod.Request(
             id=task_id, args=args, kwargs=kwargs, **meta.get("request", {}))
+        _mark_started(task, task_id, meta)
         if soft:
             signal.setitimer(signal.ITIMER_REAL, soft)
         try:
@@ -201,6 +202,26 @@ def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tupl
         task_id, protocol.SUCCESS, value, serializer=serializer, parent_id=parent_id)
     error = None if status == protocol.SUCCESS else "result not encodable"
     return status, body, ctype, enc, error, None
+
+
+def _mark_started(task: Any, task_id: str, meta: dict) -> None:
+    """Store STARTED (the worker's name, this child's pid) if the task is tracked. Written
+    here, in the child, before the task runs (as Celery does): the supervisor's final write
+    always comes after it. A store that fails here does not stop the task (logged): the
+    final state is what the supervisor guarantees."""
+    track = task.track_started
+    if track is None:
+        track = stores.worker_tracks_started()
+    if not track or (meta.get("request", {}).get("headers") or {}).get("ignore_result"):
+        return
+    try:
+        store = stores.worker_store()
+        if store is not None:
+            store.store(task_id, {"status": protocol.STARTED, "result": {
+                "pid": os.getpid(), "hostname": stores.node_name()}, "traceback": None,
+                "children": [], "date_done": None})
+    except Exception as exc:
+        log.warning("task %s[%s]: STARTED not stored: %s", task.name, task_id, exc)
 
 
 def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,

@@ -38,6 +38,8 @@ class Dispatcher:
         self.task_limits: dict = {}         # task name -> (time_limit, soft_time_limit)
         self._timer: Optional[asyncio.TimerHandle] = None       # the schedule's
         self._handle: Optional[asyncio.Handle] = None           # dispatch_soon's
+        # False while new tasks must wait (the result store's buffer is full):
+        self.gate: Callable[[], bool] = lambda: True
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -108,7 +110,7 @@ class Dispatcher:
     def dispatch(self) -> None:
         """Give ready jobs to children with room (see the module's notes)."""
         self._handle = None
-        if not self.ready:
+        if not self.ready or not self.gate():
             return
         rooms = self.pool.room(self.config["worker.child_prefetch"])
         batches: dict = {}
