@@ -7,12 +7,14 @@ a later write (Celery's rule: a SUCCESS stays).
 
 ``wait()`` subscribes to the key's channel, *then* reads the key (a write
 between the two is not missed), then sleeps on the subscription: no polling.
+Each thread keeps its subscription connection between waits.
 If the connection drops (a Redis restart), it reconnects with back-off,
 subscribes again and reads the key again, so a result written while it was
 away is found (celery#4857 hung here).
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Iterable
 
@@ -64,6 +66,7 @@ class RedisStore:
         self.url, self.expires = url, expires
         self.client = redis.Redis.from_url(url, **_options(url))
         self._write = self.client.register_script(_WRITE)
+        self._local = threading.local()
 
     def get_meta(self, task_id: str, accept: set | None = None) -> dict | None:
         body = self.client.get(key(task_id))
@@ -91,10 +94,12 @@ class RedisStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = BACKOFF[0]
         meta = None
+        channel = key(task_id).encode()
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
-                pubsub.subscribe(key(task_id))
+                pubsub = self._pubsub()
+                pubsub.subscribe(channel)
                 meta = self.get_meta(task_id, accept) or meta
                 while not ready(meta):
                     left = _left(deadline)
@@ -102,7 +107,9 @@ class RedisStore:
                         break
                     message = pubsub.get_message(timeout=SLICE if left is None
                                                  else min(SLICE, left))
-                    if message and message["type"] == "message":
+                    # (a message of a channel left earlier may still come: skipped)
+                    if message and message["type"] == "message" and \
+                            message["channel"] == channel:
                         meta = decode(message["data"], accept)
                     pause = BACKOFF[0]
                 if ready(meta):
@@ -111,6 +118,8 @@ class RedisStore:
                 raise TaskdTimeoutError(f"task {task_id}: no result within {timeout:g}s "
                                         f"(state: {state})")
             except ERRORS:
+                self._drop_pubsub()
+                pubsub = None
                 left = _left(deadline)
                 if left is not None and left <= 0:
                     raise TaskdTimeoutError(
@@ -119,12 +128,30 @@ class RedisStore:
                 time.sleep(pause if left is None else min(pause, left))
                 pause = min(pause * 2, BACKOFF[1])
             finally:
-                try:
-                    pubsub.close()
-                except Exception:       # the connection is gone already
-                    pass
+                if pubsub is not None:
+                    try:
+                        pubsub.unsubscribe(channel)
+                    except ERRORS:
+                        self._drop_pubsub()
+
+    def _pubsub(self) -> redis.client.PubSub:
+        """This thread's subscription connection, kept between waits (a wait then costs
+        no connection set-up); subscribed only to the channel it waits on."""
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._local.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        return pubsub
+
+    def _drop_pubsub(self) -> None:
+        pubsub, self._local.pubsub = getattr(self._local, "pubsub", None), None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:       # the connection is gone already
+                pass
 
     def close(self) -> None:
+        self._drop_pubsub()
         self.client.close()
 
 

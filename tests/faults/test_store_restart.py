@@ -46,6 +46,9 @@ def test_store_crash_mid_stream_loses_no_result_and_acks_none_early(topo, worker
     # Beyond worker.result_buffer no new task starts: the runs stop growing.
     wait_for(lambda: not control.query(sock)["result_store"]["accepting"], timeout=15,
              message="the result buffer to fill")
+    # (the tasks running when it filled finish; then nothing starts)
+    wait_for(lambda: not any(c["task"] for c in control.query(sock)["children"]), timeout=15,
+             message="the children idle")
     stalled = sum(executions(out).values())
     time.sleep(1.0)
     assert sum(executions(out).values()) == stalled < n
