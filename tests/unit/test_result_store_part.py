@@ -213,7 +213,12 @@ def test_backend_urls_and_missing_extras(monkeypatch):
         "rpc", "redis", "postgres"]
     with pytest.raises(ValueError, match="unknown result backend mongodb://"):
         stores.kind("mongodb://x")
-    assert stores.redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert "pw" not in stores.redact("redis://:pw@h:1/0")
+    assert "s/cr" not in stores.redact("postgresql://u:s/cr@h/d")     # unencoded /
+    from taskd.exceptions import ConfigError
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate({"result_backend": "mongo://u:hunter2@h/d"}, environ={})
+    assert "hunter2" not in str(err.value)
     import builtins
     real = builtins.__import__
 
