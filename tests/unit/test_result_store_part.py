@@ -274,3 +274,24 @@ def test_the_dispatcher_starts_nothing_while_the_store_gate_is_closed():
         p.dispatcher.dispatch()
         assert [j.request.name for j in p.pool.sent] == ["t.add"]
     asyncio.run(main())
+
+
+def test_a_reload_keeps_the_store_and_applies_its_limits(caplog):
+    async def main():
+        loop = asyncio.get_running_loop()
+        backend = StubBackend()
+        backend.expires = 60
+        part, _ = make(loop, backend)
+        url = "redis://stub:6379/0"
+        new = config_mod.validate({"result_backend": url, "result_expires": 5,
+                                   "result_extended": True, "track_started": True,
+                                   "worker": {"result_buffer": "1KiB"}}, environ={})
+        store_mod.reconfigure(part, url, new)
+        assert (part.buffer_limit, part.extended, backend.expires) == (1024, True, 5)
+        assert stores.worker_tracks_started()
+        other = config_mod.validate({"result_backend": "redis://elsewhere:6379/0"}, environ={})
+        with caplog.at_level("WARNING", logger="taskd.supervisor"):
+            store_mod.reconfigure(part, url, other)
+        assert "only with a restart" in caplog.text and part.buffer_limit == 1024
+        stores.set_worker_store("rpc://", 0, False)
+    asyncio.run(main())
