@@ -41,6 +41,7 @@ class Intake:
         self.strikes = strikes.Strikes()    # internal errors per message
         self.seq = 0
         self.forsaken: Any = None           # the consuming channel of a lost connection
+        self.workflows: Any = None          # canvas.Workflows: refuses what it cannot run
         self.configure(config)
 
     def configure(self, config: Any) -> None:
@@ -92,6 +93,8 @@ class Intake:
                 properties.content_encoding, reply_to=properties.reply_to,
                 correlation_id=properties.correlation_id, accept=self.accept)
             jobs.check_headers(job.headers)
+            if job.request.embed and self.workflows is not None:
+                self.workflows.check(job.request)
         except TaskdError as exc:
             self.outcomes.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
             return False

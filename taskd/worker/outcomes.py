@@ -42,6 +42,8 @@ class Outcomes:
         # Where results go: the result store if there is one, else the caller's reply queue
         # (copies always go through the broker, on the replies' publisher).
         self.results = store if store is not None else replies
+        # The workflow steps that follow a task (canvas.Workflows), set by the supervisor.
+        self.workflows: Any = None
 
     # == a task ran ========================================================================
     def ran(self, job: Any, outcome: Outcome) -> None:
@@ -66,6 +68,10 @@ class Outcomes:
         if status == protocol.RETRY:
             if reply:       # the state, for a caller that looks
                 self.results.note(job, *reply)
+        elif request.embed and self.workflows is not None and self.workflows.follow(
+                job, status, outcome.body, outcome.content_type, outcome.content_encoding,
+                lambda: self.settle(job, reply), self.fault):
+            return          # settled once its next steps are confirmed
         else:
             self.settle(job, reply)
 

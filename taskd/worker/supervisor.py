@@ -49,6 +49,7 @@ from .. import stores
 from .acker import Acker
 from .consumer import Consumer
 from . import control
+from .canvas import Workflows
 from .copies import Copies
 from .dispatch import Dispatcher
 from .recovery import Duplicates
@@ -112,6 +113,9 @@ class Supervisor:
         consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
+        self.workflows = outcomes.workflows = self.intake.workflows = Workflows(
+            loop, config, copies, lambda: replies.publisher,
+            store.backend if store is not None else None, self.counters)
         if store is not None:
             store.wake, dispatcher.gate = dispatcher.dispatch_soon, store.accepting
             shutdown.store = store
