@@ -158,7 +158,8 @@ class App:
                                             self.config.routes, self.config.source)
         self.main = main
         self._store = ProcessLocal(self._open_store)
-        if stores.kind(self.config["result_backend"]) != "rpc":
+        self._has_store = stores.kind(self.config["result_backend"]) != "rpc"
+        if self._has_store:
             stores.require(self.config["result_backend"])     # a missing extra fails here
         for module in self.config["serializer_modules"]:
             importlib.import_module(module)
@@ -221,9 +222,7 @@ class App:
     def store(self) -> Any:
         """This process's result store client (see :mod:`taskd.stores`), or None with
         ``rpc://``. Opened on first use, and again after ``fork``."""
-        if stores.kind(self.backend_url) == "rpc":
-            return None
-        return self._store.get()
+        return self._store.get() if self._has_store else None
 
     # -- connections ------------------------------------------------------------
     def session(self) -> Session:

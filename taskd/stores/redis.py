@@ -14,6 +14,7 @@ away is found (celery#4857 hung here).
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import Iterable
@@ -49,6 +50,9 @@ end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 """
+
+
+WRITE_SHA = hashlib.sha1(_WRITE.encode()).hexdigest()
 
 
 def key(task_id: str) -> str:
@@ -165,15 +169,24 @@ class AsyncRedisStore:
     def __init__(self, url: str, expires: int = 0) -> None:
         self.url, self.expires = url, expires
         self.client = redis.asyncio.Redis.from_url(url, **_options(url))
-        self._write = self.client.register_script(_WRITE)
 
     async def write_many(self, items: Iterable[tuple[str, bytes]]) -> None:
-        """Write ``(task_id, json_body)`` items; raises on any failure (then none is
-        known to be stored, and all are written again: a write is idempotent)."""
-        pipe = self.client.pipeline(transaction=False)
-        for task_id, body in items:
-            await self._write(keys=[key(task_id)], args=[body, self.expires], client=pipe)
-        await pipe.execute()
+        """Write ``(task_id, json_body)`` items in one pipeline (one round trip); raises
+        on any failure (then all are written again: a write is idempotent)."""
+        items = list(items)
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for task_id, body in items:
+                pipe.evalsha(WRITE_SHA, 1, key(task_id), body, self.expires)
+            try:
+                await pipe.execute()
+                return
+            except redis.exceptions.NoScriptError:
+                # First use, or a restarted Redis forgot the script: load it, once.
+                # (redis-py's Script in a pipeline would ask SCRIPT EXISTS every time.)
+                if attempt == 2:
+                    raise
+                await self.client.script_load(_WRITE)
 
     async def prune(self) -> int:
         return 0        # Redis expires keys itself (SETEX)

@@ -227,7 +227,12 @@ def test_postgres_rows_are_jsonb_and_expire(pg_worker):
 
 
 def test_update_state_with_rpc_says_a_store_is_needed():
+    from taskd import App
     from taskd.exceptions import TaskdError
-    import ttasks
+    rpc = App(broker=BROKER_URL, set_as_current=False)
+
+    @rpc.task(name=f"tests.rpc_progress_{uuid.uuid4().hex}", bind=True)
+    def rpc_progress(self):
+        pass
     with pytest.raises(TaskdError, match="needs a result store"):
-        ttasks.progress.update_state(task_id="x", state="PROGRESS", meta={})
+        rpc_progress.update_state(task_id="x", state="PROGRESS", meta={})
