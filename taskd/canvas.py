@@ -237,9 +237,9 @@ class chain(Signature):
             results.append(result)
             parent = result
         root = steps[0].id
-        rest = [s.as_dict() for s in reversed(steps[1:])]
         for step in steps[1:]:
             step.options.setdefault("root_id", root)
+        rest = [s.as_dict() for s in reversed(steps[1:])]
         last = results[-1]
         if rest and _store_kind(app) == "rpc":
             # Results go to the caller's reply queue: the worker that sends the last step

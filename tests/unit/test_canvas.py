@@ -1,0 +1,225 @@
+"""Workflows without a broker: signatures and the dicts they put on the wire (compared with
+Celery 5's own), and the worker's Workflows part against a stub channel (next steps
+confirmed before the task settles; refusals)."""
+import asyncio
+import collections
+import types
+
+import pytest
+
+from taskd import chain, chord, config as config_mod, group, protocol, serialization, signature
+from taskd.canvas import GroupResult, Signature
+from taskd.exceptions import InvalidTaskMessage, TaskdError
+from taskd.options import SendOptions
+from taskd.worker.canvas import Workflows
+
+CONFIG = config_mod.loads("worker:\n  dead_letter_queue: dlq\n")
+
+
+class FakeApp:
+    """Records what a workflow sends, with the store kind of its result_backend."""
+
+    def __init__(self, backend="redis://127.0.0.1:6379/0"):
+        self.backend_url, self.sent = backend, []
+        self.config = {"result_expires": 60}
+        self.store = None if backend.startswith("rpc") else types.SimpleNamespace(
+            client=types.SimpleNamespace(set=lambda *a, **kw: None))
+
+    def send_task(self, name, args, kwargs, task=None, **options):
+        options = SendOptions.of(options).resolved(CONFIG)
+        message = options.encode(name, args, kwargs)
+        self.sent.append((message.headers, serialization.json_loads(message.body)))
+        from taskd.result import AsyncResult
+        return AsyncResult(options.task_id, app=self)
+
+
+def test_a_signature_is_celerys_dict():
+    celery = pytest.importorskip("celery")
+    ours = signature("tasks.add", (2,), {"y": 3}, countdown=5)
+    theirs = celery.signature("tasks.add", (2,), {"y": 3}, countdown=5)
+    assert ours.as_dict() == dict(theirs, args=list(theirs["args"]))
+    assert Signature(dict(theirs)).as_dict()["options"] == {"countdown": 5}
+
+
+def test_partial_args_immutable_clone_and_options():
+    add = signature("tasks.add", (2,))
+    assert add.clone((1,)).args == (1, 2) and add.args == (2,)
+    frozen = signature("tasks.add", (2, 2), immutable=True)
+    assert frozen.clone((9,)).args == (2, 2)
+    assert add.clone(queue="q").options == {"queue": "q"} and add.options == {}
+    assert add.set(priority=3).options == {"priority": 3}
+    err = signature("tasks.err")
+    add.link_error(err)
+    copy = add.clone()
+    copy.link_error(signature("tasks.other"))
+    assert len(add.options["link_error"]) == 1          # a clone's lists are its own
+
+
+def test_pipes_make_chains_and_a_group_then_a_task_is_a_chord():
+    a, b, c = (signature(f"tasks.{n}") for n in "abc")
+    flat = a | (b | c)
+    assert isinstance(flat, chain) and [t.name for t in flat.tasks] == ["tasks.a", "tasks.b",
+                                                                         "tasks.c"]
+    assert isinstance(group(a, b) | c, chord)
+    assert [t.name for t in chain(a, chain(b, c)).tasks] == ["tasks.a", "tasks.b", "tasks.c"]
+
+
+def test_a_chain_sends_its_first_step_with_the_rest_reversed_in_the_embed():
+    app = FakeApp()
+    a, b, c = (signature(f"tasks.{n}", (1,), app=app) for n in "abc")
+    result = chain(a, b, c).apply_async((5,))
+    assert len(app.sent) == 1
+    headers, (args, kwargs, embed) = app.sent[0]
+    assert headers["task"] == "tasks.a" and args == [5, 1]
+    assert [s["task"] for s in embed["chain"]] == ["tasks.c", "tasks.b"]
+    assert embed["chain"][0]["options"]["task_id"] == result.id
+    assert result.parent.id == embed["chain"][1]["options"]["task_id"]
+    assert result.parent.parent.id == headers["id"] == headers["root_id"]
+    assert embed["chain"][1]["options"]["root_id"] == headers["id"]
+
+
+def test_link_and_link_error_go_in_callbacks_and_errbacks():
+    app = FakeApp()
+    signature("tasks.a", app=app).apply_async(link=signature("tasks.ok"),
+                                              link_error=[signature("tasks.e1")])
+    _, (_, _, embed) = app.sent[0]
+    assert [s["task"] for s in embed["callbacks"]] == ["tasks.ok"]
+    assert [s["task"] for s in embed["errbacks"]] == ["tasks.e1"]
+    assert embed["chain"] is None and embed["chord"] is None
+    with pytest.raises(TypeError, match="link must be a signature"):
+        SendOptions(link=[{"no": "task"}])
+
+
+def test_a_chord_sends_header_parts_with_group_index_and_the_body():
+    app = FakeApp()
+    body = signature("tasks.tsum", app=app)
+    result = chord([signature("tasks.add", (i, i), app=app) for i in range(3)], body)()
+    assert len(app.sent) == 3
+    group_ids = {h["group"] for h, _ in app.sent}
+    assert len(group_ids) == 1 and result.parent.id in group_ids
+    assert [h["group_index"] for h, _ in app.sent] == [0, 1, 2]
+    wire = app.sent[0][1][2]["chord"]
+    assert wire["task"] == "tasks.tsum" and wire["chord_size"] == 3
+    assert wire["options"]["task_id"] == result.id
+
+
+def test_a_chord_without_a_store_is_refused_when_sent():
+    app = FakeApp("rpc://")
+    with pytest.raises(TaskdError, match="a chord needs a result store.*redis://"):
+        chord([signature("tasks.a", app=app)], signature("tasks.b", app=app))()
+    assert app.sent == []
+    with pytest.raises(TaskdError, match="GroupResult.save.*needs a result store"):
+        GroupResult("g", [], app=app).save()
+
+
+def test_a_group_inside_a_chain_is_refused_when_sent():
+    app = FakeApp()
+    a = signature("tasks.a", app=app)
+    with pytest.raises(TaskdError, match="group or chord inside a chain"):
+        chain(a, group(a, a), a)()
+    assert app.sent == []
+
+
+# == the worker's part ===========================================================================
+
+class StubChannel:
+    is_open, frame_max = True, 0
+
+    def __init__(self):
+        self.published = []
+
+    def publish(self, exchange, routing_key, body, properties, on_confirm, mandatory=False):
+        self.published.append((routing_key, properties, body, on_confirm))
+
+
+class StubCopies:
+    def publish(self, channel, exchange, routing_key, body, properties, on_confirm):
+        channel.publish(exchange, routing_key, body, properties, on_confirm, mandatory=True)
+
+
+def _job(embed, name="tasks.a", group_id=None):
+    body = serialization.json_dumps([[1], {}, embed])
+    headers = {"task": name, "id": "t-1", "root_id": "r-0", "group": group_id}
+    return types.SimpleNamespace(request=protocol.decode_task(headers, body,
+                                                              "application/json"),
+                                 describe=lambda: name)
+
+
+def _outcome(status, result):
+    meta = protocol.result_meta("t-1", status, result)
+    return serialization.json_dumps(meta)
+
+
+async def _turns(n=5):
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _run(coro_fn):
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro_fn(loop))
+    finally:
+        loop.close()
+
+
+def test_next_steps_are_confirmed_before_the_task_settles():
+    step = {"task": "tasks.b", "args": [10], "kwargs": {}, "options": {"task_id": "t-2"},
+            "subtask_type": None, "immutable": False}
+    link = dict(step, task="tasks.cb", options={})
+
+    async def scenario(loop):
+        channel, events = StubChannel(), []
+        parts = Workflows(loop, CONFIG, StubCopies(), lambda: channel, None,
+                          collections.Counter())
+        job = _job({"chain": [step], "callbacks": [link]})
+        assert parts.follow(job, protocol.SUCCESS, _outcome(protocol.SUCCESS, 4),
+                            "application/json", "utf-8", lambda: events.append("settled"),
+                            lambda j: events.append("fault"))
+        await _turns()
+        assert len(channel.published) == 2 and events == []   # nothing settled yet
+        channel.published[0][3](True)
+        await _turns()
+        assert events == []
+        channel.published[1][3](True)
+        await _turns()
+        assert events == ["settled"]
+        (_, props, body, _), = [p for p in channel.published if p[0] == "celery"
+                                and p[1].headers["task"] == "tasks.b"]
+        args, _, embed = serialization.json_loads(body)
+        assert args == [4, 10] and embed["chain"] is None
+        assert (props.headers["id"], props.headers["parent_id"], props.headers["root_id"]) \
+            == ("t-2", "t-1", "r-0")
+    _run(scenario)
+
+
+def test_a_step_not_confirmed_hands_the_task_to_fault_and_errbacks_get_the_failed_id():
+    errback = {"task": "tasks.err", "args": ["x"], "kwargs": {}, "options": {},
+               "subtask_type": None, "immutable": False}
+
+    async def scenario(loop):
+        channel, events = StubChannel(), []
+        parts = Workflows(loop, CONFIG, StubCopies(), lambda: channel, None,
+                          collections.Counter())
+        job = _job({"errbacks": [errback], "chain": [dict(errback, task="tasks.never")]})
+        parts.follow(job, protocol.FAILURE, _outcome(protocol.FAILURE, {"exc_type": "E"}),
+                     "application/json", "utf-8", lambda: events.append("settled"),
+                     lambda j: events.append("fault"))
+        await _turns()
+        (_, props, body, confirm), = channel.published        # no chain step on failure
+        assert props.headers["task"] == "tasks.err"
+        assert serialization.json_loads(body)[0] == ["t-1", "x"]
+        confirm(False)                                         # returned: no queue took it
+        await _turns()
+        assert events == ["fault"]
+    _run(scenario)
+
+
+def test_a_chord_part_is_refused_by_a_worker_without_a_redis_store():
+    body = {"task": "tasks.sum", "args": [], "kwargs": {}, "options": {},
+            "subtask_type": None, "immutable": False}
+    parts = Workflows(None, CONFIG, StubCopies(), lambda: None, None, collections.Counter())
+    with pytest.raises(InvalidTaskMessage, match="chord, which needs result_backend redis"):
+        parts.check(_job({"chord": body}, group_id="g").request)
+    parts.check(_job({"chain": [body]}).request)          # a chain needs no store
+    assert not parts.follow(_job(None), protocol.SUCCESS, b"", "", "", None, None)
