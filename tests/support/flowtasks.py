@@ -37,8 +37,9 @@ def on_error(task_id, path):
 
 @app.task(name="flowtasks.step")
 def step(value, path, token, sleep=0.0):
-    """A chain step: marks that it started, sleeps, records that it completed (value + 1)."""
-    _append(path + ".started", token)
+    """A chain step: marks that it started (and in which process), sleeps, records that it
+    completed (value + 1)."""
+    _append(path + ".started", f"{token} {os.getpid()}")
     time.sleep(sleep)
     _append(path, f"done {token}")
     return value + 1
