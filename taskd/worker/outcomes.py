@@ -68,7 +68,7 @@ class Outcomes:
         if status == protocol.RETRY:
             if reply:       # the state, for a caller that looks
                 self.results.note(job, *reply)
-        elif request.embed and self.workflows is not None and self.workflows.follow(
+        elif self.workflows is not None and request.embed and self.workflows.follow(
                 job, status, outcome.body, outcome.content_type, outcome.content_encoding,
                 lambda: self.settle(job, reply), self.fault):
             return          # settled once its next steps are confirmed

@@ -74,6 +74,17 @@ def test_nested_chains_flatten_and_partial_args_go_first(flow):
     assert chain(t.add.s(3), t.add.s(4)).apply_async((1,)).get(timeout=20) == 8
 
 
+def test_a_step_that_retries_keeps_the_rest_of_its_chain_and_its_chord(flow, tmp_path):
+    from taskd import chain, chord, signature
+    _, app, t, _ = flow
+    retry = signature("flowtasks.retry_once", app=app)
+    result = chain(t.add.s(1, 1), retry.clone((str(tmp_path / "a"),)), t.add.s(10))()
+    assert result.get(timeout=20) == 13
+    body = chord([t.add.s(1, 1), retry.clone((5, str(tmp_path / "b")))], t.tsum.s())()
+    assert body.get(timeout=20) == 8
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()     # both retried
+
+
 def test_group_result_in_order_saved_and_restored(flow):
     from taskd import GroupResult, group
     _, app, t, _ = flow
