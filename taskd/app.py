@@ -152,7 +152,8 @@ class App:
         if backend is not None:
             url, expected = stores.check_url(backend)
             if expected:
-                raise ConfigError([f"backend: expected {expected}, got {backend!r}"], "App()")
+                raise ConfigError([f"backend: expected {expected}, got "
+                                   f"{stores.redact(backend)!r}"], "App()")
             values = dict(self.config.values, result_backend=url)
             self.config = config_mod.Config(values, self.config.exchanges, self.config.queues,
                                             self.config.routes, self.config.source)

@@ -45,7 +45,7 @@ def mask_value(name, value):
         return value
     if is_secret(name):
         return MASK
-    if str(name).endswith("url") and isinstance(value, str):
+    if (str(name).endswith("url") or str(name).endswith("backend")) and isinstance(value, str):
         return mask_url(value)
     return value
 

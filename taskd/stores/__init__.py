@@ -38,6 +38,7 @@ from typing import Any
 
 from .. import protocol, serialization
 from ..exceptions import ConfigError, ContentDisallowed
+from ..masking import mask_url
 
 #: Celery's key prefix (``KeyValueStoreBackend.task_keyprefix``).
 KEY_PREFIX = "celery-task-meta-"
@@ -85,11 +86,7 @@ def require(url: str) -> Any:
 
 def redact(url: str) -> str:
     """``url`` without its password, for logs and errors."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return mask_url(url)
 
 
 def node_name() -> str:

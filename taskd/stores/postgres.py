@@ -7,9 +7,10 @@
     expires_at timestamptz            -- NULL: kept (result_expires: 0)
 
 A write is an upsert (a SUCCESS already there stays) and ``pg_notify(<table>,
-task_id)`` in the same transaction. ``wait()`` runs ``LISTEN`` on its own
-connection, *then* reads the row, then sleeps until a notification names its
-task: no polling. A lost connection is opened again (with back-off), and the
+task_id)`` in the same transaction. ``wait()`` runs ``LISTEN`` on a connection
+of its thread's, *then* reads the row, then sleeps until a notification names its
+task: no polling (and ``UNLISTEN`` after, so an idle client holds back no
+notifications). A lost connection is opened again (with back-off), and the
 row read again. JSON only: nothing is pickled.
 
 Expired rows are deleted by the workers (:meth:`AsyncPostgresStore.prune`, a
@@ -18,6 +19,7 @@ task is needed.
 """
 from __future__ import annotations
 
+import threading
 import time
 import urllib.parse
 from typing import Iterable
@@ -79,6 +81,7 @@ class _Sql:
             "DELETE FROM {t} WHERE task_id IN (SELECT task_id FROM {t} WHERE expires_at < now() "
             "LIMIT %s)").format(t=self.table)
         self.listen = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
+        self.unlisten = sql.SQL("UNLISTEN {}").format(sql.Identifier(self.channel))
         self.counters = sql.Identifier(*name[:-1], f"{name[-1]}_counters"[:63])
         self.create_counters = sql.SQL(
             "CREATE TABLE IF NOT EXISTS {c} (name text PRIMARY KEY, value bigint NOT NULL)"
@@ -110,6 +113,7 @@ class PostgresStore:
         self.q = _Sql(name)
         self._conn: psycopg.Connection | None = None
         self._created = False
+        self._local = threading.local()
 
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -158,11 +162,9 @@ class PostgresStore:
         meta = None
         while True:
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
-                    if not self._created:
-                        _create(conn, self.q)
-                        self._created = True
-                    conn.execute(self.q.listen)
+                conn = self._listener()
+                conn.execute(self.q.listen)
+                try:
                     meta = self._read(conn, task_id, accept) or meta
                     while not ready(meta):
                         left = _left(deadline)
@@ -174,12 +176,16 @@ class PostgresStore:
                         if any(note.payload == task_id for note in notes):
                             meta = self._read(conn, task_id, accept) or meta
                         pause = BACKOFF[0]
+                finally:
+                    # An idle listener would hold back the server's notification queue.
+                    conn.execute(self.q.unlisten)
                 if ready(meta):
                     return meta
                 state = (meta or {}).get("status", protocol.PENDING)
                 raise TaskdTimeoutError(f"task {task_id}: no result within {timeout:g}s "
                                         f"(state: {state})")
             except ERRORS:
+                self._drop_listener()
                 left = _left(deadline)
                 if left is not None and left <= 0:
                     raise TaskdTimeoutError(f"task {task_id}: no result within {timeout:g}s "
@@ -187,11 +193,29 @@ class PostgresStore:
                 time.sleep(pause if left is None else min(pause, left))
                 pause = min(pause * 2, BACKOFF[1])
 
+    def _listener(self) -> psycopg.Connection:
+        """This thread's connection for waits, kept between them (no connection set-up
+        per wait); it listens only while a wait runs."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            conn = self._local.conn = psycopg.connect(self.conninfo, autocommit=True,
+                                                      connect_timeout=5)
+            if not self._created:
+                _create(conn, self.q)
+                self._created = True
+        return conn
+
+    def _drop_listener(self) -> None:
+        conn, self._local.conn = getattr(self._local, "conn", None), None
+        if conn is not None:
+            conn.close()
+
     def _read(self, conn: psycopg.Connection, task_id: str, accept: set | None) -> dict | None:
         row = conn.execute(self.q.select, (task_id,)).fetchone()
         return None if row is None else decode(row[0], accept)
 
     def close(self) -> None:
+        self._drop_listener()
         if self._conn is not None:
             self._conn.close()
 

@@ -47,6 +47,35 @@ BACKOFF = (0.2, 10.0)
 PRUNE_EVERY = 60.0
 
 
+def build(loop: asyncio.AbstractEventLoop, config: Any, complete: Callable[[Any], None],
+          counters: collections.Counter) -> Optional["ResultStore"]:
+    """The part for ``result_backend`` (None with rpc://). The children forked later open
+    their own connection to the same store (STARTED, update_state)."""
+    stores.set_worker_store(config["result_backend"], config["result_expires"],
+                            config["track_started"])
+    backend = stores.open_async_store(config["result_backend"], config["result_expires"])
+    if backend is None:
+        return None
+    log.info("results go to %s", stores.redact(config["result_backend"]))
+    return ResultStore(loop, backend, complete, counters,
+                       buffer_limit=config["worker.result_buffer"],
+                       extended=config["result_extended"])
+
+
+def reconfigure(part: Optional["ResultStore"], url: str, new: Any) -> None:
+    """A reload: the store stays (a new ``result_backend`` takes a restart, logged); its
+    buffer, extended fields, expiry and ``track_started`` follow ``new``."""
+    if new["result_backend"] != url:
+        log.warning("SIGHUP: result_backend changes only with a restart; results still go "
+                    "to %s", stores.redact(url))
+        return
+    stores.set_worker_store(url, new["result_expires"], new["track_started"])
+    if part is not None:
+        part.buffer_limit = new["worker.result_buffer"]
+        part.extended = new["result_extended"]
+        part.backend.expires = new["result_expires"]
+
+
 class Entry(NamedTuple):
     job: Any            # None: a state that acks nothing (RETRY)
     task_id: str

@@ -45,7 +45,6 @@ import signal
 import time
 from typing import Any, Optional
 
-from .. import stores
 from .acker import Acker
 from .consumer import Consumer
 from . import control
@@ -63,7 +62,7 @@ from .replies import Replies
 from .spawner import Spawner
 from .status import Status
 from .stopping import EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
-from .store import ResultStore
+from . import store as result_store
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
@@ -94,7 +93,8 @@ class Supervisor:
                                          config["worker.max_result_size"])
         self.copies = copies = Copies(loop, consumer.redeclare)
         self.duplicates = Duplicates(self.counters)
-        self.store = store = self.result_store(config, acker)
+        self.backend_url = config["result_backend"]     # fixed until a restart
+        self.store = store = result_store.build(loop, config, acker.complete, self.counters)
         self.outcomes = outcomes = Outcomes(loop, acker, replies, copies, self.duplicates,
                                             self.counters, config, store)
         self.dispatcher = dispatcher = Dispatcher(loop, pool, outcomes, consumer.hold, config)
@@ -123,20 +123,6 @@ class Supervisor:
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
-
-    def result_store(self, config: Any, acker: Any) -> Optional[ResultStore]:
-        """The part writing results to ``result_backend`` (None with rpc://); the children
-        forked later open their own connection to it (STARTED, update_state)."""
-        self.backend_url = config["result_backend"]
-        stores.set_worker_store(config["result_backend"], config["result_expires"],
-                                config["track_started"])
-        backend = stores.open_async_store(config["result_backend"], config["result_expires"])
-        if backend is None:
-            return None
-        log.info("results go to %s", stores.redact(config["result_backend"]))
-        return ResultStore(self.loop, backend, acker.complete, self.counters,
-                           buffer_limit=config["worker.result_buffer"],
-                           extended=config["result_extended"])
 
     def queues_for(self, config: Any) -> tuple:
         """The queues this worker consumes under ``config`` (``-Q`` wins)."""
@@ -274,14 +260,7 @@ class Supervisor:
         self.config_loaded_at = time.time()
         self.replies.pattern = re.compile(new["worker.reply_to_pattern"])
         self.replies.max_result_size = new["worker.max_result_size"]
-        if new["result_backend"] != self.backend_url:
-            log.warning("SIGHUP: result_backend changes only with a restart; results still "
-                        "go to %s", stores.redact(self.backend_url))
-        elif self.store is not None:
-            self.store.buffer_limit = new["worker.result_buffer"]
-            self.store.extended = new["result_extended"]
-            stores.set_worker_store(new["result_backend"], new["result_expires"],
-                                    new["track_started"])
+        result_store.reconfigure(self.store, self.backend_url, new)
         self.outcomes.config = self.dispatcher.config = self.consumer.config = new
         self.shutdown.config = new
         self.intake.configure(new)

@@ -71,3 +71,35 @@ def test_store_crash_mid_stream_loses_no_result_and_acks_none_early(topo, worker
     wait_for(lambda: broker.queue_state(topo.name("celery")) == (0, 1), timeout=15,
              message="the queue empty, nothing unacknowledged")
     assert "result_store_errors" in control.query(sock)["counters"]
+
+
+@pytest.fixture
+def pg():
+    import pgnode
+    if not pgnode.available():
+        pytest.skip("needs PostgreSQL's server binaries, the postgres user, and root")
+    node = pgnode.PgNode().init().start()
+    yield node
+    node.destroy()
+
+
+def test_postgres_store_crash_mid_stream_loses_no_result(topo, workers, app_for, pg, tmp_path):
+    import psycopg
+    path = topo.config({"result_backend": pg.url + "?table=results"},
+                       control_socket=str(tmp_path / "ctl.sock"))
+    w = workers(path).ready()
+    app = app_for(path)
+    out = tmp_path / "runs.txt"
+    n = 40
+    results = [app.send_task("ttasks.record", [str(out), f"t{i}", 0.02]) for i in range(n)]
+    wait_for(lambda: sum(executions(out).values()) >= 8, timeout=30, message="8 done")
+    pg.crash()
+    w.wait_log("result store", timeout=15)
+    pg.start()
+    w.wait_log("answers again", timeout=30)
+    assert [r.get(timeout=60) for r in results] == [f"t{i}" for i in range(n)]
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        rows = dict(conn.execute("SELECT task_id, status FROM results").fetchall())
+    assert all(rows[r.id] == "SUCCESS" for r in results)
+    runs = executions(out)
+    assert len(runs) == n and set(runs.values()) == {1}

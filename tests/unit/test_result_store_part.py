@@ -213,7 +213,12 @@ def test_backend_urls_and_missing_extras(monkeypatch):
         "rpc", "redis", "postgres"]
     with pytest.raises(ValueError, match="unknown result backend mongodb://"):
         stores.kind("mongodb://x")
-    assert stores.redact("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert "pw" not in stores.redact("redis://:pw@h:1/0")
+    assert "s/cr" not in stores.redact("postgresql://u:s/cr@h/d")     # unencoded /
+    from taskd.exceptions import ConfigError
+    with pytest.raises(ConfigError) as err:
+        config_mod.validate({"result_backend": "mongo://u:hunter2@h/d"}, environ={})
+    assert "hunter2" not in str(err.value)
     import builtins
     real = builtins.__import__
 
@@ -268,4 +273,25 @@ def test_the_dispatcher_starts_nothing_while_the_store_gate_is_closed():
         open_[0] = True
         p.dispatcher.dispatch()
         assert [j.request.name for j in p.pool.sent] == ["t.add"]
+    asyncio.run(main())
+
+
+def test_a_reload_keeps_the_store_and_applies_its_limits(caplog):
+    async def main():
+        loop = asyncio.get_running_loop()
+        backend = StubBackend()
+        backend.expires = 60
+        part, _ = make(loop, backend)
+        url = "redis://stub:6379/0"
+        new = config_mod.validate({"result_backend": url, "result_expires": 5,
+                                   "result_extended": True, "track_started": True,
+                                   "worker": {"result_buffer": "1KiB"}}, environ={})
+        store_mod.reconfigure(part, url, new)
+        assert (part.buffer_limit, part.extended, backend.expires) == (1024, True, 5)
+        assert stores.worker_tracks_started()
+        other = config_mod.validate({"result_backend": "redis://elsewhere:6379/0"}, environ={})
+        with caplog.at_level("WARNING", logger="taskd.supervisor"):
+            store_mod.reconfigure(part, url, other)
+        assert "only with a restart" in caplog.text and part.buffer_limit == 1024
+        stores.set_worker_store("rpc://", 0, False)
     asyncio.run(main())
