@@ -14,7 +14,7 @@ and the other way round.
 * ``chord(header, body)`` (or ``group(...) | body``): the header tasks carry the
   body in their ``chord`` embed; the worker that finishes the last of them
   publishes the body with the header's results in order (no polling task).
-  Needs ``result_backend`` ``redis://``.
+  Needs a result store (``redis://`` or ``postgresql://``).
 
 See ``docs/workflows.md``.
 """
@@ -177,7 +177,7 @@ def _store(app: Any, what: str) -> Any:
     store = app.store
     if store is None:
         raise TaskdError(f"{what} needs a result store: set result_backend to "
-                         "redis://HOST:PORT/DB (rpc:// keeps no state that a worker could "
+                         "redis://HOST:PORT/DB or postgresql://USER@HOST/DB (rpc:// keeps no state that a worker could "
                          "join on or another process read)")
     return store
 
@@ -323,9 +323,6 @@ class chord(Signature):
         :class:`GroupResult`)."""
         app = _app(self.app, [*self.header.tasks, self.body])
         store = _store(app, "a chord")
-        if _store_kind(app) != "redis":
-            raise TaskdError("a chord needs result_backend redis://: the PostgreSQL store "
-                             "has no chord join yet")
         options = dict(self.options, **options)
         body_id = options.pop("task_id", None)
         body = self.body
@@ -347,9 +344,10 @@ class chord(Signature):
             body.apply_async(([],))
             first.parent = GroupResult(group_id, [], app=app)
             return result
-        # Celery's chord size key, so that a Celery worker can finish a taskd chord too.
-        store.client.set(f"{GROUP_PREFIX}{group_id}.s", len(header),
-                         ex=app.config["result_expires"] or 86400)
+        if _store_kind(app) == "redis":
+            # Celery's chord size key, so that a Celery worker can finish a taskd chord too.
+            store.client.set(f"{GROUP_PREFIX}{group_id}.s", len(header),
+                             ex=app.config["result_expires"] or 86400)
         parts = send_parts(app, header, args, kwargs, group_id, dict(options, chord=wire))
         first.parent = GroupResult(group_id, parts, app=app)
         return result

@@ -32,6 +32,7 @@ client writes (``celery-taskset-meta-G.s``).
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .. import serialization
@@ -106,3 +107,109 @@ class ChordJoin:
             field = item[0].decode() if isinstance(item[0], bytes) else item[0]
             return (0, int(field), "") if field.lstrip("-").isdigit() else (1, 0, field)
         return [serialization.json_loads(value) for _, value in sorted(raw.items(), key=order)]
+
+
+class PostgresChordJoin:
+    """The same join in PostgreSQL (``result_backend: postgresql://``), on its own
+    connection. Two tables beside the results table ``T``: ``T_chords`` (one row per
+    header task: ``PRIMARY KEY (group_id, task_id)``, so a task run again counts once)
+    and ``T_chord_claims`` (who completed each chord). Each count runs in a
+    transaction that first takes an advisory lock on the chord's id, so two header
+    tasks finishing at once on two workers count one after the other. A chord's rows
+    are deleted once its body is published; claims older than ``result_expires`` (a
+    day when 0) are deleted then too."""
+
+    def __init__(self, url: str, expires: int = 0) -> None:
+        from psycopg import sql
+        from .postgres import split_url
+        self.conninfo, name = split_url(url)
+        self.ttl = int(expires) or DEFAULT_TTL
+        schema, base = name[:-1], name[-1]
+        self.parts_t = sql.Identifier(*schema, f"{base}_chords"[:63])
+        self.claims_t = sql.Identifier(*schema, f"{base}_chord_claims"[:63])
+        self.sql = sql
+        self._conn = None
+        self._lock: asyncio.Lock | None = None   # one transaction at a time on the connection
+
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def _connection(self) -> Any:
+        import psycopg
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True,
+                                                               connect_timeout=5)
+            q = self.sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {p} (group_id text, task_id text, idx text NOT "
+                "NULL, part jsonb NOT NULL, PRIMARY KEY (group_id, task_id)); "
+                "CREATE TABLE IF NOT EXISTS {c} (group_id text PRIMARY KEY, owner text NOT "
+                "NULL, created timestamptz NOT NULL DEFAULT now())"
+            ).format(p=self.parts_t, c=self.claims_t)
+            try:
+                async with self._conn.transaction():
+                    await self._conn.execute(q)
+            except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+                pass
+        return self._conn
+
+    async def count(self, group_id: str, task_id: str, index: int | None, state: str,
+                    result: Any, size: int | None) -> tuple[int, int, bool]:
+        async with self.lock():
+            return await self._count(group_id, task_id, index, state, result, size)
+
+    async def _count(self, group_id: str, task_id: str, index: int | None, state: str,
+                     result: Any, size: int | None) -> tuple[int, int, bool]:
+        sql = self.sql
+        part = serialization.json_dumps([task_id, state, result]).decode()
+        field = task_id if index is None else str(index)
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                               (PREFIX + group_id,))
+            await conn.execute(sql.SQL(
+                "INSERT INTO {p} (group_id, task_id, idx, part) VALUES (%s, %s, %s, %s::jsonb) "
+                "ON CONFLICT (group_id, task_id) DO UPDATE SET idx = EXCLUDED.idx, "
+                "part = EXCLUDED.part").format(p=self.parts_t), (group_id, task_id, field, part))
+            cur = await conn.execute(sql.SQL("SELECT count(*) FROM {p} WHERE group_id = %s")
+                                     .format(p=self.parts_t), (group_id,))
+            n = (await cur.fetchone())[0]
+            if not size or n < size:
+                return n, int(size or 0), False
+            await conn.execute(sql.SQL("INSERT INTO {c} (group_id, owner) VALUES (%s, %s) "
+                                       "ON CONFLICT (group_id) DO NOTHING")
+                               .format(c=self.claims_t), (group_id, task_id))
+            cur = await conn.execute(sql.SQL("SELECT owner FROM {c} WHERE group_id = %s")
+                                     .format(c=self.claims_t), (group_id,))
+            owner = (await cur.fetchone())[0]
+        return n, size, owner == task_id
+
+    async def parts(self, group_id: str) -> list[list]:
+        async with self.lock():
+            conn = await self._connection()
+            cur = await conn.execute(self.sql.SQL("SELECT idx, part::text FROM {p} WHERE "
+                                                  "group_id = %s").format(p=self.parts_t),
+                                     (group_id,))
+            rows = await cur.fetchall()
+
+        def order(row):
+            return (0, int(row[0]), "") if row[0].lstrip("-").isdigit() else (1, 0, row[0])
+        return [serialization.json_loads(part) for _, part in sorted(rows, key=order)]
+
+    async def published(self, group_id: str) -> None:
+        async with self.lock():
+            await self._published(group_id)
+
+    async def _published(self, group_id: str) -> None:
+        sql = self.sql
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.execute(sql.SQL("UPDATE {c} SET owner = %s WHERE group_id = %s")
+                               .format(c=self.claims_t), (PUBLISHED, group_id))
+            await conn.execute(sql.SQL("DELETE FROM {p} WHERE group_id = %s")
+                               .format(p=self.parts_t), (group_id,))
+            await conn.execute(sql.SQL(
+                "DELETE FROM {c} WHERE group_id IN (SELECT group_id FROM {c} WHERE created < "
+                "now() - make_interval(secs => %s) LIMIT 1000)").format(c=self.claims_t),
+                (self.ttl,))

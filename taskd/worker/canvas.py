@@ -14,7 +14,8 @@ every finished job whose request has steps):
 * **failure**: each error callback is published with the failed task's id as
   argument (Celery's convention); the chain stops here;
 * **chord header part** (success or failure): its state is counted in the
-  store (:mod:`taskd.stores.chords`: once per task id, however often it runs);
+  store (:mod:`taskd.stores.chords`, Redis or PostgreSQL: once per task id,
+  however often it runs);
   the part that completes the chord publishes the body with the header's
   results in order, or, if a header task failed, stores the body as FAILURE
   with a ``ChordError`` and publishes the body's error callbacks, once.
@@ -60,19 +61,23 @@ class Workflows:
                  publisher: Callable[[], Any], backend: Any, counters: Any) -> None:
         self.loop, self.config, self.copies = loop, config, copies
         self.publisher, self.backend, self.counters = publisher, backend, counters
-        self.join = None
-        if backend is not None and stores.kind(backend.url) == "redis":
+        self.join: Any = None       # the chord join in the result store
+        which = stores.kind(backend.url) if backend is not None else "rpc"
+        if which == "redis":
             from ..stores.chords import ChordJoin
             self.join = ChordJoin(backend.client, config["result_expires"])
+        elif which == "postgres":
+            from ..stores.chords import PostgresChordJoin
+            self.join = PostgresChordJoin(backend.url, config["result_expires"])
 
     # == intake =============================================================================
     def check(self, request: protocol.Request) -> None:
         """Raise InvalidTaskMessage for steps this worker cannot run (a chord without a
-        Redis result store), so the message is refused before its task runs."""
+        result store), so the message is refused before its task runs."""
         if request.embed and request.embed.get("chord") and self.join is None:
             raise InvalidTaskMessage(
                 f"task {request.name} is part of a chord, which needs result_backend "
-                f"redis:// on the worker (this worker has "
+                f"redis:// or postgresql:// on the worker (this worker has "
                 f"{stores.kind(self.config['result_backend'])}://); refused rather than "
                 "run a header whose body could never be called")
         if request.embed and request.embed.get("chord") and not request.group:

@@ -242,3 +242,58 @@ def test_taskd_client_chain_runs_on_a_celery_worker():
         proc.wait()
         app.close()
         Broker().delete([queue])
+
+
+def test_chords_with_the_postgresql_store(tmp_path_factory, tmp_path):
+    """The same join in PostgreSQL: a chord's body once, in order; a part sent twice
+    counts once; a header failure fails the body with ChordError and calls its errback
+    once; its rows are gone once the body is published."""
+    import psycopg
+
+    from taskd import App, chord, signature
+    from taskd.exceptions import ChordError
+    pg = os.environ.get("TASKD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1/test")
+    table = f"taskd_flow_{uuid.uuid4().hex[:10]}"
+    topo = Topology(tmp_path_factory.mktemp("pgflow"), Broker())
+    path = topo.config({"result_backend": f"{pg}?table={table}", "result_expires": 600,
+                        "imports": ["flowtasks"]})
+    worker = Worker(path).ready()
+    app = App("pgflow", config=str(path), set_as_current=False)
+    try:
+        def sig(name, *args):
+            return signature(f"flowtasks.{name}", args, app=app)
+        out = tmp_path / "body.txt"
+        result = chord([sig("add", i, i) for i in range(6)], sig("tsum", str(out)))()
+        assert result.get(timeout=30) == 30
+        assert lines(out) == ["sum [0, 2, 4, 6, 8, 10]"]
+
+        body = sig("tsum", str(tmp_path / "early.txt")).clone()
+        early = body.freeze()
+        wire = dict(body.as_dict(), chord_size=2)
+        group_id, first = str(uuid.uuid4()), str(uuid.uuid4())
+        for _ in range(2):
+            app.send_task("flowtasks.add", (1, 1), task_id=first, group_id=group_id,
+                          group_index=0, chord=wire).get(timeout=20)
+        assert early.state == "PENDING"
+        app.send_task("flowtasks.add", (2, 2), group_id=group_id, group_index=1, chord=wire)
+        assert early.get(timeout=20) == 6
+
+        errors = tmp_path / "errors.txt"
+        failing = sig("tsum")
+        failing.link_error(sig("on_error", str(errors)))
+        failed = chord([sig("add", 1, 1), sig("fail", "pg")], failing)()
+        with pytest.raises(ChordError):
+            failed.get(timeout=30)
+        wait_for(lambda: lines(errors), 20, message="the errback")
+        assert lines(errors) == [f"error {failed.id}"]
+        with psycopg.connect(pg, autocommit=True) as conn:
+            left = conn.execute(f"SELECT count(*) FROM {table}_chords").fetchone()[0]
+            claims = conn.execute(f"SELECT owner FROM {table}_chord_claims").fetchall()
+        assert left == 0 and [c[0] for c in claims] == ["published"] * 3
+    finally:
+        app.close()
+        worker.stop()
+        topo.cleanup()
+        with psycopg.connect(pg, autocommit=True) as conn:
+            for suffix in ("", "_chords", "_chord_claims", "_counters"):
+                conn.execute(f"DROP TABLE IF EXISTS {table}{suffix}")

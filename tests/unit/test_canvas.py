@@ -219,7 +219,7 @@ def test_a_chord_part_is_refused_by_a_worker_without_a_redis_store():
     body = {"task": "tasks.sum", "args": [], "kwargs": {}, "options": {},
             "subtask_type": None, "immutable": False}
     parts = Workflows(None, CONFIG, StubCopies(), lambda: None, None, collections.Counter())
-    with pytest.raises(InvalidTaskMessage, match="chord, which needs result_backend redis"):
+    with pytest.raises(InvalidTaskMessage, match="chord, which needs result_backend redis:// or postgresql"):
         parts.check(_job({"chord": body}, group_id="g").request)
     parts.check(_job({"chain": [body]}).request)          # a chain needs no store
     assert not parts.follow(_job(None), protocol.SUCCESS, b"", "", "", None, None)
