@@ -84,6 +84,44 @@ class Workflows:
             raise InvalidTaskMessage(f"task {request.name}: a chord part without a "
                                      "'group' header (the chord's id)")
 
+    def refused(self, job: Any, reason: str) -> None:
+        """``job`` is dead-lettered (``reason``) before it ran: besides its own FAILURE (which
+        Outcomes stores), the handles its caller holds on the workflow's end - the last
+        step of its chain, its chord's body - are stored as FAILURE too, so that a
+        ``get()`` on them does not wait for ever. Read leniently from the raw body: a
+        refused message may be malformed anywhere."""
+        if self.backend is None:
+            return
+        try:
+            payload = serialization.loads(job.body, job.properties.content_type,
+                                          job.properties.content_encoding)
+            embed = payload[2] if isinstance(payload, (list, tuple)) and len(payload) == 3 \
+                else None
+            ids = []
+            if isinstance(embed, dict):
+                chain = embed.get("chain")
+                for sig in ([chain[0]] if isinstance(chain, list) and chain else []) + \
+                        [embed.get("chord")]:
+                    options = sig.get("options") if isinstance(sig, dict) else None
+                    task_id = options.get("task_id") if isinstance(options, dict) else None
+                    if isinstance(task_id, str) and task_id:
+                        ids.append(task_id)
+        except Exception:       # undecodable: its own FAILURE is all that can be told
+            return
+        if ids:
+            exc = InvalidTaskMessage(f"the workflow of task {job.describe()} was refused: "
+                                     f"{reason}")
+            metas = [(i, stores.encode(protocol.result_meta(
+                i, protocol.FAILURE, protocol.exception_to_dict(exc), f"{exc}\n")))
+                for i in ids]
+            self.loop.create_task(self._store_failures(metas))
+
+    async def _store_failures(self, metas: list) -> None:
+        try:
+            await self.backend.write_many(metas)
+        except Exception as exc:    # the dead letter keeps the message and its reason
+            log.warning("could not store the refused workflow's FAILURE: %s", exc)
+
     # == after the task ========================================================================
     def follow(self, job: Any, status: str, body: bytes, content_type: str,
                content_encoding: str, proceed: Callable[[], None],

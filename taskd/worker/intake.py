@@ -97,6 +97,8 @@ class Intake:
                 self.workflows.check(job.request)
         except TaskdError as exc:
             self.outcomes.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
+            if self.workflows is not None:
+                self.workflows.refused(job, f"{type(exc).__name__}: {exc}")
             return False
         job.key = recovery.delivery_key(job.request, job.body)
         if job.redelivered and (self._finish_duplicate(job)

@@ -199,6 +199,25 @@ def test_a_header_part_counted_twice_does_not_complete_a_chord_early(flow, tmp_p
     assert lines(out) == ["sum [10, 11, 12]"]
 
 
+def test_a_refused_workflow_fails_its_first_and_its_last_handle(flow, tmp_path):
+    """A chain whose middle is a group (which a taskd worker does not run) is refused
+    whole: no step runs, and both the first task and the chain's end read FAILURE."""
+    from taskd.exceptions import InvalidTaskMessage
+    topo, app, t, _ = flow
+    out = tmp_path / "steps.txt"
+    last = t.step.s(str(out), "c").clone()
+    end = last.freeze()
+    nested = {"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {},
+              "subtask_type": "group", "immutable": False}
+    first = app.send_task("flowtasks.step", (0, str(out), "a"),
+                          chain=[last.as_dict(), nested])
+    with pytest.raises(InvalidTaskMessage, match="'group' signature"):
+        first.get(timeout=20)
+    with pytest.raises(InvalidTaskMessage, match="workflow of task .* was refused"):
+        end.get(timeout=20)
+    assert not out.exists()
+
+
 def test_celery_client_canvas_runs_on_a_taskd_worker(flow):
     _, _, _, _ = flow
     topo = flow[0]
