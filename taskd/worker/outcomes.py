@@ -135,9 +135,17 @@ class Outcomes:
             self.results.publish_result(job, *reply)
 
     def fail(self, job: Any, exc: BaseException, status: str = protocol.FAILURE) -> None:
-        """Settle ``job`` with ``exc`` as its result (REVOKED, a time limit ...)."""
-        self.settle(job, jobs.failure_reply(job, exc, status)
-                    if self.results.reply_to(job) else None)
+        """Settle ``job`` with ``exc`` as its result (REVOKED, a time limit ...); a workflow
+        step's error callbacks and chord go first."""
+        failure = jobs.failure_reply(job, exc, status)
+        reply = failure if self.results.reply_to(job) else None
+        request = job.request
+        if self.workflows is not None and request is not None and request.embed and \
+                self.workflows.follow(job, protocol.FAILURE, failure[0],
+                                      failure[1].content_type, failure[1].content_encoding,
+                                      lambda: self.settle(job, reply), self.fault):
+            return
+        self.settle(job, reply)
 
     def give_back(self, job: Any, delay: float = 1.0) -> None:
         """A copy could not be confirmed: return the original to its queue (after

@@ -130,6 +130,21 @@ def test_chord_header_failure_fails_the_body_and_calls_its_errback_once(flow, tm
     assert app.AsyncResult(result.id).state == "FAILURE"
 
 
+def test_a_header_task_killed_by_its_time_limit_fails_the_chord_once(flow, tmp_path):
+    from taskd import chord
+    from taskd.exceptions import ChordError
+    _, app, t, _ = flow
+    out = tmp_path / "errors.txt"
+    slow = t.step.s(0, str(tmp_path / "steps.txt"), "slow", 30).set(time_limit=1)
+    body = t.tsum.s()
+    body.link_error(t.on_error.s(str(out)))
+    result = chord([t.add.s(1, 1), slow], body)()
+    with pytest.raises(ChordError, match="TimeLimitExceeded"):
+        result.get(timeout=30)
+    wait_for(lambda: lines(out), 20, message="the body's errback")
+    assert lines(out) == [f"error {result.id}"]
+
+
 def test_link_and_link_error(flow, tmp_path):
     _, app, t, _ = flow
     out = tmp_path / "errors.txt"
