@@ -129,18 +129,19 @@ def as_json(body: bytes, content_type: str | None, content_encoding: str | None)
                                            f"{exc}\n"))
 
 
-def open_store(url: str, expires: int = 0) -> Any:
+def open_store(url: str, expires: int = 0, fail_fast: bool = False) -> Any:
     """The synchronous store for ``url`` (None for rpc://); the client library is imported
-    here, so a missing extra fails at once with its name."""
+    here, so a missing extra fails at once with its name. ``fail_fast``: short timeouts
+    and no retries (a worker child: a store that is down must not hold up tasks)."""
     which = kind(url)
     if which == "rpc":
         return None
     require(url)
     if which == "redis":
         from .redis import RedisStore
-        return RedisStore(url, expires)
+        return RedisStore(url, expires, fail_fast)
     from .postgres import PostgresStore
-    return PostgresStore(url, expires)
+    return PostgresStore(url, expires, fail_fast)
 
 
 def open_async_store(url: str, expires: int = 0) -> Any:
@@ -173,7 +174,8 @@ def worker_store() -> Any:
     if not _worker or kind(_worker["url"]) == "rpc":
         return None
     if _worker["pid"] != os.getpid():
-        _worker.update(pid=os.getpid(), store=open_store(_worker["url"], _worker["expires"]))
+        _worker.update(pid=os.getpid(), store=open_store(_worker["url"], _worker["expires"],
+                                                         fail_fast=True))
     return _worker["store"]
 
 

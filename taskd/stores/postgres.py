@@ -107,17 +107,19 @@ def _create(conn: psycopg.Connection, q: _Sql) -> None:
 class PostgresStore:
     """Synchronous: for clients (``AsyncResult``) and worker children."""
 
-    def __init__(self, url: str, expires: int = 0) -> None:
+    def __init__(self, url: str, expires: int = 0, fail_fast: bool = False) -> None:
         self.url, self.expires = url, expires
         self.conninfo, name = split_url(url)
         self.q = _Sql(name)
+        self.connect_timeout = 2 if fail_fast else 5      # (libpq's least is 2)
         self._conn: psycopg.Connection | None = None
         self._created = False
         self._local = threading.local()
 
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
+            self._conn = psycopg.connect(self.conninfo, autocommit=True,
+                                         connect_timeout=self.connect_timeout)
             if not self._created:
                 _create(self._conn, self.q)
                 self._created = True

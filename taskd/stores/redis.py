@@ -21,6 +21,8 @@ from typing import Iterable
 
 import redis
 import redis.asyncio
+import redis.backoff
+import redis.retry
 
 from .. import protocol
 from ..exceptions import TimeoutError as TaskdTimeoutError
@@ -59,16 +61,19 @@ def key(task_id: str) -> str:
     return KEY_PREFIX + task_id
 
 
-def _options(url: str) -> dict:
+def _options(fail_fast: bool = False) -> dict:
+    if fail_fast:
+        return {"socket_connect_timeout": 1, "socket_timeout": 2,
+                "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0)}
     return {"socket_connect_timeout": 5, "socket_timeout": 10, "health_check_interval": 30}
 
 
 class RedisStore:
     """Synchronous: for clients (``AsyncResult``) and worker children."""
 
-    def __init__(self, url: str, expires: int = 0) -> None:
+    def __init__(self, url: str, expires: int = 0, fail_fast: bool = False) -> None:
         self.url, self.expires = url, expires
-        self.client = redis.Redis.from_url(url, **_options(url))
+        self.client = redis.Redis.from_url(url, **_options(fail_fast))
         self._write = self.client.register_script(_WRITE)
         self._local = threading.local()
 
@@ -168,7 +173,7 @@ class AsyncRedisStore:
 
     def __init__(self, url: str, expires: int = 0) -> None:
         self.url, self.expires = url, expires
-        self.client = redis.asyncio.Redis.from_url(url, **_options(url))
+        self.client = redis.asyncio.Redis.from_url(url, **_options())
 
     async def write_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         """Write ``(task_id, json_body)`` items in one pipeline (one round trip); raises

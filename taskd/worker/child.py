@@ -46,6 +46,9 @@ from .framing import ImportFailed, Outcome, Ready, RetryMessage
 log = logging.getLogger("taskd.child")
 
 EXIT_IMPORT_FAILED = 3
+#: After a STARTED write fails, the seconds during which no other is tried.
+STARTED_PAUSE = 10.0
+_started_failed_at = -STARTED_PAUSE
 
 
 def _on_soft_limit(signum: int, frame: Any) -> None:
@@ -209,11 +212,14 @@ def _mark_started(task: Any, task_id: str, meta: dict) -> None:
     here, in the child, before the task runs (as Celery does): the supervisor's final write
     always comes after it. A store that fails here does not stop the task (logged): the
     final state is what the supervisor guarantees."""
+    global _started_failed_at
     track = task.track_started
     if track is None:
         track = stores.worker_tracks_started()
     if not track or (meta.get("request", {}).get("headers") or {}).get("ignore_result"):
         return
+    if time.monotonic() - _started_failed_at < STARTED_PAUSE:
+        return          # the store failed just now: tasks do not wait for it again
     try:
         store = stores.worker_store()
         if store is not None:
@@ -221,7 +227,9 @@ def _mark_started(task: Any, task_id: str, meta: dict) -> None:
                 "pid": os.getpid(), "hostname": stores.node_name()}, "traceback": None,
                 "children": [], "date_done": None})
     except Exception as exc:
-        log.warning("task %s[%s]: STARTED not stored: %s", task.name, task_id, exc)
+        _started_failed_at = time.monotonic()
+        log.warning("task %s[%s]: STARTED not stored (%s); not tried again for %gs",
+                    task.name, task_id, exc, STARTED_PAUSE)
 
 
 def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,

@@ -109,6 +109,8 @@ class ResultStore:
     def reply_to(self, job: Any) -> Optional[str]:
         """Where ``job``'s result goes: the store, unless the task ignores its result."""
         request = job.request
+        if request is None and job.task_id == "?":
+            return None         # a message without a task id: no key to store under
         return None if request is not None and request.ignore_result else "store"
 
     def publish_result(self, job: Any, body: bytes, props: Any, attempt: int = 1) -> None:

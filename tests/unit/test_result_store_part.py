@@ -128,6 +128,8 @@ def test_ignored_results_and_retry_states():
         backend = StubBackend()
         part, done = make(loop, backend)
         assert part.reply_to(job(ignore=True)) is None and part.reply_to(job()) == "store"
+        undecoded = types.SimpleNamespace(request=None, task_id="?")     # no id to key on
+        assert part.reply_to(undecoded) is None
         r = job("r")
         part.note(r, *body("r", protocol.RETRY, ValueError("again")))
         await settle(loop)
