@@ -53,6 +53,11 @@ def as_list(value: Any) -> list:
     return [value] if isinstance(value, dict) else list(value)
 
 
+def _taskd_priority(value: Any) -> bool:
+    """A taskd priority (0 highest .. 9 lowest); anything else is not passed on."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 9
+
+
 class Workflows:
     """``publisher()``: the publishing channel; ``backend``: the async result store (None
     with rpc://); ``copies``: publishes mandatory, confirmed messages."""
@@ -234,7 +239,7 @@ class Workflows:
         props = pika.BasicProperties(
             content_type=message.content_type, content_encoding=message.content_encoding,
             correlation_id=task_id, reply_to=message.reply_to, delivery_mode=2,
-            priority=amqp_priority(priority) if isinstance(priority, int) else None,
+            priority=amqp_priority(priority) if _taskd_priority(priority) else None,
             message_id=uuid.uuid4().hex, headers=sanitise(message.headers))
         return route, message.body, props
 
