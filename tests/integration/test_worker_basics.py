@@ -191,8 +191,11 @@ print('chain returned', result.get(timeout=20))
     tokens = sorted(line.split()[0] for line in out.read_text().splitlines())
     assert tokens == ["first", "linked", "one", "two"]
 
-    from taskd import App
+    from taskd import App, chain, signature
     app = App("tests", config=str(path), set_as_current=False)
+    # taskd's own chain with rpc://: the last step replies to this client's queue.
+    add = signature("ttasks.add", app=app)
+    assert chain(add.clone((1, 1)), add.clone((10,)), add.clone((100,)))().get(timeout=20) == 112
     group_step = {"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {},
                   "subtask_type": "group", "immutable": False}
     refused = app.send_task("ttasks.record", (str(out), "never"), chain=[group_step])
