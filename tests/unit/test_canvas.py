@@ -223,3 +223,85 @@ def test_a_chord_part_is_refused_by_a_worker_without_a_redis_store():
         parts.check(_job({"chord": body}, group_id="g").request)
     parts.check(_job({"chain": [body]}).request)          # a chain needs no store
     assert not parts.follow(_job(None), protocol.SUCCESS, b"", "", "", None, None)
+
+
+class StubJoin:
+    """The chord join: counts what it is given; ``claim`` says whether this part completes."""
+
+    def __init__(self, claim, parts):
+        self.claim, self._parts, self.counted, self.done = claim, parts, [], []
+
+    async def count(self, group_id, task_id, index, state, result, size):
+        self.counted.append((group_id, task_id, index, state, result, size))
+        return len(self._parts), size, self.claim
+
+    async def parts(self, group_id):
+        return self._parts
+
+    async def published(self, group_id):
+        self.done.append(group_id)
+
+
+class StubStore:
+    url = "redis://stub"
+
+    def __init__(self):
+        self.written = []
+
+    async def write_many(self, items):
+        self.written.extend(items)
+
+
+def _chord_part(join, status, result, body):
+    async def scenario(loop):
+        channel, events, store = StubChannel(), [], StubStore()
+        parts = Workflows(loop, CONFIG, StubCopies(), lambda: channel, None,
+                          collections.Counter())
+        parts.join, parts.backend = join, store
+        job = _job({"chord": body}, group_id="g-1")
+        parts.follow(job, status, _outcome(status, result), "application/json", "utf-8",
+                     lambda: events.append("settled"), lambda j: events.append("fault"))
+        for _ in range(10):
+            await _turns()
+            for published in channel.published:
+                if published[3] is not None:
+                    published[3](True)
+                    channel.published[channel.published.index(published)] = \
+                        published[:3] + (None,)
+        return channel.published, events, store.written
+    return _run(scenario)
+
+
+def test_the_part_that_completes_a_chord_publishes_its_body_with_the_results_in_order():
+    body = {"task": "tasks.tsum", "args": [], "kwargs": {}, "chord_size": 2,
+            "options": {"task_id": "body-1"}, "subtask_type": None, "immutable": False}
+    join = StubJoin(True, [["t-0", "SUCCESS", 1], ["t-1", "SUCCESS", 2]])
+    published, events, written = _chord_part(join, protocol.SUCCESS, 2, body)
+    assert join.counted == [("g-1", "t-1", None, "SUCCESS", 2, 2)] and join.done == ["g-1"]
+    (_, props, raw, _), = published
+    assert props.headers["id"] == "body-1" and props.headers["group"] is None
+    assert serialization.json_loads(raw)[0] == [[1, 2]]
+    assert events == ["settled"] and written == []
+    # A part that does not complete it publishes nothing and settles:
+    join = StubJoin(False, [])
+    published, events, _ = _chord_part(join, protocol.SUCCESS, 2, body)
+    assert published == [] and events == ["settled"] and join.done == []
+
+
+def test_a_failed_header_fails_the_body_with_chord_error_and_calls_its_errback():
+    errback = {"task": "tasks.err", "args": [], "kwargs": {}, "options": {},
+               "subtask_type": None, "immutable": False}
+    body = {"task": "tasks.tsum", "args": [], "kwargs": {}, "chord_size": 2,
+            "options": {"task_id": "body-1", "link_error": [errback]},
+            "subtask_type": None, "immutable": False}
+    failure = {"exc_type": "ValueError", "exc_message": ["bad"], "exc_module": "builtins"}
+    join = StubJoin(True, [["t-0", "FAILURE", failure], ["t-1", "SUCCESS", 2]])
+    published, events, written = _chord_part(join, protocol.SUCCESS, 2, body)
+    (body_id, meta), = written
+    meta = serialization.json_loads(meta)
+    assert body_id == "body-1" and meta["status"] == "FAILURE"
+    assert meta["result"]["exc_type"] == "ChordError"
+    assert "Dependency t-0 raised ValueError('bad')" in meta["result"]["exc_message"][0]
+    (_, props, raw, _), = published
+    assert props.headers["task"] == "tasks.err" and serialization.json_loads(raw)[0] == ["body-1"]
+    assert events == ["settled"] and join.done == ["g-1"]
