@@ -63,9 +63,11 @@ def test_a_child_killed_mid_step_and_mid_header_task(flow, tmp_path):
         worker.stop()
 
 
-def test_the_whole_worker_killed_between_steps(flow, tmp_path):
+def test_the_whole_worker_killed_between_steps_and_mid_chord(flow, tmp_path):
     """SIGKILL to the supervisor while a step runs (its child dies with it): a new worker
-    takes the step over from the broker; the chain ends with every step done once."""
+    takes the step over from the broker; the chain ends with every step done once. The
+    same mid-chord: the header tasks cut run again, the one already counted does not
+    count again, and the body runs once."""
     from taskd import chain
     topo, path, app, step = flow
     out = tmp_path / "steps.txt"
@@ -86,5 +88,23 @@ def test_the_whole_worker_killed_between_steps(flow, tmp_path):
     try:
         assert result.get(timeout=30) == 3
         assert sorted(lines(out)) == ["done a", "done b", "done c"]
+
+        # ... and mid-chord: h0 done (counted, acked), h1 and h2 cut mid-run, h3 waiting.
+        from taskd import chord, signature
+        heads = tmp_path / "header.txt"
+        body = signature("flowtasks.tsum", (str(tmp_path / "body.txt"),), app=app)
+        total = chord([step(i, str(heads), f"h{i}", 0.0 if i == 0 else 2.0)
+                       for i in range(4)], body)()
+        wait_for(lambda: started(heads, "h2"), 20, message="header task h2 started")
+        time.sleep(0.3)
+        again.proc.send_signal(signal.SIGKILL)
+        again.proc.wait(10)
     finally:
         again.stop()
+    third = Worker(path).ready()
+    try:
+        assert total.get(timeout=30) == 1 + 2 + 3 + 4
+        assert sorted(lines(heads)) == ["done h0", "done h1", "done h2", "done h3"]
+        assert lines(tmp_path / "body.txt") == ["sum [1, 2, 3, 4]"]     # the body once
+    finally:
+        third.stop()
