@@ -94,12 +94,14 @@ class Workflows:
         Outcomes stores), the handles its caller holds on the workflow's end - the last
         step of its chain, its chord's body - are stored as FAILURE too, so that a
         ``get()`` on them does not wait for ever. Read leniently from the raw body: a
-        refused message may be malformed anywhere."""
+        refused message may be malformed anywhere, and is decoded only in a content type
+        ``accept_content`` allows (never a pickle the worker refused)."""
         if self.backend is None:
             return
         try:
-            payload = serialization.loads(job.body, job.properties.content_type,
-                                          job.properties.content_encoding)
+            payload = serialization.loads(
+                job.body, job.properties.content_type, job.properties.content_encoding,
+                accept=serialization.accept_set(self.config["accept_content"]))
             embed = payload[2] if isinstance(payload, (list, tuple)) and len(payload) == 3 \
                 else None
             ids = []

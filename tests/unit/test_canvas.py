@@ -305,3 +305,33 @@ def test_a_failed_header_fails_the_body_with_chord_error_and_calls_its_errback()
     (_, props, raw, _), = published
     assert props.headers["task"] == "tasks.err" and serialization.json_loads(raw)[0] == ["body-1"]
     assert events == ["settled"] and join.done == ["g-1"]
+
+
+def test_a_refused_body_is_read_only_in_an_accepted_content_type():
+    """refused() reads the chain's end from the raw body - never in a content type the
+    worker does not accept (a pickle it refused stays unread)."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled')",))
+
+    async def scenario(loop):
+        store = StubStore()
+        parts = Workflows(loop, CONFIG, StubCopies(), lambda: None, None,
+                          collections.Counter())
+        parts.backend = store
+        end = {"task": "b", "options": {"task_id": "end-1"}}
+        for body, ctype, expect in [
+                (pickle.dumps([[], {}, {"chain": [end]}, Boom()]), "application/x-python-serialize",
+                 []),
+                (serialization.json_dumps([[], {}, {"chain": [end]}]), "application/json",
+                 ["end-1"])]:
+            job = types.SimpleNamespace(body=body, describe=lambda: "a[x]",
+                                        properties=types.SimpleNamespace(
+                                            content_type=ctype, content_encoding="utf-8"))
+            parts.refused(job, "InvalidTaskMessage: refused")
+            await _turns()
+            assert [i for i, _ in store.written] == expect
+            store.written.clear()
+    _run(scenario)
