@@ -224,10 +224,14 @@ class Workflows:
         countdown = options.get("countdown")
         eta = (datetime.now(timezone.utc) + timedelta(seconds=float(countdown))
                if countdown else options.get("eta"))
+        expires = options.get("expires")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+            expires = datetime.now(timezone.utc) + timedelta(seconds=float(expires))
         timelimit = options.get("time_limit"), options.get("soft_time_limit")
         message = protocol.encode_task(
             task_id, sig["task"], args, sig.get("kwargs") or {},
             serializer=options.get("serializer") or parent.serializer, eta=eta,
+            expires=expires if isinstance(expires, (str, datetime)) else None,
             root_id=parent.root_id or parent.id, parent_id=parent.id,
             group=options.get("group_id") if group_id else None,
             group_index=options.get("group_index") if group_id else None,

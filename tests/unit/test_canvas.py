@@ -164,7 +164,8 @@ def _run(coro_fn):
 
 
 def test_next_steps_are_confirmed_before_the_task_settles():
-    step = {"task": "tasks.b", "args": [10], "kwargs": {}, "options": {"task_id": "t-2"},
+    step = {"task": "tasks.b", "args": [10], "kwargs": {},
+            "options": {"task_id": "t-2", "expires": 60, "priority": 200},
             "subtask_type": None, "immutable": False}
     link = dict(step, task="tasks.cb", options={})
 
@@ -190,6 +191,7 @@ def test_next_steps_are_confirmed_before_the_task_settles():
         assert args == [4, 10] and embed["chain"] is None
         assert (props.headers["id"], props.headers["parent_id"], props.headers["root_id"]) \
             == ("t-2", "t-1", "r-0")
+        assert props.headers["expires"] and props.priority is None   # 200: not taskd's
     _run(scenario)
 
 
