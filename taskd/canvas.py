@@ -115,6 +115,8 @@ class Signature(dict):
         self.options.setdefault("link_error", []).append(errback)
         return errback
 
+    on_error = link_error
+
     def freeze(self, task_id: str | None = None) -> AsyncResult:
         """Fix the task id now (the result can be handed out before the send)."""
         self.options["task_id"] = task_id or self.id or str(uuid.uuid4())
@@ -200,7 +202,6 @@ class chain(Signature):
         ``.parent`` the step before, and so on)."""
         app = _app(self.app, self.tasks)
         options = dict(self.options, **options)
-        link_error = options.pop("link_error", None)
         tasks = self.tasks
         if not tasks:
             raise TaskdError("an empty chain has nothing to send")
@@ -211,17 +212,20 @@ class chain(Signature):
             first = tasks[0]
             body = chain(first.body, *tasks[1:], app=app)
             return chord(first.header, body, app=app).apply_async(args, kwargs, **options)
+        link_error, link = options.pop("link_error", None), options.pop("link", None)
+        last_id = options.pop("task_id", None)
         if any(isinstance(t, (group, chord, chain)) for t in tasks[1:]):
             raise TaskdError("a group or chord inside a chain (after its first step) is not "
                              "supported by taskd; chain(group, task) is a chord and is")
         steps = [t.clone() for t in tasks]
+        for callback in _listed(link):        # Celery's: on the chain's last task
+            steps[-1].link(callback)
         results = []
         parent = None
         for step in steps:
-            if link_error is not None:
-                for errback in ([link_error] if isinstance(link_error, dict) else link_error):
-                    step.link_error(errback)
-            result = step.freeze()
+            for errback in _listed(link_error):   # on every step: the one that fails calls it
+                step.link_error(errback)
+            result = step.freeze(last_id if step is steps[-1] else None)
             result.parent = parent
             results.append(result)
             parent = result
@@ -239,6 +243,12 @@ class chain(Signature):
                 last._claim(session.results)
         sent = steps[0].apply_async(args, kwargs, chain=rest or None, **options)
         return last if len(steps) > 1 else sent
+
+
+def _listed(value: Any) -> list:
+    if not value:
+        return []
+    return [value] if isinstance(value, dict) else list(value)
 
 
 def _store_kind(app: Any) -> str:
@@ -295,35 +305,50 @@ def send_parts(app: Any, tasks: list, args: Iterable, kwargs: dict | None, group
 class chord(Signature):
     """A group (the header) and a task (the body) called with the header's results."""
 
-    def __init__(self, header: Any, body: Any, app: Any = None, **options: Any) -> None:
+    def __init__(self, header: Any, body: Any = None, app: Any = None, **options: Any
+                 ) -> None:
         header = header if isinstance(header, group) else group(header, app=app)
-        super().__init__("celery.chord", (), {"header": header, "body": _sig(body)},
+        super().__init__("celery.chord", (), {"header": header,
+                                              "body": None if body is None else _sig(body)},
                          options, subtask_type="chord", app=app)
 
     header = property(lambda self: self["kwargs"]["header"])
     body = property(lambda self: self["kwargs"]["body"])
 
-    def __call__(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        return self.apply_async(args, kwargs)
+    def __call__(self, body: Any = None, **options: Any) -> AsyncResult:
+        """Send it; ``chord(header)(body)`` names the body here (Celery's idiom)."""
+        if body is not None:
+            return chord(self.header, body, app=self.app, **self.options).apply_async(
+                **options)
+        return self.apply_async(**options)
 
     def apply_async(self, args: Iterable = (), kwargs: dict | None = None, **options: Any
                     ) -> AsyncResult:
         """Send the header; the body's result (its ``.parent``: the header's
         :class:`GroupResult`)."""
+        if self.body is None:
+            raise TaskdError("a chord without a body: chord(header, body) or "
+                             "chord(header)(body)")
         app = _app(self.app, [*self.header.tasks, self.body])
         store = _store(app, "a chord")
         options = dict(self.options, **options)
         body_id = options.pop("task_id", None)
+        link_error, link = options.pop("link_error", None), options.pop("link", None)
         body = self.body
-        if isinstance(body, chain):     # the body's first step carries the rest
-            steps = [s.clone() for s in body.tasks]
+        steps = [s.clone() for s in (body.tasks if isinstance(body, chain) else [body])]
+        for callback in _listed(link):            # Celery's: on the body (its last task)
+            steps[-1].link(callback)
+        for errback in _listed(link_error):       # a failed header calls these once
+            for step in steps:
+                step.link_error(errback)
+        if len(steps) > 1:              # the body's first step carries the rest
             results = [s.freeze() for s in steps[:-1]] + [steps[-1].freeze(body_id)]
             for parent, child in zip(results, results[1:]):
                 child.parent = parent
             steps[0].options["chain"] = [s.as_dict() for s in reversed(steps[1:])]
             body, result, first = steps[0], results[-1], results[0]
         else:
-            body = body.clone()
+            body = steps[0]
             result = first = body.freeze(body_id)
         group_id = str(uuid.uuid4())
         header = self.header.tasks

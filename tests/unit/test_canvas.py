@@ -337,3 +337,19 @@ def test_a_refused_body_is_read_only_in_an_accepted_content_type():
             assert [i for i, _ in store.written] == expect
             store.written.clear()
     _run(scenario)
+
+
+def test_link_and_task_id_of_a_chain_go_to_its_last_step_and_chord_header_then_body():
+    app = FakeApp()
+    a, b = signature("tasks.a", app=app), signature("tasks.b", app=app)
+    result = chain(a, b).apply_async(task_id="last-1", link=signature("tasks.ok"))
+    headers, (_, _, embed) = app.sent[0]
+    assert result.id == "last-1" and embed["callbacks"] is None
+    (last,) = embed["chain"]
+    assert last["options"]["task_id"] == "last-1"
+    assert [s["task"] for s in last["options"]["link"]] == ["tasks.ok"]
+    app.sent.clear()
+    body = chord([a, b])(signature("tasks.sum", app=app))      # Celery's chord(header)(body)
+    assert len(app.sent) == 2 and app.sent[0][1][2]["chord"]["options"]["task_id"] == body.id
+    with pytest.raises(TaskdError, match="a chord without a body"):
+        chord([a]).apply_async()
