@@ -109,6 +109,9 @@ class RedisStore:
             try:
                 pubsub = self._pubsub()
                 pubsub.subscribe(channel)
+                # Only once Redis confirmed the subscription is every later write
+                # published to us: then read the key.
+                meta = self._confirmed(pubsub, channel, deadline, accept) or meta
                 meta = self.get_meta(task_id, accept) or meta
                 while not ready(meta):
                     left = _left(deadline)
@@ -143,12 +146,30 @@ class RedisStore:
                     except ERRORS:
                         self._drop_pubsub()
 
+    def _confirmed(self, pubsub: redis.client.PubSub, channel: bytes,
+                   deadline: float | None, accept: set | None) -> dict | None:
+        """Wait for Redis to confirm the subscription to ``channel`` (a message on it that
+        comes first is returned)."""
+        meta = None
+        while True:
+            left = _left(deadline)
+            if left is not None and left <= 0:
+                return meta
+            message = pubsub.get_message(ignore_subscribe_messages=False,
+                                         timeout=SLICE if left is None else min(SLICE, left))
+            if message is None or message["channel"] != channel:
+                continue
+            if message["type"] == "subscribe":
+                return meta
+            if message["type"] == "message":
+                meta = decode(message["data"], accept)
+
     def _pubsub(self) -> redis.client.PubSub:
         """This thread's subscription connection, kept between waits (a wait then costs
         no connection set-up); subscribed only to the channel it waits on."""
         pubsub = getattr(self._local, "pubsub", None)
         if pubsub is None:
-            pubsub = self._local.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._local.pubsub = self.client.pubsub()
         return pubsub
 
     def _drop_pubsub(self) -> None:

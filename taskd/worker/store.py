@@ -102,6 +102,8 @@ class ResultStore:
         self.pause = BACKOFF[0]
         self.hostname = stores.node_name()
         self._retry: Optional[asyncio.TimerHandle] = None
+        self._writer: Optional[asyncio.Task] = None
+        self._pruner: Optional[asyncio.Task] = None
         self._full = False
         self._prune: Optional[asyncio.TimerHandle] = None
 
@@ -158,7 +160,8 @@ class ResultStore:
         """Start a write of what waits, unless one is under way or a back-off runs."""
         if self.waiting and not self.writing and self._retry is None:
             self.writing = True
-            self.loop.create_task(self._write())
+            self._writer = self.loop.create_task(self._write())     # (kept: a task with no
+                                                                     # reference may vanish)
 
     async def _write(self) -> None:
         try:
@@ -214,7 +217,7 @@ class ResultStore:
 
     def _prune_now(self) -> None:
         self._prune = self.loop.call_later(self.prune_every, self._prune_now)
-        self.loop.create_task(self._pruned())
+        self._pruner = self.loop.create_task(self._pruned())
 
     async def _pruned(self) -> None:
         try:
