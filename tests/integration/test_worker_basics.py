@@ -193,8 +193,9 @@ print('chain returned', result.get(timeout=20))
 
     from taskd import App, chain, signature
     app = App("tests", config=str(path), set_as_current=False)
-    # taskd's own chain with rpc://: the last step replies to this client's queue.
-    add = signature("ttasks.add", app=app)
+    # taskd's own chain with rpc://: the last step replies to this client's queue. (The
+    # examples' tasks.add: tests in this process register other classes as ttasks.add.)
+    add = signature("tasks.add", app=app)
     assert chain(add.clone((1, 1)), add.clone((10,)), add.clone((100,)))().get(timeout=20) == 112
     group_step = {"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {},
                   "subtask_type": "group", "immutable": False}
