@@ -91,37 +91,43 @@ class Workflows:
 
     def refused(self, job: Any, reason: str) -> None:
         """``job`` is dead-lettered (``reason``) before it ran: besides its own FAILURE (which
-        Outcomes stores), the handles its caller holds on the workflow's end - the last
-        step of its chain, its chord's body - are stored as FAILURE too, so that a
-        ``get()`` on them does not wait for ever. Read leniently from the raw body: a
-        refused message may be malformed anywhere, and is decoded only in a content type
-        ``accept_content`` allows (never a pickle the worker refused)."""
-        if self.backend is None:
-            return
+        Outcomes sends), the handles its caller holds on the workflow's end - the last
+        step of its chain, its chord's body - get a FAILURE too (stored; with rpc://, sent
+        to the ``reply_to`` in their options), so that a ``get()`` on them does not wait
+        for ever. Read leniently from the raw body: a refused message may be malformed
+        anywhere, and is decoded only in a content type ``accept_content`` allows (never
+        a pickle the worker refused)."""
         try:
             payload = serialization.loads(
                 job.body, job.properties.content_type, job.properties.content_encoding,
                 accept=serialization.accept_set(self.config["accept_content"]))
             embed = payload[2] if isinstance(payload, (list, tuple)) and len(payload) == 3 \
                 else None
-            ids = []
+            ends = []
             if isinstance(embed, dict):
                 chain = embed.get("chain")
                 for sig in ([chain[0]] if isinstance(chain, list) and chain else []) + \
                         [embed.get("chord")]:
                     options = sig.get("options") if isinstance(sig, dict) else None
-                    task_id = options.get("task_id") if isinstance(options, dict) else None
+                    options = options if isinstance(options, dict) else {}
+                    task_id, reply_to = options.get("task_id"), options.get("reply_to")
                     if isinstance(task_id, str) and task_id:
-                        ids.append(task_id)
+                        ends.append((task_id, reply_to if isinstance(reply_to, str) else None))
         except Exception:       # undecodable: its own FAILURE is all that can be told
             return
-        if ids:
-            exc = InvalidTaskMessage(f"the workflow of task {job.describe()} was refused: "
-                                     f"{reason}")
-            metas = [(i, stores.encode(protocol.result_meta(
-                i, protocol.FAILURE, protocol.exception_to_dict(exc), f"{exc}\n")))
-                for i in ids]
-            self.loop.create_task(self._store_failures(metas))
+        exc = InvalidTaskMessage(f"the workflow of task {job.describe()} was refused: {reason}")
+        metas = [(i, stores.encode(protocol.result_meta(
+            i, protocol.FAILURE, protocol.exception_to_dict(exc), f"{exc}\n")), reply_to)
+            for i, reply_to in ends]
+        if self.backend is not None and metas:
+            self.loop.create_task(self._store_failures([m[:2] for m in metas]))
+        elif self.backend is None:
+            channel = self.publisher()
+            for task_id, body, reply_to in metas:
+                if reply_to and channel is not None and channel.is_open:
+                    channel.publish("", reply_to, body, pika.BasicProperties(
+                        content_type=stores.JSON, content_encoding="utf-8",
+                        correlation_id=task_id, delivery_mode=1), lambda ok: None)
 
     async def _store_failures(self, metas: list) -> None:
         try:

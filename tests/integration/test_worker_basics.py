@@ -199,9 +199,20 @@ print('chain returned', result.get(timeout=20))
     assert chain(add.clone((1, 1)), add.clone((10,)), add.clone((100,)))().get(timeout=20) == 112
     group_step = {"task": "celery.group", "args": [], "kwargs": {"tasks": []}, "options": {},
                   "subtask_type": "group", "immutable": False}
-    refused = app.send_task("ttasks.record", (str(out), "never"), chain=[group_step])
-    with pytest.raises(Exception, match="'group' signature.*refused rather than half-run"):
+    from taskd.exceptions import InvalidTaskMessage
+    last = signature("ttasks.record", (str(out), "never-last"), app=app, immutable=True)
+    end = last.freeze()
+    last.set(reply_to=app.session().results.reply_to())
+    with app.session_lock():
+        end._reply_to = last.options["reply_to"]
+        end._claim(app.session().results)
+    refused = app.send_task("ttasks.record", (str(out), "never"),
+                            chain=[last.as_dict(), group_step])
+    with pytest.raises(InvalidTaskMessage, match="'group' signature.*refused rather than "
+                                                 "half-run"):
         refused.get(timeout=20)
+    with pytest.raises(InvalidTaskMessage, match="workflow of task .* was refused"):
+        end.get(timeout=20)         # the chain's end hears of it too
     app.close()
     assert "never" not in out.read_text()          # no step ran, not even the first
     reasons = [p.headers["x-taskd-reason"] for p, _ in broker.get_all(topo.dead)]
