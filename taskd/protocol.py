@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import traceback as tb_module
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

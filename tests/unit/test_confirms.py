@@ -1,9 +1,9 @@
-"""The publisher's confirm ledger (taskd.broker.publisher.Confirms), fed pika frames by hand."""
+"""The publisher's confirm ledger (taskd.broker.confirms.Confirms), fed pika frames by hand."""
 import types
 
 import pika.spec
 
-from taskd.broker.publisher import Confirms
+from taskd.broker.confirms import Confirms
 
 
 def frame(method_cls, tag, multiple=False):
