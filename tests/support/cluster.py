@@ -106,13 +106,24 @@ class Node:
         log.close()
         return self
 
-    def wait_up(self, timeout=60):
+    def wait_up(self, timeout=150):   # the cluster tests allow 300 s each (pytestmark)
+        # Three Erlang nodes booting at once on two busy cores have taken over 60 s.
         deadline = time.monotonic() + timeout
         while not (amqp_answers(self.port) and self._tls_listening()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"RabbitMQ node {self.name} did not start (exit "
-                                   f"{self.proc.poll()}); logs in {self.dir}/log")
+                raise RuntimeError(f"RabbitMQ node {self.name} did not start within "
+                                   f"{timeout}s (exit {self.proc.poll()}); the end of its "
+                                   f"log:\n{self.log_tail()}")
             time.sleep(0.1)
+
+    def log_tail(self, lines=20):
+        """The last lines of the node's console log (the cluster's directory is removed
+        when it stops, so a failure quotes them)."""
+        try:
+            with open(os.path.join(self.dir, "log", "console.log"), errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
 
     def _tls_listening(self):
         if self.tls_port is None:
