@@ -114,6 +114,17 @@ def build_parser():
     st.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
     st.add_argument("--json", action="store_true", help="print the state as JSON")
 
+    db = sub.add_parser("dashboard", help="serve the web dashboard on recorded task history",
+                        description="Record worker events (Celery's event protocol, from a "
+                        "durable queue) into task history and serve the web dashboard on it "
+                        "(docs/dashboard.md). Needs the 'dashboard' extra.")
+    _config_arg(db)
+    db.add_argument("--listen", metavar="HOST:PORT",
+                    help="address to serve on (overrides dashboard.listen; reading is open "
+                         "only on loopback, elsewhere every page needs the admin token)")
+    db.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
+                    help="log level (overrides logging.level)")
+
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -269,11 +280,38 @@ def cmd_dead_letters(args):
     return 0
 
 
+def cmd_dashboard(args):
+    from . import dashboard
+    problem = dashboard.missing_extra()
+    if problem:
+        print(f"taskd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    config, code = _load(args)
+    if config is None:
+        return code
+    listen = args.listen or config["dashboard.listen"]
+    if args.listen is not None:
+        _value, expected = next(
+            s for s in config_mod.SETTINGS if s.key == "dashboard.listen").check(args.listen)
+        if expected:
+            print(f"taskd dashboard: --listen: expected {expected}, got {args.listen!r}",
+                  file=sys.stderr)
+            return EX_USAGE
+    problem = dashboard.missing_driver(config["dashboard.database"])
+    if problem:
+        print(f"taskd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(args.loglevel or config["logging.level"])
+    from .dashboard import server
+    return server.serve(config, listen)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "config-reference":
         sys.stdout.write(config_mod.reference_markdown())
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
-               "dead-letters": cmd_dead_letters, "status": cmd_status}
+               "dead-letters": cmd_dead_letters, "status": cmd_status,
+               "dashboard": cmd_dashboard}
     sys.exit(handler[args.command](args))

@@ -1,0 +1,313 @@
+"""The dashboard's pages and actions (Starlette; Jinja2 templates, escaped by default).
+
+Every page handler is a plain function that Starlette runs in a thread, since
+the store, the broker and the mailbox are blocking clients; :func:`_page`
+wraps each with the session and the read check. Actions are POSTs checked by
+:class:`~.security.Guard` (admin token, CSRF, Origin) and written to the audit
+log whatever their outcome.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+
+import jinja2
+import pika
+import pika.exceptions
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import config as config_mod, deadletters
+from ..broker.connection import connect_blocking
+from ..exceptions import TaskdError
+from . import charts, mailbox
+from .security import COOKIE, Guard
+
+log = logging.getLogger(__name__)
+HERE = os.path.dirname(__file__)
+STATES = ("PENDING", "RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED", "REJECTED")
+LIVE_HEADER = "x-taskd-live"
+
+
+def _when(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+class Dashboard:
+    """The Starlette application with its store, guard and configuration."""
+
+    def __init__(self, config, store, guard: Guard, ingest=None):
+        self.config, self.store, self.guard, self.ingest = config, store, guard, ingest
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(os.path.join(HERE, "templates")),
+                                      autoescape=True, undefined=jinja2.StrictUndefined)
+        self.env.filters["when"] = _when
+        routes = [Route(path, self._page(fn), methods=["GET"]) for path, fn in (
+            ("/", self.overview), ("/workers", self.workers), ("/queues", self.queues),
+            ("/tasks", self.tasks), ("/tasks/{task_id:path}", self.task),
+            ("/scheduled", self.scheduled), ("/dead-letters", self.dead_letters),
+            ("/audit", self.audit))]
+        routes += [Route("/login", self.login_form, methods=["GET"]),
+                   Route("/login", self.login, methods=["POST"]),
+                   Route("/logout", self.logout, methods=["POST"]),
+                   Route("/workers/action", self.worker_action, methods=["POST"]),
+                   Route("/dead-letters/replay", self.replay, methods=["POST"]),
+                   Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static")]
+        self.app = Starlette(routes=routes)
+
+    # --- plumbing --------------------------------------------------------------
+
+    def _render(self, request, session, template, status=200, **ctx):
+        flash, session.flash = session.flash, None
+        html = self.env.get_template(template).render(
+            request=request, session=session, flash=flash, path=request.url.path,
+            actions_on=bool(self.guard.admin_token), **ctx)
+        response = HTMLResponse(html, status_code=status)
+        self._cookie(response, session)
+        return response
+
+    def _cookie(self, response, session):
+        response.set_cookie(COOKIE, session.sid, httponly=True, samesite="strict")
+
+    def _page(self, fn):
+        def endpoint(request):
+            session = self.guard.session(request.cookies.get(COOKIE))
+            if not self.guard.may_read(session):
+                response = RedirectResponse("/login", status_code=303)
+                self._cookie(response, session)
+                return response
+            template, ctx = fn(request)
+            return self._render(request, session, template, **ctx)
+        return endpoint
+
+    def _base(self, request):
+        return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
+
+    async def _checked_post(self, request, admin=True):
+        session = self.guard.session(request.cookies.get(COOKIE))
+        form = await request.form()
+        why = self.guard.refuse_post(session, form.get("csrf"), request.headers.get("origin"),
+                                     request.headers.get("referer"), self._base(request), admin)
+        if why:
+            log.warning("dashboard: refused %s from %s: %s", request.url.path,
+                        request.client.host if request.client else "?", why)
+        return session, form, why
+
+    def _who(self, request, session):
+        return f"admin@{request.client.host if request.client else '?'} (session {session.sid[:6]})"
+
+    def _back(self, session, to, message):
+        session.flash = message
+        response = RedirectResponse(to, status_code=303)
+        self._cookie(response, session)
+        return response
+
+    # --- pages -----------------------------------------------------------------
+
+    def overview(self, request):
+        now_minute = int(time.time() // 60)
+        rows = self.store.per_minute(now_minute - 59)
+        totals = {k: sum(r[k] for r in rows) for k in ("succeeded", "failed", "retried")}
+        workers = self._with_liveness(self.store.workers())
+        return "overview.html", dict(chart=charts.per_minute(rows, now_minute - 59), totals=totals,
+                                     workers=workers, queues=self._queue_depths()[:10],
+                                     ingest=self.ingest)
+
+    def workers(self, request):
+        workers = self._with_liveness(self.store.workers())
+        online = [w["hostname"] for w in workers if w["alive"]]
+        stats, queues, error = {}, {}, None
+        if online:
+            try:
+                with mailbox.Mailbox(self.config) as mb:
+                    stats = mb.call("stats", destination=online)
+                    queues = mb.call("active_queues", destination=online)
+            except (TaskdError, pika.exceptions.AMQPError) as exc:
+                error = f"the mailbox is unavailable: {exc}"
+        for w in workers:
+            s = stats.get(w["hostname"]) or {}
+            w["pool"] = s.get("pool") if isinstance(s, dict) else None
+            q = queues.get(w["hostname"])
+            w["queues"] = [x.get("name") for x in q if isinstance(x, dict)] if isinstance(q, list) else None
+        return "workers.html", dict(workers=workers, mailbox_error=error)
+
+    def queues(self, request):
+        return "queues.html", dict(queues=self._queue_depths())
+
+    def tasks(self, request):
+        q = request.query_params
+        state = q.get("state") or None
+        if state and state not in STATES:
+            state = None
+        since = _moment(q.get("since"))
+        until = _moment(q.get("until"))
+        before = None
+        if q.get("before") and ":" in q["before"]:
+            at, _, tid = q["before"].partition(":")
+            if _number(at) is not None:
+                before = (float(at), tid)
+        filters = dict(task_id=(q.get("id") or "").strip() or None,
+                       name=(q.get("name") or "").strip() or None, state=state,
+                       since=since, until=until)
+        rows = self.store.search(before=before, **filters)
+        more = None
+        if len(rows) == 50:
+            more = f"{rows[-1]['updated_at']!r}:{rows[-1]['id']}"
+        return "tasks.html", dict(rows=rows, states=STATES, query=q, more=more)
+
+    def task(self, request):
+        task_id = request.path_params["task_id"]
+        task = self.store.task(task_id)
+        return "task.html", dict(task_id=task_id, task=task, attempts=self.store.attempts(task_id),
+                                 children=self.store.children(task_id) if task else [])
+
+    def scheduled(self, request):
+        workers = [w["hostname"] for w in self._with_liveness(self.store.workers()) if w["alive"]]
+        entries, error = [], None
+        if workers:
+            try:
+                with mailbox.Mailbox(self.config) as mb:
+                    replies = mb.call("scheduled", destination=workers)
+            except (TaskdError, pika.exceptions.AMQPError) as exc:
+                replies, error = {}, f"the mailbox is unavailable: {exc}"
+            for host, items in sorted(replies.items()):
+                for item in items if isinstance(items, list) else []:
+                    req = item.get("request") or {} if isinstance(item, dict) else {}
+                    entries.append({"worker": host, "eta": item.get("eta"),
+                                    "id": req.get("id"), "name": req.get("name"),
+                                    "args": req.get("args"), "kwargs": req.get("kwargs")})
+        return "scheduled.html", dict(entries=entries, asked=workers, mailbox_error=error)
+
+    def dead_letters(self, request):
+        try:
+            rows = list(deadletters.list_dead(self.config, limit=200))
+            error = None
+        except (TaskdError, pika.exceptions.AMQPError) as exc:
+            rows, error = [], str(exc)
+        return "dead.html", dict(rows=rows, error=error, queue=self.config["worker.dead_letter_queue"])
+
+    def audit(self, request):
+        return "audit.html", dict(rows=self.store.audit_log())
+
+    # --- login and actions -----------------------------------------------------
+
+    def login_form(self, request):
+        session = self.guard.session(request.cookies.get(COOKIE))
+        return self._render(request, session, "login.html")
+
+    async def login(self, request):
+        session, form, why = await self._checked_post(request, admin=False)
+        if why:
+            return self._render(request, session, "login.html", status=403, error=why)
+        fresh = self.guard.login(session, str(form.get("token") or ""))
+        if fresh is None:
+            log.warning("dashboard: wrong admin token from %s", request.client.host if request.client else "?")
+            return self._render(request, session, "login.html", status=403,
+                                error="wrong token" if self.guard.admin_token else
+                                "no admin token is configured (dashboard.admin_token)")
+        return self._back(fresh, "/", "logged in: actions are enabled")
+
+    async def logout(self, request):
+        session, _form, why = await self._checked_post(request, admin=False)
+        if not why:
+            self.guard.logout(session)
+        return RedirectResponse("/", status_code=303)
+
+    async def worker_action(self, request):
+        session, form, why = await self._checked_post(request)
+        if why:
+            return self._refused(request, session, why)
+        action, worker = str(form.get("action") or ""), str(form.get("worker") or "")
+        queue = str(form.get("queue") or "").strip()
+        if action not in mailbox.ACTIONS or not worker:
+            return self._refused(request, session, f"unknown action {action!r}", 400)
+        if action in ("add_consumer", "cancel_consumer") and not queue:
+            return self._back(session, "/workers", f"{action}: name a queue")
+        arguments = {"queue": queue} if queue else {"n": 1}
+
+        def send():
+            with mailbox.Mailbox(self.config, timeout=3.0) as mb:
+                return mb.call(action, arguments, destination=[worker])
+        try:
+            replies = await run_in_threadpool(send)
+            reply = replies.get(worker)
+            outcome = "no reply" if reply is None else str(reply)[:500]
+        except (TaskdError, pika.exceptions.AMQPError) as exc:
+            outcome = f"mailbox unavailable: {exc}"
+        target = f"{worker}" + (f" queue={queue}" if queue else "")
+        await run_in_threadpool(self.store.record_action, self._who(request, session), action, target, outcome)
+        return self._back(session, "/workers", f"{action} {target}: {outcome}")
+
+    async def replay(self, request):
+        session, form, why = await self._checked_post(request)
+        if why:
+            return self._refused(request, session, why)
+        message_id = str(form.get("id") or "") or None
+        try:
+            done, skipped = await run_in_threadpool(deadletters.replay, self.config, None, None,
+                                                    None, None, message_id)
+            outcome = f"replayed {done}, left {skipped}"
+        except (TaskdError, pika.exceptions.AMQPError) as exc:
+            outcome = f"failed: {exc}"
+        await run_in_threadpool(self.store.record_action, self._who(request, session),
+                                "replay", message_id or "all", outcome)
+        return self._back(session, "/dead-letters", f"replay {message_id or 'all'}: {outcome}")
+
+    def _refused(self, request, session, why, status=403):
+        return self._render(request, session, "refused.html", status=status, why=why)
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _with_liveness(self, workers):
+        now = time.time()
+        for w in workers:
+            freq = w.get("freq") or 2.0
+            w["alive"] = w["status"] == "online" and now - (w["last_seen"] or 0) < freq * 3 + 2
+        return workers
+
+    def _queue_depths(self):
+        names = [q.name for q in config_mod.effective_queues(self.config)]
+        names += [n for n in self.store.known_queues() if n not in names]
+        c = self.config
+        out = []
+        try:
+            conn = connect_blocking(c.broker_url, c["broker.connect_timeout"], 0,
+                                    "taskd-dashboard-queues", c["broker.tls"])
+        except TaskdError as exc:
+            return [{"name": n, "error": str(exc)} for n in names]
+        try:
+            channel = conn.channel()
+            for name in names:
+                try:
+                    frame = channel.queue_declare(name, passive=True)
+                    out.append({"name": name, "depth": frame.method.message_count,
+                                "consumers": frame.method.consumer_count})
+                except pika.exceptions.ChannelClosedByBroker:
+                    out.append({"name": name, "error": "not declared on the broker"})
+                    channel = conn.channel()
+        finally:
+            if conn.is_open:
+                conn.close()
+        return out
+
+
+def _moment(text):
+    """Seconds since the epoch from a number or a local ``YYYY-MM-DDTHH:MM`` (None if neither)."""
+    value = _number(text)
+    if value is None and text:
+        try:
+            value = datetime.datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            return None
+    return value
+
+
+def _number(text):
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None

@@ -1,0 +1,195 @@
+"""``taskd dashboard`` in a real browser (headless chromium via Playwright) on real history.
+
+The peer is a real ``celery worker -E`` (tests/support/dashcelery.py): it sends
+Celery's events to ``celeryev`` and answers the ``celery.pidbox`` mailbox, the
+two protocols the dashboard speaks. One stack per session (dashstack.py); every
+test here runs in the ``dashboard`` xdist group, in one process.
+"""
+import json
+import pathlib
+import uuid
+
+import pika
+import pytest
+
+from dashstack import CHROMIUM, CHROMIUM_ARGS, ROOT, TOKEN, Stack, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("dashboard")]
+playwright_api = pytest.importorskip("playwright.sync_api")
+IMG = ROOT / "docs" / "img"
+XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not pathlib.Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/browser.sh (the suite's command does)")
+    s = Stack(tmp_path_factory.mktemp("dashboard"))
+    s.start_celery()
+    s.start_dashboard()
+    wait_for(lambda: s.channel_call(lambda ch: ch.queue_declare(s.queue, passive=True)
+                                    .method.consumer_count or None), 60,
+             message="the celery worker to consume")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    yield context.new_page()
+    context.close()
+
+
+def login(page, stack):
+    page.goto(stack.url + "/login")
+    page.fill("input[name=token]", TOKEN)
+    page.click("form.login button")
+    page.wait_for_selector(".flash")
+
+
+def test_pages_render_history_from_a_real_worker(stack, page):
+    ok = stack.send("dash.add", 2, 3)
+    bad = stack.send("dash.fail", XSS)
+    parent = stack.send("dash.parent", 2)
+    wait_for(lambda: stack.recorded(ok, "SUCCESS"), message="dash.add recorded as SUCCESS")
+    wait_for(lambda: stack.recorded(bad, "FAILURE"), message="dash.fail recorded as FAILURE")
+    wait_for(lambda: stack.recorded(parent, "SUCCESS"), message="dash.parent recorded")
+    children = json.loads(stack.recorded(parent)["result"].replace("'", '"'))
+    wait_for(lambda: all(stack.recorded(c, "SUCCESS") for c in children), message="children")
+
+    page.goto(stack.url + "/")
+    assert page.locator("svg.chart rect.ok").count() >= 1       # a bar for this minute
+    page.screenshot(path=str(IMG / "dashboard-overview.png"), full_page=True)
+
+    page.goto(stack.url + "/workers")
+    row = page.locator("tr.worker", has_text=stack.node)
+    row.locator("span.pill.ok").wait_for()                      # online, from heartbeats
+    assert stack.queue in row.locator("td.queues").inner_text()  # from active_queues
+    assert "1 processes" in row.locator("td.pool").inner_text()   # from stats
+    page.screenshot(path=str(IMG / "dashboard-workers.png"), full_page=True)
+
+    page.goto(stack.url + f"/tasks?name=dash.*")
+    assert page.locator(f"a[href='/tasks/{ok}']").count() == 1
+    page.goto(stack.url + "/tasks?state=FAILURE&name=dash.fail")
+    assert page.locator(f"a[href='/tasks/{bad}']").count() == 1
+    assert page.locator(f"a[href='/tasks/{ok}']").count() == 0
+    page.screenshot(path=str(IMG / "dashboard-tasks.png"), full_page=True)
+
+    page.goto(stack.url + f"/tasks/{ok}")
+    assert page.locator("pre.result").inner_text() == "5"
+    timeline = page.locator("ol.timeline").inner_text()
+    for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
+        assert kind in timeline
+
+    page.goto(stack.url + f"/tasks/{parent}")
+    for child in children:
+        page.click(f"a[href='/tasks/{child}']")                  # parent -> child
+        page.click(f"a[href='/tasks/{parent}']")                 # child -> parent
+    page.screenshot(path=str(IMG / "dashboard-task.png"), full_page=True)
+
+    page.goto(stack.url + "/queues")
+    assert stack.queue in page.locator("table").inner_text()
+
+
+def test_task_supplied_text_is_escaped(stack, page):
+    bad = stack.send("dash.fail", XSS)
+    wait_for(lambda: stack.recorded(bad, "FAILURE"), message="dash.fail recorded")
+    page.goto(stack.url + f"/tasks/{bad}")
+    assert "<script>window.__xss = 1</script>" in page.locator("pre.exception").inner_text()
+    assert "<script>window.__xss" in page.locator("pre.traceback").inner_text()
+    assert page.evaluate("window.__xss") is None                # shown, never run
+    assert page.locator("main script, main img").count() == 0
+    page.screenshot(path=str(IMG / "dashboard-xss-escaped.png"), full_page=True)
+
+
+def stats_pool(stack):
+    from taskd.config import load
+    from taskd.dashboard.mailbox import Mailbox
+    with Mailbox(load(str(stack.config))) as mb:
+        reply = mb.call("stats", destination=[stack.node])
+    return len(reply[stack.node]["pool"]["processes"])      # max-concurrency stays as started
+
+
+def test_an_action_needs_the_admin_token(stack, page):
+    page.goto(stack.url + "/workers")
+    row = page.locator("tr.worker", has_text=stack.node)
+    row.locator("button[value=pool_grow]").click()              # not logged in
+    assert "actions need the admin token" in page.locator(".error").inner_text()
+    assert stats_pool(stack) == 1
+
+    login(page, stack)
+    # Logged in, but a POST from another site's page is refused (Origin check).
+    response = page.request.post(stack.url + "/workers/action", headers={"Origin": "http://evil.example"},
+                                 form={"worker": stack.node, "action": "pool_grow", "csrf": "x"})
+    assert response.status == 403
+    assert stats_pool(stack) == 1
+
+    page.goto(stack.url + "/workers")
+    page.locator("tr.worker", has_text=stack.node).locator("button[value=pool_grow]").click()
+    assert "pool_grow" in page.locator(".flash").inner_text()
+    wait_for(lambda: stats_pool(stack) == 2, 10, message="the pool to grow to 2")
+    page.goto(stack.url + "/workers")
+    assert "2 processes" in page.locator("tr.worker", has_text=stack.node).locator("td.pool").inner_text()
+    page.goto(stack.url + "/audit")
+    assert f"pool_grow" in page.locator("table.audit").inner_text()
+    assert stack.node in page.locator("table.audit").inner_text()
+    page.screenshot(path=str(IMG / "dashboard-audit.png"), full_page=True)
+
+
+def test_dead_letters_replay_one(stack, page):
+    task_id = str(uuid.uuid4())
+
+    def put(ch):
+        ch.queue_declare(stack.dead, durable=True)
+        ch.queue_declare(stack.replay_to, durable=True)
+        ch.basic_publish("", stack.dead, b'[[], {}, {}]', pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, headers={
+                "id": task_id, "task": "dash.add", "x-taskd-queue": stack.replay_to,
+                "x-taskd-reason": "test: <b>not bold</b>", "x-taskd-dead-at": "now",
+                "x-taskd-delivery-count": 3}))
+    stack.channel_call(put)
+    page.goto(stack.url + "/dead-letters")
+    row = page.locator("tr.dead", has_text=task_id)
+    assert "<b>not bold</b>" in row.inner_text()
+    row.locator("button").click()                               # not logged in: refused
+    assert page.locator(".error").count() == 1
+    assert stack.channel_call(lambda ch: ch.queue_declare(stack.dead, passive=True)
+                              .method.message_count) == 1
+
+    login(page, stack)
+    page.goto(stack.url + "/dead-letters")
+    page.screenshot(path=str(IMG / "dashboard-dead-letters.png"), full_page=True)
+    page.locator("tr.dead", has_text=task_id).locator("button").click()
+    assert "replayed 1" in page.locator(".flash").inner_text()
+    moved = stack.channel_call(lambda ch: ch.queue_declare(stack.replay_to, passive=True).method.message_count)
+    assert moved == 1
+
+
+def test_history_survives_a_dashboard_restart(stack, page):
+    before = stack.send("dash.add", 1, 1)
+    wait_for(lambda: stack.recorded(before, "SUCCESS"), message="recorded before the restart")
+    stack.stop_dashboard()
+    during = stack.send("dash.add", 20, 22)                      # sent while it is down
+    stack.start_dashboard()
+    wait_for(lambda: stack.recorded(during, "SUCCESS"), message="events kept in the durable queue")
+    page.goto(stack.url + f"/tasks/{during}")
+    assert page.locator("pre.result").inner_text() == "42"
+    page.goto(stack.url + f"/tasks/{before}")
+    assert page.locator("pre.result").inner_text() == "2"
+
+
+def test_live_update_without_reload(stack, page):
+    page.goto(stack.url + "/")
+    marker = page.evaluate("window.__marker = 'same page'")
+    page.wait_for_function("document.getElementById('live').dataset.refreshed", timeout=12000)
+    assert page.evaluate("window.__marker") == "same page"      # no reload happened
+    assert marker is None or marker == "same page"
