@@ -7,6 +7,8 @@
   ``Origin`` (or, failing that, ``Referer``) header naming this dashboard.
   The session cookie is ``HttpOnly`` and ``SameSite=Strict``, so another
   site's page cannot even send it.
+* On loopback, a request whose ``Host`` is not a loopback name is refused
+  (DNS rebinding).
 * Sessions live in memory (a restart logs everyone out), expire after
   :data:`SESSION_TTL`, and a login gets a fresh session id.
 """
@@ -68,6 +70,15 @@ class Guard:
 
     def may_read(self, s: Session) -> bool:
         return self.open_reading or s.admin
+
+    def host_allowed(self, host_header: str | None) -> bool:
+        """On loopback, only requests addressed to a loopback name: another site that
+        points its own name at 127.0.0.1 (DNS rebinding) gets nothing."""
+        if not self.open_reading:
+            return True
+        host = host_header or ""
+        host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        return is_loopback(host)
 
     def login(self, s: Session, token: str) -> Session | None:
         """A new unlocked session when ``token`` is the admin token, else None."""

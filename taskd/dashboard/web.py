@@ -58,6 +58,7 @@ class Dashboard:
                    Route("/dead-letters/replay", self.replay, methods=["POST"]),
                    Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static")]
         self.app = Starlette(routes=routes)
+        self.app.add_middleware(_HostCheck, guard=guard)
 
     # --- plumbing --------------------------------------------------------------
 
@@ -293,6 +294,23 @@ class Dashboard:
             if conn.is_open:
                 conn.close()
         return out
+
+
+class _HostCheck:
+    """ASGI middleware: refuse requests addressed to a name the guard does not allow."""
+
+    def __init__(self, app, guard):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not self.guard.host_allowed(host):
+                response = Response("this dashboard answers only on a loopback address\n",
+                                    status_code=421, media_type="text/plain")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _moment(text):

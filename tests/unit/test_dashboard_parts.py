@@ -119,6 +119,14 @@ def test_reading_is_open_on_loopback_only(host, open_):
     assert guard.may_read(guard.session(None)) is open_
 
 
+@pytest.mark.parametrize("host, allowed", [("127.0.0.1:8080", True), ("localhost:8080", True),
+                                            ("[::1]:8080", True), ("127.0.0.1", True),
+                                            ("evil.example:8080", False), ("", False)])
+def test_on_loopback_only_loopback_host_headers_are_served(host, allowed):
+    assert security.Guard(None, "127.0.0.1").host_allowed(host) is allowed
+    assert security.Guard("t", "0.0.0.0").host_allowed(host) is True
+
+
 def test_a_post_needs_origin_csrf_and_a_token_session():
     guard = security.Guard("tok", "127.0.0.1")
     base = "http://127.0.0.1:8080"
