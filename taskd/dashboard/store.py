@@ -41,8 +41,7 @@ tasks = sa.Table(
     sa.Index("taskd_tasks_updated", "updated_at", "id"),
     sa.Index("taskd_tasks_name", "name", "updated_at"),
     sa.Index("taskd_tasks_state", "state", "updated_at"),
-    sa.Index("taskd_tasks_parent", "parent_id"),
-    sa.Index("taskd_tasks_queue", "queue"),
+    sa.Index("taskd_tasks_parent", "parent_id", "updated_at"),
 )
 timeline = sa.Table(
     "taskd_task_events", meta,
@@ -69,6 +68,11 @@ minutes = sa.Table(
     sa.Column("failed", sa.Integer, nullable=False),
     sa.Column("retried", sa.Integer, nullable=False),
 )
+seen = sa.Table(           # every task name and queue seen, so no page scans the tasks for them
+    "taskd_seen", meta,
+    sa.Column("kind", sa.String(16), primary_key=True),     # "name" or "queue"
+    sa.Column("value", sa.String(255), primary_key=True),
+)
 audit = sa.Table(
     "taskd_audit", meta,
     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
@@ -80,6 +84,7 @@ audit = sa.Table(
 TASK_COLUMNS = tuple(c.name for c in tasks.columns)
 WORKER_COLUMNS = tuple(c.name for c in workers.columns)
 PAGE = 50
+MAX_PREFIX_NAMES = 200      # a name prefix searches at most this many task names
 
 
 def engine_for(url: str) -> sa.Engine:
@@ -110,6 +115,9 @@ class Store:
         self._insert = (postgresql.insert if self.engine.dialect.name == "postgresql"
                         else sqlite.insert)
         meta.create_all(self.engine)
+        for table in meta.sorted_tables:        # indexes added by a newer version
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -122,6 +130,11 @@ class Store:
             if batch.tasks:
                 conn.execute(self._task_upsert(),
                              [{c: row.get(c) for c in TASK_COLUMNS} for row in batch.tasks.values()])
+                values = sorted({(kind, r[kind]) for r in batch.tasks.values()
+                                 for kind in ("name", "queue") if r.get(kind)})
+                if values:
+                    conn.execute(self._insert(seen).on_conflict_do_nothing(),
+                                 [{"kind": k, "value": v} for k, v in values])
             if batch.timeline:
                 conn.execute(timeline.insert(), batch.timeline)
             if batch.workers:
@@ -186,9 +199,13 @@ class Store:
         q = sa.select(*cols)
         if task_id:
             q = q.where(tasks.c.id >= task_id, tasks.c.id < task_id + "\uffff")
+        if name and name.endswith("*"):
+            return self._search_prefix(q, name[:-1], limit, state, since, until, before)
         if name:
-            q = q.where(tasks.c.name == name) if not name.endswith("*") else q.where(
-                tasks.c.name >= name[:-1], tasks.c.name < name[:-1] + "\uffff")
+            q = q.where(tasks.c.name == name)
+        return self._rows(self._filtered(q, state, since, until, before).limit(limit))
+
+    def _filtered(self, q, state, since, until, before):
         if state:
             q = q.where(tasks.c.state == state)
         if since is not None:
@@ -197,7 +214,21 @@ class Store:
             q = q.where(tasks.c.updated_at < until)
         if before is not None:
             q = q.where(sa.tuple_(tasks.c.updated_at, tasks.c.id) < sa.tuple_(*before))
-        return self._rows(q.order_by(tasks.c.updated_at.desc(), tasks.c.id.desc()).limit(limit))
+        return q.order_by(tasks.c.updated_at.desc(), tasks.c.id.desc())
+
+    def _search_prefix(self, q, prefix, limit, state, since, until, before):
+        """A name prefix: the newest ``limit`` of each matching name (each an index range
+        read in order), merged. A range over names would sort every matching row."""
+        with self.engine.connect() as conn:
+            matching = conn.execute(sa.select(seen.c.value).where(
+                seen.c.kind == "name", seen.c.value >= prefix, seen.c.value < prefix + "\uffff")
+                .order_by(seen.c.value).limit(MAX_PREFIX_NAMES)).scalars().all()
+            rows = []
+            for name in matching:
+                one = self._filtered(q.where(tasks.c.name == name), state, since, until, before)
+                rows += [dict(r._mapping) for r in conn.execute(one.limit(limit))]
+        rows.sort(key=lambda r: (r["updated_at"], r["id"]), reverse=True)
+        return rows[:limit]
 
     def task(self, task_id):
         rows = self._rows(sa.select(tasks).where(tasks.c.id == task_id))
@@ -219,9 +250,9 @@ class Store:
         return self._rows(sa.select(minutes).where(minutes.c.minute >= since_minute)
                           .order_by(minutes.c.minute))
 
-    def known_queues(self):
-        return [r["queue"] for r in self._rows(
-            sa.select(tasks.c.queue).distinct().where(tasks.c.queue.is_not(None)).limit(200))]
+    def known_queues(self, limit=200):
+        return [r["value"] for r in self._rows(sa.select(seen.c.value).where(
+            seen.c.kind == "queue").order_by(seen.c.value).limit(limit))]
 
     def audit_log(self, limit=200):
         return self._rows(sa.select(audit).order_by(audit.c.seq.desc()).limit(limit))

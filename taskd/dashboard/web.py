@@ -85,21 +85,15 @@ class Dashboard:
             return self._render(request, session, template, **ctx)
         return endpoint
 
-    def _base(self, request):
-        return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
-
     async def _checked_post(self, request, admin=True):
         session = self.guard.session(request.cookies.get(COOKIE))
         form = await request.form()
         why = self.guard.refuse_post(session, form.get("csrf"), request.headers.get("origin"),
-                                     request.headers.get("referer"), self._base(request), admin)
+                                     request.headers.get("referer"), _base(request), admin)
         if why:
             log.warning("dashboard: refused %s from %s: %s", request.url.path,
                         request.client.host if request.client else "?", why)
         return session, form, why
-
-    def _who(self, request, session):
-        return f"admin@{request.client.host if request.client else '?'} (session {session.sid[:6]})"
 
     def _back(self, session, to, message):
         session.flash = message
@@ -113,13 +107,13 @@ class Dashboard:
         now_minute = int(time.time() // 60)
         rows = self.store.per_minute(now_minute - 59)
         totals = {k: sum(r[k] for r in rows) for k in ("succeeded", "failed", "retried")}
-        workers = self._with_liveness(self.store.workers())
+        workers = with_liveness(self.store.workers())
         return "overview.html", dict(chart=charts.per_minute(rows, now_minute - 59), totals=totals,
-                                     workers=workers, queues=self._queue_depths()[:10],
+                                     workers=workers, queues=queue_depths(self.config, self.store)[:10],
                                      ingest=self.ingest)
 
     def workers(self, request):
-        workers = self._with_liveness(self.store.workers())
+        workers = with_liveness(self.store.workers())
         online = [w["hostname"] for w in workers if w["alive"]]
         stats, queues, error = {}, {}, None
         if online:
@@ -137,7 +131,7 @@ class Dashboard:
         return "workers.html", dict(workers=workers, mailbox_error=error)
 
     def queues(self, request):
-        return "queues.html", dict(queues=self._queue_depths())
+        return "queues.html", dict(queues=queue_depths(self.config, self.store))
 
     def tasks(self, request):
         q = request.query_params
@@ -167,7 +161,7 @@ class Dashboard:
                                  children=self.store.children(task_id) if task else [])
 
     def scheduled(self, request):
-        workers = [w["hostname"] for w in self._with_liveness(self.store.workers()) if w["alive"]]
+        workers = [w["hostname"] for w in with_liveness(self.store.workers()) if w["alive"]]
         entries, error = [], None
         if workers:
             try:
@@ -240,7 +234,7 @@ class Dashboard:
         except (TaskdError, pika.exceptions.AMQPError) as exc:
             outcome = f"mailbox unavailable: {exc}"
         target = f"{worker}" + (f" queue={queue}" if queue else "")
-        await run_in_threadpool(self.store.record_action, self._who(request, session), action, target, outcome)
+        await run_in_threadpool(self.store.record_action, _who(request, session), action, target, outcome)
         return self._back(session, "/workers", f"{action} {target}: {outcome}")
 
     async def replay(self, request):
@@ -254,46 +248,55 @@ class Dashboard:
             outcome = f"replayed {done}, left {skipped}"
         except (TaskdError, pika.exceptions.AMQPError) as exc:
             outcome = f"failed: {exc}"
-        await run_in_threadpool(self.store.record_action, self._who(request, session),
+        await run_in_threadpool(self.store.record_action, _who(request, session),
                                 "replay", message_id or "all", outcome)
         return self._back(session, "/dead-letters", f"replay {message_id or 'all'}: {outcome}")
 
     def _refused(self, request, session, why, status=403):
         return self._render(request, session, "refused.html", status=status, why=why)
 
-    # --- helpers ---------------------------------------------------------------
 
-    def _with_liveness(self, workers):
-        now = time.time()
-        for w in workers:
-            freq = w.get("freq") or 2.0
-            w["alive"] = w["status"] == "online" and now - (w["last_seen"] or 0) < freq * 3 + 2
-        return workers
+def with_liveness(workers, now=None):
+    """Mark each worker ``alive``: online and heard from within three heartbeat intervals."""
+    now = time.time() if now is None else now
+    for w in workers:
+        freq = w.get("freq") or 2.0
+        w["alive"] = w["status"] == "online" and now - (w["last_seen"] or 0) < freq * 3 + 2
+    return workers
 
-    def _queue_depths(self):
-        names = [q.name for q in config_mod.effective_queues(self.config)]
-        names += [n for n in self.store.known_queues() if n not in names]
-        c = self.config
-        out = []
-        try:
-            conn = connect_blocking(c.broker_url, c["broker.connect_timeout"], 0,
-                                    "taskd-dashboard-queues", c["broker.tls"])
-        except TaskdError as exc:
-            return [{"name": n, "error": str(exc)} for n in names]
-        try:
-            channel = conn.channel()
-            for name in names:
-                try:
-                    frame = channel.queue_declare(name, passive=True)
-                    out.append({"name": name, "depth": frame.method.message_count,
-                                "consumers": frame.method.consumer_count})
-                except pika.exceptions.ChannelClosedByBroker:
-                    out.append({"name": name, "error": "not declared on the broker"})
-                    channel = conn.channel()
-        finally:
-            if conn.is_open:
-                conn.close()
-        return out
+
+def queue_depths(config, store):
+    """Ready messages and consumers of the configured queues and those seen in events."""
+    names = [q.name for q in config_mod.effective_queues(config)]
+    names += [n for n in store.known_queues() if n not in names]
+    try:
+        conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0,
+                                "taskd-dashboard-queues", config["broker.tls"])
+    except TaskdError as exc:
+        return [{"name": n, "error": str(exc)} for n in names]
+    out = []
+    try:
+        channel = conn.channel()
+        for name in names:
+            try:
+                frame = channel.queue_declare(name, passive=True)
+                out.append({"name": name, "depth": frame.method.message_count,
+                            "consumers": frame.method.consumer_count})
+            except pika.exceptions.ChannelClosedByBroker:
+                out.append({"name": name, "error": "not declared on the broker"})
+                channel = conn.channel()
+    finally:
+        if conn.is_open:
+            conn.close()
+    return out
+
+
+def _base(request):
+    return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
+
+
+def _who(request, session):
+    return f"admin@{request.client.host if request.client else '?'} (session {session.sid[:6]})"
 
 
 class _HostCheck:

@@ -77,6 +77,8 @@ def test_store_merges_batches_and_never_moves_a_task_backwards(store):
     store.write(events.fold([ev("task-failed", ts=104)]))
     assert store.task("t1")["state"] == "FAILURE"
     assert store.per_minute(0) == [{"minute": 1, "succeeded": 1, "failed": 1, "retried": 0}]
+    store.write(events.fold([ev("task-sent", uuid="t2", queue="q2", name="mul")]))
+    assert store.known_queues() == ["q2"]
 
 
 def test_store_search_filters_and_pages_by_keyset(store):
@@ -91,6 +93,11 @@ def test_store_search_filters_and_pages_by_keyset(store):
     assert store.search(state="FAILURE")[0]["id"] == "id-007"
     assert {r["name"] for r in store.search(name="app.t1")} == {"app.t1"}
     assert len(store.search(name="app.*", limit=500)) == 120
+    prefixed = store.search(name="app.*")                      # merged from three names
+    assert [r["id"] for r in prefixed] == [r["id"] for r in first]
+    assert [r["id"] for r in store.search(name="app.*", state="FAILURE")] == ["id-007"]
+    assert store.search(name="app.*", before=(1001.0, "id-001")) == [
+        r for r in store.search(name="app.*", limit=500) if r["id"] == "id-000"]
     assert [r["id"] for r in store.search(task_id="id-11")] == [f"id-11{i}" for i in range(9, -1, -1)]
     assert len(store.search(since=1100, until=1110)) == 10
 
