@@ -5,9 +5,11 @@
 1. **fold + write**: Celery-shaped events (sent, received, started, succeeded per
    task, a heartbeat every 100) folded and written by ``Store.write`` in batches of
    ``ingest.BATCH``, into a fresh SQLite file; five runs, median events/s.
-2. **end to end**: the same events published one per message to a unique durable
-   queue, then ``Ingest`` (the dashboard's consumer: batch, commit, ack) drains it
-   into a fresh SQLite file; events/s from its start until all are recorded.
+2. **end to end**: the same events published to a unique durable queue, one per
+   message (as a solo Celery worker or a client sends them) and 24 per message (the
+   ``task.multi`` lists of a prefork Celery worker, its ``buffer_limit``); then
+   ``Ingest`` (the dashboard's consumer: batch, commit, ack) drains it into a fresh
+   SQLite file; events/s from its start until all are recorded; three runs each.
 3. **pages at 1M rows**: a database with ``--rows`` tasks (and one timeline row
    each) is made once (kept at ``--db``); each page is fetched 30 times through
    the real Starlette application (in-process HTTP client), median and p95 ms.
@@ -67,15 +69,16 @@ def bench_fold_write(evs, runs=5):
     return rates
 
 
-def bench_end_to_end(evs):
+def bench_end_to_end(evs, per_message=1):
     import pika
     queue = f"bench.dashboard.{uuid.uuid4().hex[:8]}"
     conn = pika.BlockingConnection(pika.URLParameters(BROKER))
     ch = conn.channel()
     ch.queue_declare(queue, durable=True)
     props = pika.BasicProperties(content_type="application/json", delivery_mode=1)
-    for e in evs:
-        ch.basic_publish("", queue, json.dumps(e), props)
+    for i in range(0, len(evs), per_message):
+        body = evs[i] if per_message == 1 else evs[i:i + per_message]   # a task.multi list
+        ch.basic_publish("", queue, json.dumps(body), props)
     conn.close()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,10 +187,11 @@ def main():
         rates = bench_fold_write(evs)
         print(f"fold + write into SQLite: median {statistics.median(rates):,.0f} events/s "
               f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}; {len(evs):,} events)", flush=True)
-        e2e = [bench_end_to_end(evs) for _ in range(3)]
-        print(f"end to end (broker -> Ingest -> SQLite, one event per message): median "
-              f"{statistics.median(e2e):,.0f} events/s (runs: {', '.join(f'{r:,.0f}' for r in e2e)})",
-              flush=True)
+        for per_message in (1, 24):
+            e2e = [bench_end_to_end(evs, per_message) for _ in range(3)]
+            print(f"end to end (broker -> Ingest -> SQLite, {per_message} event(s) per message): "
+                  f"median {statistics.median(e2e):,.0f} events/s "
+                  f"(runs: {', '.join(f'{r:,.0f}' for r in e2e)})", flush=True)
     if not args.skip_pages:
         for label, (median, p95) in bench_pages(args.db, args.rows).items():
             print(f"{label:32s} median {median:7.1f} ms   p95 {p95:7.1f} ms", flush=True)
