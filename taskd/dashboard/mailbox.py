@@ -33,7 +33,7 @@ READS = ("ping", "stats", "active_queues", "active", "scheduled", "reserved")
 class Mailbox:
     """One connection for a few commands; use as a context manager."""
 
-    def __init__(self, config, timeout: float = 1.0):
+    def __init__(self, config, timeout: float = 2.0):
         self.config, self.timeout = config, timeout
         self.oid = str(uuid.uuid4())
         self._conn = self._channel = None
