@@ -40,6 +40,19 @@ exit codes:
 """
 
 
+DASHBOARD_EPILOG = """\
+environment:
+  TASKD_DASHBOARD_TOKEN  the admin token (overrides dashboard.admin_token): unlocks
+                         actions, and reading when --listen is not a loopback address
+
+TERM or INT stops it; events sent meanwhile wait in dashboard.event_queue.
+exit codes:
+  0 stopped   1 cannot listen on the address   64 bad command line
+  78 configuration error, missing extra, or
+  no admin token for a non-loopback address
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -117,7 +130,8 @@ def build_parser():
     db = sub.add_parser("dashboard", help="serve the web dashboard on recorded task history",
                         description="Record worker events (Celery's event protocol, from a "
                         "durable queue) into task history and serve the web dashboard on it "
-                        "(docs/dashboard.md). Needs the 'dashboard' extra.")
+                        "(docs/dashboard.md). Needs the 'dashboard' extra.",
+                        epilog=DASHBOARD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_arg(db)
     db.add_argument("--listen", metavar="HOST:PORT",
                     help="address to serve on (overrides dashboard.listen; reading is open "

@@ -34,8 +34,11 @@ TIME_COLUMNS = {"task-sent": "sent_at", "task-received": "received_at",
 #: Task fields copied as they are (Celery's names; ``uuid`` becomes ``id``).
 COPIED = ("name", "args", "kwargs", "result", "exception", "traceback", "runtime",
           "retries", "parent_id", "root_id", "eta", "expires", "queue")
+NUMBERS = {"runtime": float, "retries": int}
 TEXT_LIMIT = 8 * 1024           # reprs longer than this are cut (Celery cuts args at 1 KiB)
 TRACEBACK_LIMIT = 64 * 1024
+LIMITS = {"traceback": TRACEBACK_LIMIT, "name": 255, "queue": 255, "parent_id": 255,
+          "root_id": 255}
 
 
 class BadEvent(ValueError):
@@ -98,9 +101,13 @@ def _fold_task(batch, event, kind, ts):
                                            "updated_at": ts})
     for name in COPIED:
         value = event.get(name)
-        if value is not None:
-            limit = TRACEBACK_LIMIT if name == "traceback" else TEXT_LIMIT
-            row[name] = value if name in ("runtime", "retries") else _text(value, limit)
+        if value is None:
+            continue
+        if name in NUMBERS:         # a number or nothing: a bad field never fails a batch
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 2**31:
+                row[name] = NUMBERS[name](value)
+        else:
+            row[name] = _text(value, LIMITS.get(name, TEXT_LIMIT))
     if isinstance(event.get("hostname"), str) and kind != "task-sent":    # sent: the client
         row["worker"] = event["hostname"][:255]
     if kind in TIME_COLUMNS:
@@ -109,11 +116,11 @@ def _fold_task(batch, event, kind, ts):
         row["state"], row["state_at"] = TASK_STATES[kind], ts
     row["updated_at"] = max(row["updated_at"], ts)
     detail = event.get("exception") if kind in ("task-failed", "task-retried") else None
-    if kind == "task-succeeded" and event.get("runtime") is not None:
-        detail = f"runtime {event['runtime']:.3f} s" if isinstance(event["runtime"], (int, float)) else None
+    if kind == "task-succeeded" and row.get("runtime") is not None:
+        detail = f"runtime {row['runtime']:.3f} s"
     batch.timeline.append({"task_id": task_id, "type": kind, "at": ts,
                            "hostname": _text(event.get("hostname"), 255),
-                           "retries": event.get("retries") if isinstance(event.get("retries"), int) else None,
+                           "retries": row.get("retries") if "retries" in event else None,
                            "detail": _text(detail)})
     counter = {"task-succeeded": "succeeded", "task-failed": "failed",
                "task-retried": "retried"}.get(kind)
@@ -127,10 +134,10 @@ def _fold_worker(batch, event, kind, ts):
     row = batch.workers.setdefault(host, {"hostname": host})
     row["status"] = "offline" if kind == "worker-offline" else "online"
     row["last_seen"] = max(ts, row.get("last_seen") or 0)
-    for name in ("freq", "active", "processed"):
+    for name, kind in (("freq", float), ("active", int), ("processed", int)):
         value = event.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            row[name] = value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 2**62:
+            row[name] = kind(value)
     load = event.get("loadavg")
     if isinstance(load, (list, tuple)):
         row["loadavg"] = " ".join(f"{x:.2f}" for x in load if isinstance(x, (int, float)))

@@ -56,8 +56,8 @@ workers = sa.Table(
     "taskd_workers", meta,
     sa.Column("hostname", sa.String(255), primary_key=True),
     sa.Column("status", sa.String(16)), sa.Column("last_seen", Float),
-    sa.Column("freq", Float), sa.Column("active", sa.Integer),
-    sa.Column("processed", sa.Integer), sa.Column("loadavg", sa.String(64)),
+    sa.Column("freq", Float), sa.Column("active", sa.BigInteger),
+    sa.Column("processed", sa.BigInteger), sa.Column("loadavg", sa.String(64)),
     sa.Column("sw_ident", sa.String(100)), sa.Column("sw_ver", sa.String(100)),
     sa.Column("sw_sys", sa.String(100)),
 )

@@ -171,7 +171,9 @@ class Dashboard:
                 replies, error = {}, f"the mailbox is unavailable: {exc}"
             for host, items in sorted(replies.items()):
                 for item in items if isinstance(items, list) else []:
-                    req = item.get("request") or {} if isinstance(item, dict) else {}
+                    if not isinstance(item, dict):
+                        continue
+                    req = item.get("request") if isinstance(item.get("request"), dict) else {}
                     entries.append({"worker": host, "eta": item.get("eta"),
                                     "id": req.get("id"), "name": req.get("name"),
                                     "args": req.get("args"), "kwargs": req.get("kwargs")})

@@ -191,6 +191,14 @@ def test_history_survives_a_dashboard_restart(stack, page):
     assert page.locator("pre.result").inner_text() == "2"
 
 
+def test_scheduled_lists_the_eta_tasks_a_worker_holds(stack, page):
+    held = stack.app.app.send_task("dash.add", args=[7, 7], queue=stack.queue, countdown=600).id
+    wait_for(lambda: stack.recorded(held, "RECEIVED"), message="the ETA task received")
+    page.goto(stack.url + "/scheduled")
+    row = page.locator("tr", has_text=held)
+    assert "dash.add" in row.inner_text() and stack.node in row.inner_text()
+
+
 def test_live_update_without_reload(stack, page):
     page.goto(stack.url + "/")
     page.evaluate("window.__marker = 'same page';"

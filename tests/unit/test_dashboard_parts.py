@@ -59,6 +59,17 @@ def test_fold_workers_and_cuts_long_text():
     assert batch.tasks["t1"]["traceback"] == "T" * 100
 
 
+def test_fold_drops_fields_of_the_wrong_type_instead_of_failing_the_batch():
+    batch = events.fold([ev("task-succeeded", runtime="fast", retries=True, name="n" * 400,
+                            result={"a": 1}),
+                         {"type": "worker-heartbeat", "hostname": "w", "processed": "many",
+                          "active": 2.0, "loadavg": "high"}])
+    row = batch.tasks["t1"]
+    assert row.get("runtime") is None and row.get("retries") is None
+    assert len(row["name"]) == 256 and row["result"] == "{'a': 1}"
+    assert "processed" not in batch.workers["w"] and batch.workers["w"]["active"] == 2
+
+
 # --- store --------------------------------------------------------------------------
 
 @pytest.fixture
