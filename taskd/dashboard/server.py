@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import sqlalchemy.exc
 import uvicorn
@@ -19,6 +20,19 @@ log = logging.getLogger(__name__)
 def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 def build(config, listen: str, environ=None):
@@ -43,12 +57,18 @@ def serve(config, listen: str) -> int:
         log.error("dashboard: listening on %s needs an admin token (dashboard.admin_token or "
                   "$TASKD_DASHBOARD_TOKEN): off loopback every page asks for it", host)
         return 78
-    ingest.start()
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        log.error("dashboard: cannot listen on %s: %s", listen, exc.strerror or exc)
+        store.close()
+        return 1
+    ingest.start()          # only once it can serve: a failed start leaves no event queue
     log.info("dashboard: serving on http://%s:%d/ (history in %s)", host, port,
              mask_url(config["dashboard.database"]))
     try:
         uvicorn.Server(uvicorn.Config(dashboard.app, host=host, port=port, log_level="warning",
-                                      access_log=False, proxy_headers=False)).run()
+                                      access_log=False, proxy_headers=False)).run(sockets=[sock])
     finally:
         ingest.stop()
         store.close()

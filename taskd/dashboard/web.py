@@ -31,7 +31,6 @@ from .security import COOKIE, Guard
 log = logging.getLogger(__name__)
 HERE = os.path.dirname(__file__)
 STATES = ("PENDING", "RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED", "REJECTED")
-LIVE_HEADER = "x-taskd-live"
 
 
 def _when(ts):

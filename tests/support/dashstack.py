@@ -100,9 +100,10 @@ class Stack:
              "-l", "warning"], env=self.env, stdout=log, stderr=log, cwd=self.tmp)
 
     def stop(self):
-        for proc in (self.celery, self.dashboard):
+        # QUIT: Celery's cold shutdown (its pool is stopped at once; TERM waits for it)
+        for proc, sig in ((self.celery, signal.SIGQUIT), (self.dashboard, signal.SIGTERM)):
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(sig)
                 try:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
