@@ -9,8 +9,9 @@ dashboard that stays down cannot fill the broker.
 One thread reads deliveries until it has :data:`BATCH` of them or the queue has
 been quiet for :data:`LINGER` seconds, folds them (:mod:`.events`), writes the
 batch in one transaction and only then acknowledges every delivery in it with
-one ``multiple`` ack: a crash before the commit redelivers the batch, and the
-upserts make the second write harmless. A message that is not a Celery event
+one ``multiple`` ack: a crash before the ack redelivers the batch; the upserts
+and the timeline's unique index make the second write change nothing but the
+per-minute counters. A message that is not a Celery event
 is logged (routing key and why) and acknowledged: there is nothing to record.
 The connection is opened again, with back-off, whenever it is lost.
 """

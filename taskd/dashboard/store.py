@@ -49,7 +49,8 @@ timeline = sa.Table(
     sa.Column("task_id", sa.String(255), nullable=False), sa.Column("type", sa.String(32)),
     sa.Column("at", Float, nullable=False), sa.Column("hostname", sa.String(255)),
     sa.Column("retries", sa.Integer), sa.Column("detail", Text),
-    sa.Index("taskd_task_events_task", "task_id", "at"),
+    # unique: a batch delivered again (a crash between commit and ack) adds no row twice
+    sa.Index("taskd_task_events_once", "task_id", "at", "type", unique=True),
     sa.Index("taskd_task_events_at", "at"),
 )
 workers = sa.Table(
@@ -136,7 +137,7 @@ class Store:
                     conn.execute(self._insert(seen).on_conflict_do_nothing(),
                                  [{"kind": k, "value": v} for k, v in values])
             if batch.timeline:
-                conn.execute(timeline.insert(), batch.timeline)
+                conn.execute(self._insert(timeline).on_conflict_do_nothing(), batch.timeline)
             if batch.workers:
                 conn.execute(self._worker_upsert(),
                              [{c: row.get(c) for c in WORKER_COLUMNS} for row in batch.workers.values()])

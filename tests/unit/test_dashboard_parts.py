@@ -92,6 +92,14 @@ def test_store_merges_batches_and_never_moves_a_task_backwards(store):
     assert store.known_queues() == ["q2"]
 
 
+def test_a_batch_written_twice_changes_no_task_and_adds_no_timeline_row(store):
+    batch = events.fold([ev("task-received", ts=101, name="add"), ev("task-succeeded", ts=102)])
+    store.write(batch)
+    store.write(batch)
+    assert store.task("t1")["state"] == "SUCCESS"
+    assert [a["type"] for a in store.attempts("t1")] == ["task-received", "task-succeeded"]
+
+
 def test_store_search_filters_and_pages_by_keyset(store):
     evs = [ev("task-received", uuid=f"id-{i:03d}", ts=1000 + i, name=f"app.t{i % 3}")
            for i in range(120)]
