@@ -193,8 +193,12 @@ def test_history_survives_a_dashboard_restart(stack, page):
 
 def test_scheduled_lists_the_eta_tasks_a_worker_holds(stack, page):
     held = stack.app.app.send_task("dash.add", args=[7, 7], queue=stack.queue, countdown=600).id
-    wait_for(lambda: stack.recorded(held, "RECEIVED"), message="the ETA task received")
-    page.goto(stack.url + "/scheduled")
+
+    def listed():
+        page.goto(stack.url + "/scheduled")
+        return page.locator("tr", has_text=held).count() == 1
+    wait_for(listed, 30, interval=1,
+             message=f"the ETA task on /scheduled (recorded as {stack.recorded(held)})")
     row = page.locator("tr", has_text=held)
     assert "dash.add" in row.inner_text() and stack.node in row.inner_text()
 
