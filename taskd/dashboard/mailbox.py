@@ -26,8 +26,8 @@ from ..broker.connection import connect_blocking
 EXCHANGE = "celery.pidbox"
 REPLY_EXCHANGE = "reply.celery.pidbox"
 #: Commands the dashboard sends; anything else is refused before it reaches a worker.
-ACTIONS = ("pool_grow", "pool_shrink", "add_consumer", "cancel_consumer")
-READS = ("ping", "stats", "active_queues", "active", "scheduled", "reserved")
+ACTIONS = ("pool_grow", "pool_shrink", "add_consumer", "cancel_consumer", "revoke")
+READS = ("ping", "stats", "active_queues", "active", "scheduled", "reserved", "revoked")
 
 
 class Mailbox:

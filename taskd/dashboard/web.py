@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import time
+from urllib.parse import quote
 
 import jinja2
 import pika
@@ -55,6 +56,7 @@ class Dashboard:
                    Route("/logout", self.logout, methods=["POST"]),
                    Route("/workers/action", self.worker_action, methods=["POST"]),
                    Route("/dead-letters/replay", self.replay, methods=["POST"]),
+                   Route("/revoke", self.revoke, methods=["POST"]),
                    Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static")]
         self.app = Starlette(routes=routes)
         self.app.add_middleware(_HostCheck, guard=guard)
@@ -237,6 +239,30 @@ class Dashboard:
         target = f"{worker}" + (f" queue={queue}" if queue else "")
         await run_in_threadpool(self.store.record_action, _who(request, session), action, target, outcome)
         return self._back(session, "/workers", f"{action} {target}: {outcome}")
+
+    async def revoke(self, request):
+        """Revoke a task on every worker (mailbox ``revoke``, broadcast); ``terminate``
+        also signals the process running it."""
+        session, form, why = await self._checked_post(request)
+        if why:
+            return self._refused(request, session, why)
+        task_id = str(form.get("id") or "").strip()
+        if not task_id:
+            return self._refused(request, session, "revoke: no task id", 400)
+        terminate = form.get("terminate") == "yes"
+
+        def send():
+            with mailbox.Mailbox(self.config) as mb:
+                return mb.call("revoke", {"task_id": task_id, "terminate": terminate})
+        try:
+            replies = await run_in_threadpool(send)
+            outcome = "; ".join(f"{host}: {reply}" for host, reply in sorted(replies.items()))[:500]
+            outcome = outcome or "no worker replied"
+        except (TaskdError, pika.exceptions.AMQPError) as exc:
+            outcome = f"mailbox unavailable: {exc}"
+        action = "revoke+terminate" if terminate else "revoke"
+        await run_in_threadpool(self.store.record_action, _who(request, session), action, task_id, outcome)
+        return self._back(session, f"/tasks/{quote(task_id, safe='')}", f"{action} {task_id}: {outcome}")
 
     async def replay(self, request):
         session, form, why = await self._checked_post(request)

@@ -191,7 +191,7 @@ def test_history_survives_a_dashboard_restart(stack, page):
     assert page.locator("pre.result").inner_text() == "2"
 
 
-def test_scheduled_lists_the_eta_tasks_a_worker_holds(stack, page):
+def test_scheduled_lists_a_held_eta_task_and_revoking_it_needs_the_token(stack, page):
     held = stack.app.app.send_task("dash.add", args=[7, 7], queue=stack.queue, countdown=600).id
 
     def listed():
@@ -201,6 +201,24 @@ def test_scheduled_lists_the_eta_tasks_a_worker_holds(stack, page):
              message=f"the ETA task on /scheduled (recorded as {stack.recorded(held)})")
     row = page.locator("tr", has_text=held)
     assert "dash.add" in row.inner_text() and stack.node in row.inner_text()
+
+    # Revoke it from its page: refused without the token, done with it.
+    page.goto(stack.url + f"/tasks/{held}")
+    page.click("form.revoke button")
+    assert "actions need the admin token" in page.locator(".error").inner_text()
+    assert held not in revoked(stack)
+    login(page, stack)
+    page.goto(stack.url + f"/tasks/{held}")
+    page.click("form.revoke button")
+    assert f"revoke {held}" in page.locator(".flash").inner_text()
+    assert held in revoked(stack)
+
+
+def revoked(stack):
+    from taskd.config import load
+    from taskd.dashboard.mailbox import Mailbox
+    with Mailbox(load(str(stack.config))) as mb:
+        return mb.call("revoked", destination=[stack.node]).get(stack.node, [])
 
 
 def test_live_update_without_reload(stack, page):
