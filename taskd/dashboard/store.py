@@ -244,6 +244,14 @@ class Store:
                           .where(tasks.c.parent_id == task_id)
                           .order_by(tasks.c.updated_at).limit(limit))
 
+    def recent_waits(self, limit=1000):
+        """Seconds from sent (else received) to started, of the newest ``limit`` tasks."""
+        since = sa.func.coalesce(tasks.c.sent_at, tasks.c.received_at)
+        newest = (sa.select((tasks.c.started_at - since).label("wait"))
+                  .order_by(tasks.c.updated_at.desc()).limit(limit).subquery())
+        return [r["wait"] for r in self._rows(sa.select(newest.c.wait)
+                                              .where(newest.c.wait.is_not(None)))]
+
     def workers(self):
         return self._rows(sa.select(workers).order_by(workers.c.hostname))
 

@@ -109,7 +109,11 @@ class Dashboard:
         rows = self.store.per_minute(now_minute - 59)
         totals = {k: sum(r[k] for r in rows) for k in ("succeeded", "failed", "retried")}
         workers = with_liveness(self.store.workers())
+        waits = sorted(w for w in self.store.recent_waits() if w >= 0)
+        wait = {"n": len(waits), "median": waits[len(waits) // 2] if waits else None,
+                "p95": waits[int(len(waits) * 0.95)] if waits else None}
         return "overview.html", dict(chart=charts.per_minute(rows, now_minute - 59), totals=totals,
+                                     wait=wait,
                                      workers=workers, queues=queue_depths(self.config, self.store)[:10],
                                      ingest=self.ingest)
 

@@ -68,6 +68,8 @@ def test_pages_render_history_from_a_real_worker(stack, page):
 
     page.goto(stack.url + "/")
     assert page.locator("svg.chart rect.ok").count() >= 1       # a bar for this minute
+    wait_card = page.locator(".card", has_text="wait, median").inner_text()
+    assert " s" in wait_card and "–" not in wait_card           # sent -> started, measured
     page.screenshot(path=str(IMG / "dashboard-overview.png"), full_page=True)
 
     page.goto(stack.url + "/workers")

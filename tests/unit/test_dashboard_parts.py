@@ -130,6 +130,13 @@ def test_store_prunes_by_age_and_by_count(store):
     assert store.task("t1499") is None and store.task("t1500") is not None
 
 
+def test_store_measures_wait_from_sent_or_received_to_started(store):
+    store.write(events.fold([ev("task-sent", uuid="a", ts=100), ev("task-started", uuid="a", ts=102.5),
+                             ev("task-received", uuid="b", ts=200), ev("task-started", uuid="b", ts=201),
+                             ev("task-received", uuid="c", ts=300)]))
+    assert sorted(store.recent_waits()) == [1.0, 2.5]
+
+
 def test_store_records_actions(store):
     store.record_action("admin@127.0.0.1", "pool_grow", "w1", "{'ok': 'pool will grow'}")
     (row,) = store.audit_log()
