@@ -9,6 +9,7 @@ log whatever their outcome.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import time
@@ -327,7 +328,8 @@ def _base(request):
 
 
 def _who(request, session):
-    return f"admin@{request.client.host if request.client else '?'} (session {session.sid[:6]})"
+    label = hashlib.sha256(session.sid.encode()).hexdigest()[:8]   # names it, reveals nothing
+    return f"admin@{request.client.host if request.client else '?'} (session {label})"
 
 
 class _HostCheck:

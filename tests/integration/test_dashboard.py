@@ -6,6 +6,7 @@ two protocols the dashboard speaks. One stack per session (dashstack.py); every
 test here runs in the ``dashboard`` xdist group, in one process.
 """
 import json
+import os
 import pathlib
 import uuid
 
@@ -16,8 +17,15 @@ from dashstack import CHROMIUM, CHROMIUM_ARGS, ROOT, TOKEN, Stack, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("dashboard")]
 playwright_api = pytest.importorskip("playwright.sync_api")
-IMG = ROOT / "docs" / "img"
+# Screenshots go to docs/img/ (the ones docs/dashboard.md shows) when
+# TASKD_DOCS_SCREENSHOTS=1, else beside the test's files, so a test run leaves the tree clean.
+DOCS_IMG = ROOT / "docs" / "img"
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
+
+
+@pytest.fixture(scope="module")
+def img(tmp_path_factory):
+    return DOCS_IMG if os.environ.get("TASKD_DOCS_SCREENSHOTS") == "1" else tmp_path_factory.mktemp("img")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def login(page, stack):
     page.wait_for_selector(".flash")
 
 
-def test_pages_render_history_from_a_real_worker(stack, page):
+def test_pages_render_history_from_a_real_worker(stack, page, img):
     ok = stack.send("dash.add", 2, 3)
     bad = stack.send("dash.fail", XSS)
     parent = stack.send("dash.parent", 2)
@@ -70,7 +78,7 @@ def test_pages_render_history_from_a_real_worker(stack, page):
     assert page.locator("svg.chart rect.ok").count() >= 1       # a bar for this minute
     wait_card = page.locator(".card", has_text="wait, median").inner_text()
     assert " s" in wait_card and "–" not in wait_card           # sent -> started, measured
-    page.screenshot(path=str(IMG / "dashboard-overview.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-overview.png"), full_page=True)
 
     page.goto(stack.url + "/workers")
     row = page.locator("tr.worker", has_text=stack.node)
@@ -78,14 +86,14 @@ def test_pages_render_history_from_a_real_worker(stack, page):
     assert stack.queue in row.locator("td.queues").inner_text()  # from active_queues
     assert row.locator("td.pool").inner_text() == "1 process"    # from stats
     assert page.locator(".error").count() == 0                   # the mailbox answered
-    page.screenshot(path=str(IMG / "dashboard-workers.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-workers.png"), full_page=True)
 
     page.goto(stack.url + "/tasks?name=dash.*")
     assert page.locator(f"a[href='/tasks/{ok}']").count() == 1
     page.goto(stack.url + "/tasks?state=FAILURE&name=dash.fail")
     assert page.locator(f"a[href='/tasks/{bad}']").count() == 1
     assert page.locator(f"a[href='/tasks/{ok}']").count() == 0
-    page.screenshot(path=str(IMG / "dashboard-tasks.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-tasks.png"), full_page=True)
 
     page.goto(stack.url + f"/tasks/{ok}")
     assert page.locator("pre.result").inner_text() == "5"
@@ -97,13 +105,13 @@ def test_pages_render_history_from_a_real_worker(stack, page):
     for child in children:
         page.click(f"a[href='/tasks/{child}']")                  # parent -> child
         page.click(f"a[href='/tasks/{parent}']")                 # child -> parent
-    page.screenshot(path=str(IMG / "dashboard-task.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-task.png"), full_page=True)
 
     page.goto(stack.url + "/queues")
     assert stack.queue in page.locator("table").inner_text()
 
 
-def test_task_supplied_text_is_escaped(stack, page):
+def test_task_supplied_text_is_escaped(stack, page, img):
     bad = stack.send("dash.fail", XSS)
     wait_for(lambda: stack.recorded(bad, "FAILURE"), message="dash.fail recorded")
     page.goto(stack.url + f"/tasks/{bad}")
@@ -111,7 +119,7 @@ def test_task_supplied_text_is_escaped(stack, page):
     assert "<script>window.__xss" in page.locator("pre.traceback").inner_text()
     assert page.evaluate("window.__xss") is None                # shown, never run
     assert page.locator("main script, main img").count() == 0
-    page.screenshot(path=str(IMG / "dashboard-xss-escaped.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-xss-escaped.png"), full_page=True)
 
 
 def stats_pool(stack):
@@ -122,7 +130,7 @@ def stats_pool(stack):
     return len(reply[stack.node]["pool"]["processes"])      # max-concurrency stays as started
 
 
-def test_an_action_needs_the_admin_token(stack, page):
+def test_an_action_needs_the_admin_token(stack, page, img):
     page.goto(stack.url + "/workers")
     row = page.locator("tr.worker", has_text=stack.node)
     row.locator("button[value=pool_grow]").click()              # not logged in
@@ -148,10 +156,10 @@ def test_an_action_needs_the_admin_token(stack, page):
     page.goto(stack.url + "/audit")
     assert "pool_grow" in page.locator("table.audit").inner_text()
     assert stack.node in page.locator("table.audit").inner_text()
-    page.screenshot(path=str(IMG / "dashboard-audit.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-audit.png"), full_page=True)
 
 
-def test_dead_letters_replay_one(stack, page):
+def test_dead_letters_replay_one(stack, page, img):
     task_id = str(uuid.uuid4())
 
     def put(ch):
@@ -173,7 +181,7 @@ def test_dead_letters_replay_one(stack, page):
 
     login(page, stack)
     page.goto(stack.url + "/dead-letters")
-    page.screenshot(path=str(IMG / "dashboard-dead-letters.png"), full_page=True)
+    page.screenshot(path=str(img / "dashboard-dead-letters.png"), full_page=True)
     page.locator("tr.dead", has_text=task_id).locator("button").click()
     assert "replayed 1" in page.locator(".flash").inner_text()
     moved = stack.channel_call(lambda ch: ch.queue_declare(stack.replay_to, passive=True).method.message_count)
