@@ -51,6 +51,7 @@ class Dashboard:
             ("/", self.overview), ("/workers", self.workers), ("/queues", self.queues),
             ("/tasks", self.tasks), ("/tasks/{task_id:path}", self.task),
             ("/scheduled", self.scheduled), ("/dead-letters", self.dead_letters),
+            ("/periodic", self.periodic),
             ("/audit", self.audit))]
         routes += [Route("/login", self.login_form, methods=["GET"]),
                    Route("/login", self.login, methods=["POST"]),
@@ -184,6 +185,20 @@ class Dashboard:
                                     "id": req.get("id"), "name": req.get("name"),
                                     "args": req.get("args"), "kwargs": req.get("kwargs")})
         return "scheduled.html", dict(entries=entries, asked=workers, mailbox_error=error)
+
+    def periodic(self, request):
+        """The ``schedule:`` entries (taskd's periodic feature, when present), their next
+        runs, and the last runs of their tasks from history."""
+        entries = tuple(self.config.values.get("schedule") or ())
+        try:
+            from .. import periodic as periodic_mod
+            upcoming = {r["name"]: r["next"] for r in periodic_mod.upcoming(entries, 3)}
+        except (ImportError, AttributeError):
+            upcoming = {}
+        rows = [{"name": e.name, "task": e.task, "schedule": e.describe(),
+                 "next": upcoming.get(e.name, []),
+                 "last": self.store.search(name=e.task, limit=3)} for e in entries]
+        return "periodic.html", dict(rows=rows, configured="schedule" in self.config.values)
 
     def dead_letters(self, request):
         try:

@@ -222,3 +222,35 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.setattr(dashboard, "EXTRA", dashboard.EXTRA + ("no_such_module_h19",))
     assert "pip install 'taskd[dashboard]'" in dashboard.missing_extra()
     assert "no_such_module_h19" in dashboard.missing_extra()
+
+
+# --- the periodic page (reads the schedule: entries of taskd's periodic feature) -----
+
+@pytest.mark.filterwarnings("ignore:.*httpx.*")
+def test_periodic_page_shows_entries_with_their_last_runs_from_history(tmp_path):
+    import dataclasses
+    from starlette.testclient import TestClient
+    from taskd.dashboard.web import Dashboard
+
+    @dataclasses.dataclass(frozen=True)
+    class Entry:            # the shape of taskd.periodic.Entry that the page reads
+        name: str
+        task: str
+
+        def describe(self):
+            return "every 60s"
+
+    store = Store(f"sqlite:///{tmp_path}/h.sqlite3")
+    store.write(events.fold([ev("task-succeeded", uuid="run-1", ts=1e9, name="app.report")]))
+    plain = config_mod.from_defaults()
+    client = TestClient(Dashboard(plain, store, security.Guard(None, "127.0.0.1")).app,
+                        base_url="http://127.0.0.1")
+    assert "has no periodic schedule" in client.get("/periodic").text
+    scheduled = dataclasses.replace(plain, values={**plain.values, "schedule": (
+        Entry("nightly <report>", "app.report"),)})
+    client = TestClient(Dashboard(scheduled, store, security.Guard(None, "127.0.0.1")).app,
+                        base_url="http://127.0.0.1")
+    page = client.get("/periodic").text
+    assert "nightly &lt;report&gt;" in page and "every 60s" in page
+    assert 'href="/tasks/run-1"' in page
+    store.close()
