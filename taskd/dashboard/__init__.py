@@ -7,7 +7,7 @@ The parts, one job each:
 * :mod:`.store`: SQLAlchemy Core tables on SQLite or PostgreSQL, queries, pruning;
 * :mod:`.mailbox`: remote control over Celery's ``celery.pidbox`` mailbox;
 * :mod:`.security`: sessions, the admin token, CSRF and Origin checks;
-* :mod:`.web` and ``templates/``: the pages and actions (Starlette, Jinja2);
+* :mod:`.web` and ``templates/``: the pages (Starlette, Jinja2); :mod:`.actions`: the POSTs;
 * :mod:`.charts`: inline SVG drawn on the server.
 
 It needs the ``dashboard`` extra (``pip install 'taskd[dashboard]'``).

@@ -1,25 +1,21 @@
 """The dashboard's pages and actions (Starlette; Jinja2 templates, escaped by default).
 
 Every page handler is a plain function that Starlette runs in a thread, since
-the store, the broker and the mailbox are blocking clients; :func:`_page`
-wraps each with the session and the read check. Actions are POSTs checked by
-:class:`~.security.Guard` (admin token, CSRF, Origin) and written to the audit
-log whatever their outcome.
+the store, the broker and the mailbox are blocking clients; :meth:`Dashboard._page`
+wraps each with the session and the read check. The actions (POSTs) are in
+:mod:`.actions`.
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 import time
-from urllib.parse import quote
 
 import jinja2
 import pika
 import pika.exceptions
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -28,6 +24,7 @@ from .. import config as config_mod, deadletters
 from ..broker.connection import connect_blocking
 from ..exceptions import TaskdError
 from . import charts, mailbox
+from .actions import Actions
 from .security import COOKIE, Guard
 
 log = logging.getLogger(__name__)
@@ -53,28 +50,29 @@ class Dashboard:
             ("/scheduled", self.scheduled), ("/dead-letters", self.dead_letters),
             ("/periodic", self.periodic),
             ("/audit", self.audit))]
-        routes += [Route("/login", self.login_form, methods=["GET"]),
-                   Route("/login", self.login, methods=["POST"]),
-                   Route("/logout", self.logout, methods=["POST"]),
-                   Route("/workers/action", self.worker_action, methods=["POST"]),
-                   Route("/dead-letters/replay", self.replay, methods=["POST"]),
-                   Route("/revoke", self.revoke, methods=["POST"]),
+        acts = Actions(self)
+        routes += [Route("/login", acts.login_form, methods=["GET"]),
+                   Route("/login", acts.login, methods=["POST"]),
+                   Route("/logout", acts.logout, methods=["POST"]),
+                   Route("/workers/action", acts.worker_action, methods=["POST"]),
+                   Route("/dead-letters/replay", acts.replay, methods=["POST"]),
+                   Route("/revoke", acts.revoke, methods=["POST"]),
                    Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static")]
         self.app = Starlette(routes=routes)
         self.app.add_middleware(_HostCheck, guard=guard)
 
     # --- plumbing --------------------------------------------------------------
 
-    def _render(self, request, session, template, status=200, **ctx):
+    def render(self, request, session, template, status=200, **ctx):
         flash, session.flash = session.flash, None
         html = self.env.get_template(template).render(
             request=request, session=session, flash=flash, path=request.url.path,
             actions_on=bool(self.guard.admin_token), **ctx)
         response = HTMLResponse(html, status_code=status)
-        self._cookie(response, session)
+        self.cookie(response, session)
         return response
 
-    def _cookie(self, response, session):
+    def cookie(self, response, session):
         response.set_cookie(COOKIE, session.sid, httponly=True, samesite="strict")
 
     def _page(self, fn):
@@ -82,27 +80,11 @@ class Dashboard:
             session = self.guard.session(request.cookies.get(COOKIE))
             if not self.guard.may_read(session):
                 response = RedirectResponse("/login", status_code=303)
-                self._cookie(response, session)
+                self.cookie(response, session)
                 return response
             template, ctx = fn(request)
-            return self._render(request, session, template, **ctx)
+            return self.render(request, session, template, **ctx)
         return endpoint
-
-    async def _checked_post(self, request, admin=True):
-        session = self.guard.session(request.cookies.get(COOKIE))
-        form = await request.form()
-        why = self.guard.refuse_post(session, form.get("csrf"), request.headers.get("origin"),
-                                     request.headers.get("referer"), _base(request), admin)
-        if why:
-            log.warning("dashboard: refused %s from %s: %s", request.url.path,
-                        request.client.host if request.client else "?", why)
-        return session, form, why
-
-    def _back(self, session, to, message):
-        session.flash = message
-        response = RedirectResponse(to, status_code=303)
-        self._cookie(response, session)
-        return response
 
     # --- pages -----------------------------------------------------------------
 
@@ -211,97 +193,6 @@ class Dashboard:
     def audit(self, request):
         return "audit.html", dict(rows=self.store.audit_log())
 
-    # --- login and actions -----------------------------------------------------
-
-    def login_form(self, request):
-        session = self.guard.session(request.cookies.get(COOKIE))
-        return self._render(request, session, "login.html")
-
-    async def login(self, request):
-        session, form, why = await self._checked_post(request, admin=False)
-        if why:
-            return self._render(request, session, "login.html", status=403, error=why)
-        fresh = self.guard.login(session, str(form.get("token") or ""))
-        if fresh is None:
-            log.warning("dashboard: wrong admin token from %s", request.client.host if request.client else "?")
-            return self._render(request, session, "login.html", status=403,
-                                error="wrong token" if self.guard.admin_token else
-                                "no admin token is configured (dashboard.admin_token)")
-        return self._back(fresh, "/", "logged in: actions are enabled")
-
-    async def logout(self, request):
-        session, _form, why = await self._checked_post(request, admin=False)
-        if not why:
-            self.guard.logout(session)
-        return RedirectResponse("/", status_code=303)
-
-    async def worker_action(self, request):
-        session, form, why = await self._checked_post(request)
-        if why:
-            return self._refused(request, session, why)
-        action, worker = str(form.get("action") or ""), str(form.get("worker") or "")
-        queue = str(form.get("queue") or "").strip()
-        if action not in mailbox.ACTIONS or not worker:
-            return self._refused(request, session, f"unknown action {action!r}", 400)
-        if action in ("add_consumer", "cancel_consumer") and not queue:
-            return self._back(session, "/workers", f"{action}: name a queue")
-        arguments = {"queue": queue} if queue else {"n": 1}
-
-        def send():
-            with mailbox.Mailbox(self.config, timeout=3.0) as mb:
-                return mb.call(action, arguments, destination=[worker])
-        try:
-            replies = await run_in_threadpool(send)
-            reply = replies.get(worker)
-            outcome = "no reply" if reply is None else str(reply)[:500]
-        except (TaskdError, pika.exceptions.AMQPError) as exc:
-            outcome = f"mailbox unavailable: {exc}"
-        target = f"{worker}" + (f" queue={queue}" if queue else "")
-        await run_in_threadpool(self.store.record_action, _who(request, session), action, target, outcome)
-        return self._back(session, "/workers", f"{action} {target}: {outcome}")
-
-    async def revoke(self, request):
-        """Revoke a task on every worker (mailbox ``revoke``, broadcast); ``terminate``
-        also signals the process running it."""
-        session, form, why = await self._checked_post(request)
-        if why:
-            return self._refused(request, session, why)
-        task_id = str(form.get("id") or "").strip()
-        if not task_id:
-            return self._refused(request, session, "revoke: no task id", 400)
-        terminate = form.get("terminate") == "yes"
-
-        def send():
-            with mailbox.Mailbox(self.config) as mb:
-                return mb.call("revoke", {"task_id": task_id, "terminate": terminate})
-        try:
-            replies = await run_in_threadpool(send)
-            outcome = "; ".join(f"{host}: {reply}" for host, reply in sorted(replies.items()))[:500]
-            outcome = outcome or "no worker replied"
-        except (TaskdError, pika.exceptions.AMQPError) as exc:
-            outcome = f"mailbox unavailable: {exc}"
-        action = "revoke+terminate" if terminate else "revoke"
-        await run_in_threadpool(self.store.record_action, _who(request, session), action, task_id, outcome)
-        return self._back(session, f"/tasks/{quote(task_id, safe='')}", f"{action} {task_id}: {outcome}")
-
-    async def replay(self, request):
-        session, form, why = await self._checked_post(request)
-        if why:
-            return self._refused(request, session, why)
-        message_id = str(form.get("id") or "") or None
-        try:
-            done, skipped = await run_in_threadpool(deadletters.replay, self.config, None, None,
-                                                    None, None, message_id)
-            outcome = f"replayed {done}, left {skipped}"
-        except (TaskdError, pika.exceptions.AMQPError) as exc:
-            outcome = f"failed: {exc}"
-        await run_in_threadpool(self.store.record_action, _who(request, session),
-                                "replay", message_id or "all", outcome)
-        return self._back(session, "/dead-letters", f"replay {message_id or 'all'}: {outcome}")
-
-    def _refused(self, request, session, why, status=403):
-        return self._render(request, session, "refused.html", status=status, why=why)
-
 
 def with_liveness(workers, now=None):
     """Mark each worker ``alive``: online and heard from within three heartbeat intervals."""
@@ -336,15 +227,6 @@ def queue_depths(config, store):
         if conn.is_open:
             conn.close()
     return out
-
-
-def _base(request):
-    return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
-
-
-def _who(request, session):
-    label = hashlib.sha256(session.sid.encode()).hexdigest()[:8]   # names it, reveals nothing
-    return f"admin@{request.client.host if request.client else '?'} (session {label})"
 
 
 class _HostCheck:
