@@ -254,3 +254,19 @@ def test_periodic_page_shows_entries_with_their_last_runs_from_history(tmp_path)
     assert "nightly &lt;report&gt;" in page and "every 60s" in page
     assert 'href="/tasks/run-1"' in page
     store.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*httpx.*")
+def test_responses_forbid_framing_and_foreign_scripts_and_rebound_hosts(tmp_path):
+    from starlette.testclient import TestClient
+    from taskd.dashboard.web import Dashboard
+    store = Store(f"sqlite:///{tmp_path}/h.sqlite3")
+    app = Dashboard(config_mod.from_defaults(), store, security.Guard(None, "127.0.0.1")).app
+    page = TestClient(app, base_url="http://127.0.0.1:8080").get("/audit")
+    assert page.status_code == 200
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    rebound = TestClient(app, base_url="http://attacker.example:8080").get("/audit")
+    assert rebound.status_code == 421
+    store.close()

@@ -19,4 +19,9 @@
       .catch(function () { /* the dashboard restarts: try again next time */ });
   }
   setInterval(refresh, PERIOD);
+  // A form with data-confirm (e.g. "replay all") asks before it is sent.
+  document.addEventListener("submit", function (event) {
+    var question = event.target.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) event.preventDefault();
+  });
 })();
