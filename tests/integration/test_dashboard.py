@@ -187,7 +187,8 @@ def test_dead_letters_replay_one(stack, page, img):
     page.locator("tr.dead", has_text=task_id).locator("button").click()
     assert "replayed 1" in page.locator(".flash").inner_text()
     moved = stack.channel_call(lambda ch: ch.queue_declare(stack.replay_to, passive=True).method.message_count)
-    assert moved == 1
+    left = stack.channel_call(lambda ch: ch.queue_declare(stack.dead, passive=True).method.message_count)
+    assert (moved, left) == (1, 0)
 
 
 def test_history_survives_a_dashboard_restart(stack, page):

@@ -115,9 +115,10 @@ class Stack:
     # --- broker and client -----------------------------------------------------
 
     def channel_call(self, fn):
+        """``fn(channel)``'s value, or None when the broker closed the channel (no such queue)."""
         conn = pika.BlockingConnection(pika.URLParameters(BROKER_URL))
         try:
-            return fn(conn.channel()) or True
+            return fn(conn.channel())
         except pika.exceptions.ChannelClosedByBroker:
             return None
         finally:
