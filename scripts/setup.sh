@@ -13,6 +13,11 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# The distribution was called "taskd" before it became "taskd-queue": drop the old
+# editable install, or both would provide the taskd package and command.
+if .venv/bin/python -m pip show -q taskd >/dev/null 2>&1; then
+    .venv/bin/python -m pip uninstall -q -y taskd >/dev/null 2>&1 || true
+fi
 log=$(mktemp -t taskd-setup.XXXXXX.log)
 if ! .venv/bin/python -m pip install -e '.[test]' >"$log" 2>&1; then
     cat "$log" >&2

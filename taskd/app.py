@@ -10,15 +10,17 @@ by the broker.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import config as config_mod
-from . import current
+from . import current, signals
 from .broker.publisher import Publisher
+from .control import Control
 from .options import SendOptions
 from .result import AsyncResult, ResultConsumer
 from .task import Task, registry
@@ -151,6 +153,8 @@ class App:
         for module in self.config["serializer_modules"]:
             importlib.import_module(module)
         self._session = ProcessLocal(lambda: Session(self))
+        self._control = None
+        self._testing: bool | None = None      # in app.testing(): whether failures raise
         if set_as_current:
             current.set_app(self)
 
@@ -191,6 +195,17 @@ class App:
         if fn is not None and callable(fn) and not options:
             return make(fn)
         return make
+
+    @contextlib.contextmanager
+    def testing(self, propagate: bool = False) -> Iterator[App]:
+        """Within the block, this app's tasks run in the calling process through the real
+        encode, routing and decode, and return an :class:`~taskd.testing.EagerResult`
+        (``docs/testing.md``). ``propagate``: a failing task raises from the call."""
+        previous, self._testing = self._testing, bool(propagate)
+        try:
+            yield self
+        finally:
+            self._testing = previous
 
     @property
     def tasks(self) -> dict[str, Task]:
@@ -240,6 +255,11 @@ class App:
         """Send one task with its options (what ``apply_async`` and ``send_task`` do)."""
         options = options.resolved(self.config, task)
         route = options.route(self.config, name)
+        if self._testing is not None or self.config["task_always_eager"]:
+            from . import testing
+            propagate = self._testing if self._testing is not None \
+                else self.config["task_eager_propagates"]
+            return testing.run(self, name, args, kwargs, options, route, propagate)
         session = self.session()
         with self.session_lock():
             if options.connect_timeout is not None:
@@ -248,6 +268,13 @@ class App:
             message = options.encode(
                 name, args, kwargs, reply_to=None if options.ignore_result or pooled
                 else session.results.reply_to())
+            body = (tuple(args or ()), dict(kwargs or {}), None)
+            signals.before_task_publish.send(
+                sender=name, body=body, exchange=route.exchange, routing_key=route.routing_key,
+                headers=message.headers, properties={"correlation_id": message.correlation_id,
+                                                     "reply_to": message.reply_to,
+                                                     "priority": message.priority},
+                declare=list(route.declare), retry_policy=options.retry_policy)
             if pooled:
                 # The reply queue belongs to the connection: resolved on each
                 # attempt, so a send retried on a new connection names the new one.
@@ -260,10 +287,20 @@ class App:
                 # A publisher per call, closed after it (its channel with it).
                 with Publisher(self, connection=options.connection) as borrowed:
                     sent = borrowed.publish(message, route, options)
+            signals.after_task_publish.send(sender=name, body=body, headers=message.headers,
+                                            exchange=route.exchange,
+                                            routing_key=route.routing_key)
             result = AsyncResult(options.task_id, app=self, task_name=name,
                                  reply_to=sent.reply_to)
             result._claim(session.results)
         return result
+
+    @property
+    def control(self) -> Control:
+        """Remote control of the workers, and revokes (:class:`taskd.control.Control`)."""
+        if self._control is None:
+            self._control = Control(self)
+        return self._control
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         return AsyncResult(task_id, app=self)

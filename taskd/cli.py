@@ -1,12 +1,14 @@
-"""The ``taskd`` command line: worker, check-config, call, config-reference."""
+"""The ``taskd`` command line: worker, check-config, call, status, schedule, dead-letters,
+config-reference."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
-from . import __version__, config as config_mod, deadletters, logsafe, serialization
+from . import __version__, config as config_mod, controlcli, deadletters, logsafe, serialization
 from .app import App
 from .broker.tls import for_url
 from .exceptions import ConfigError, TaskdError
@@ -88,11 +90,24 @@ def build_parser():
                    help="number of child processes (overrides worker.concurrency)")
     w.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
                    help="log level (overrides logging.level)")
+    # -- events (docs/monitoring.md) --
+    w.add_argument("-E", "--task-events", action="store_true", dest="send_events",
+                   help="publish Celery events for Flower and celery-exporter (sets "
+                        "worker.send_events)")
+    w.add_argument("-n", "--hostname", metavar="NAME",
+                   help="node name, e.g. taskd@%%h (overrides worker.hostname; default "
+                        "taskd@<host name>; %%h host name, %%n its first label, %%d domain): "
+                        "what events, `taskd inspect` and -d/--destination use")
 
     c = sub.add_parser("check-config", help="validate the configuration file and exit",
-                       description="Validate the configuration; print every error and exit 78, "
-                       "or print a summary and exit 0.")
+                       description="Validate the configuration; print every error and exit 78. "
+                       "Then connect to each broker node of broker.url (TLS verified as the "
+                       "worker verifies it) and report each: reachable or why not, its "
+                       "RabbitMQ version and cluster, TLS or not. Exit 0 when at least one "
+                       "node answers, 69 when none does.")
     _config_arg(c)
+    c.add_argument("--offline", action="store_true",
+                   help="only validate the file: do not connect to the broker")
 
     call = sub.add_parser("call", help="send a task by name and print its result",
                           description="Send a task by name (no task code needed) and print "
@@ -126,6 +141,17 @@ def build_parser():
     _config_arg(st)
     st.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
     st.add_argument("--json", action="store_true", help="print the state as JSON")
+
+    sc = sub.add_parser("schedule", help="list the periodic tasks and their next runs",
+                        description="List the schedule: entries of the configuration, each "
+                        "with its task, when it fires and its next runs (computed here; no "
+                        "worker or broker needed). `taskd status` shows which worker leads "
+                        "and what it last fired.")
+    _config_arg(sc)
+    sc.add_argument("-n", "--next", type=_positive_int, default=3, metavar="N",
+                    help="how many next runs to show per entry (default 3)")
+    sc.add_argument("--json", action="store_true", help="print the entries as JSON")
+    controlcli.add_parsers(sub, _config_arg)      # inspect, control (remote control)
 
     db = sub.add_parser("dashboard", help="serve the web dashboard on recorded task history",
                         description="Record worker events (Celery's event protocol, from a "
@@ -178,7 +204,9 @@ def cmd_worker(args):
         return code
     setup_logging(args.loglevel or config["logging.level"])
     from .worker.supervisor import Supervisor
-    errors = serialization.check_config(config)
+    from .worker.metrics import check_config as metrics_errors
+    config = _worker_overrides(config, args)
+    errors = serialization.check_config(config) + metrics_errors(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)
@@ -188,28 +216,84 @@ def cmd_worker(args):
         print("taskd: -Q: expected at least one queue name", file=sys.stderr)
         return EX_USAGE
     supervisor = Supervisor(config, queues=queues, concurrency=args.concurrency,
-                            config_path=args.config or config.source)
+                            config_path=args.config or config.source, hostname=args.hostname)
     return supervisor.run()
+
+
+def _worker_overrides(config, args):
+    """``-E`` and ``-n`` over the configuration (read at start, kept across reloads)."""
+    values = {}
+    if args.send_events:
+        values["worker.send_events"] = True
+    if args.hostname is not None:
+        if not args.hostname.strip():
+            print("taskd: -n: expected a node name", file=sys.stderr)
+            sys.exit(EX_USAGE)
+        values["worker.hostname"] = args.hostname
+    return dataclasses.replace(config, values={**config.values, **values}) if values else config
 
 
 def cmd_check_config(args):
     config, code = _load(args)
     if config is None:
         return code
-    errors = serialization.check_config(config)
+    from .worker.metrics import check_config as metrics_errors
+    errors = serialization.check_config(config) + metrics_errors(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)
         return EX_CONFIG
     queues = ", ".join(q.name for q in config_mod.effective_queues(config))
     print(f"{config.source}: OK")
-    print(f"  broker:    {mask_url(config.broker_url)}")
+    print(f"  broker:    {'; '.join(mask_url(u) for u in config.broker_urls)}")
     tls = for_url(config.broker_url, config["broker.tls"])
     if tls is not None:
         print(f"  tls:       {tls.describe()}")
     print(f"  queues:    {queues}")
     print(f"  consumes:  {', '.join(config.worker_queues()) or config['default_queue']}")
     print(f"  imports:   {', '.join(config['imports']) or '(none)'}")
+    print(f"  schedule:  {len(config['schedule'])} entr{'y' if len(config['schedule']) == 1 else 'ies'}"
+          + ("" if config["worker.beat"] else " (worker.beat: false: this worker never leads)"))
+    if len(config.broker_urls) > 1:
+        print(f"  failover:  {config['broker.failover']}; taskd's own queues: "
+              f"{config.system_queue_type}")
+        classic = [q.name for q in config_mod.effective_queues(config) if not q.quorum]
+        if classic:
+            print(f"  warning:   classic queue(s) {', '.join(classic)}: their messages live on "
+                  "one node and are out of reach while it is down (queue_type: quorum; "
+                  "docs/clusters.md)")
+    if args.offline:
+        return 0
+    return _check_nodes(config)
+
+
+def _check_nodes(config):
+    from .broker.probe import probe_all
+    reports = probe_all(config)
+    for i, report in enumerate(reports):
+        print(f"  {'nodes:' if i == 0 else '':10} {report.line()}")
+    answered = [r for r in reports if r.ok]
+    if not answered:
+        print(f"taskd check-config: no broker node answered ({len(reports)} tried)",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    return 0
+
+
+def cmd_schedule(args):
+    from . import periodic
+    config, code = _load(args)
+    if config is None:
+        return code
+    rows = periodic.upcoming(config["schedule"], args.next)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"{config.source}: no schedule: entries")
+    for row in rows if not args.json else ():
+        print(f"{row['name']}: {row['task']} {row['schedule']} (misfire: {row['misfire']})")
+        for at in row["next"]:
+            print(f"    {at}")
     return 0
 
 
@@ -260,6 +344,10 @@ def cmd_status(args):
         return EX_UNAVAILABLE
     print(json.dumps(state, indent=2, default=str) if args.json else control.format_status(state))
     return 0
+
+
+def cmd_remote(args):
+    return controlcli.run(args)
 
 
 def cmd_dead_letters(args):
@@ -327,5 +415,6 @@ def main(argv=None):
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
                "dead-letters": cmd_dead_letters, "status": cmd_status,
+               "schedule": cmd_schedule, "inspect": cmd_remote, "control": cmd_remote,
                "dashboard": cmd_dashboard}
     sys.exit(handler[args.command](args))

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from . import periodic
 from .broker import tls as tls_mod
+from .broker.nodes import Nodes, split_urls
 from .exceptions import ConfigError
 from .masking import mask_value
 # The table of settings lives in taskd.settings; these names are part of this module's
@@ -94,7 +96,25 @@ class Config:
 
     @property
     def broker_url(self):
-        return self.values["broker.url"]
+        """The first node's URL (:attr:`broker_urls` has them all)."""
+        return self.broker_urls[0]
+
+    @property
+    def broker_urls(self):
+        """The URLs of the broker's nodes (``broker.url``: one, a list, or ``;``-separated)."""
+        return split_urls(self.values["broker.url"])
+
+    def nodes(self):
+        """A new failover order over the broker's nodes (one per connection owner)."""
+        return Nodes(self.broker_urls, self.values["broker.failover"])
+
+    @property
+    def system_queue_type(self):
+        """``worker.system_queue_type`` resolved: ``auto`` is quorum for several nodes."""
+        kind = self.values["worker.system_queue_type"]
+        if kind == "auto":
+            return "quorum" if len(self.broker_urls) > 1 else "classic"
+        return kind
 
     def exchange(self, name):
         for ex in self.exchanges:
@@ -179,7 +199,7 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                 value = chk.value([top, sub], _BY_KEY[key], sub_raw)
                 if value is not None or sub_raw is None:
                     values[key] = value
-        elif top in ("exchanges", "queues", "routes"):
+        elif top in ("exchanges", "queues", "routes", "schedule"):
             continue
         elif top in _BY_KEY:
             value = chk.value([top], _BY_KEY[top], raw)
@@ -216,6 +236,7 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                                      queue_type=q.get("queue_type") or "classic",
                                      delivery_limit=q.get("delivery_limit")))
     routes = _routes(chk, data.get("routes"), exchange_names, {q.name for q in queue_specs})
+    values["schedule"] = periodic.parse_schedule(data.get("schedule"), chk.error, exchange_names)
     _cross_checks(chk, values, queue_specs)
     _check_duplicates(chk, exchanges, "exchanges")
     _check_duplicates(chk, queue_specs, "queues")
@@ -275,9 +296,11 @@ def _tls(chk, raw, url):
     if entry.get("key_password") and not entry.get("cert_file"):
         chk.error(["broker", "tls", "key_password"],
                   "is the password of the key of cert_file, which is not set")
-    problem = tls_mod.conflict(url, raw)
-    if problem:
-        chk.error(["broker", "tls"], problem)
+    for node_url in split_urls(url):
+        problem = tls_mod.conflict(node_url, raw)
+        if problem:
+            chk.error(["broker", "tls"], problem)
+            break
     if len(chk.errors) > errors:
         return None
     settings = tls_mod.TLSSettings(**{k: v for k, v in entry.items() if v is not None})

@@ -10,8 +10,9 @@ taskd keeps exactly three things per process, and only here:
   module never imports the app;
 * **the task registry**: task name -> task instance, for every task defined in
   this process (the worker's children look tasks up here);
-* **the running task's request**: per thread, what ``self.request`` returns
-  while a task runs in a worker's child.
+* **the running task's request**: per thread (and per asyncio task, for
+  ``async def`` tasks), what ``self.request`` returns while a task runs in a
+  worker's child.
 
 ``taskd.app``, ``taskd.task`` and ``taskd.result`` all import this module and
 none of them imports another for this state, so they form no import cycle.
@@ -24,6 +25,7 @@ remote exceptions (:func:`taskd.exceptions.dict_to_exception`, at most 256).
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any, Callable
 
@@ -35,6 +37,11 @@ registry: dict[str, Any] = {}
 
 #: ``request.value``: the Request of the task running in this thread, or None.
 request = threading.local()
+
+#: The Request of the ``async def`` task running in this asyncio task (each coroutine a
+#: child runs has its own); read before ``request``.
+async_request: contextvars.ContextVar[Any] = contextvars.ContextVar("taskd_request",
+                                                                    default=None)
 
 
 def set_app(app: Any) -> None:

@@ -56,7 +56,7 @@ def describe(props, body):
 def list_dead(config, queue=None, limit=LIST_LIMIT):
     """Yield a description of each dead letter, at most ``limit`` (None: all)."""
     queue = queue or config["worker.dead_letter_queue"]
-    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0, "taskd-admin",
+    conn = connect_blocking(config.broker_urls, config["broker.connect_timeout"], 0, "taskd-admin",
                             config["broker.tls"])
     try:
         channel = conn.channel()
@@ -72,7 +72,7 @@ def replay(config, queue=None, limit=None, task=None, to=None, message_id=None):
     ``task`` and ``message_id`` keep only the messages of that task name / task id.
     """
     queue = queue or config["worker.dead_letter_queue"]
-    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0, "taskd-admin",
+    conn = connect_blocking(config.broker_urls, config["broker.connect_timeout"], 0, "taskd-admin",
                             config["broker.tls"])
     replayed = skipped = 0
     try:

@@ -46,7 +46,10 @@ def mask_value(name, value):
     if is_secret(name):
         return MASK
     if str(name).endswith("url") and isinstance(value, str):
-        return mask_url(value)
+        from .broker.nodes import split_urls      # lazily: taskd.broker imports masking
+        return ";".join(mask_url(u) for u in split_urls(value)) or mask_url(value)
+    if str(name).endswith("url") and isinstance(value, (list, tuple)):
+        return [mask_url(u) if isinstance(u, str) else u for u in value]
     return value
 
 

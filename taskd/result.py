@@ -282,6 +282,18 @@ class AsyncResult:
 
     wait = get
 
+    def revoke(self, connection: Any = None, terminate: bool = False,
+               signal: str = "SIGTERM", wait: bool = False,
+               timeout: float | None = None) -> Any:
+        """Revoke the task: no worker runs it from now on (for ``worker.revoke_ttl``
+        seconds, also workers started later); with ``terminate``, the child running
+        it gets ``signal``. Its result becomes REVOKED. ``wait``: return the workers'
+        answers, collected for ``timeout`` seconds (default 1). See
+        ``app.control.revoke``."""
+        return self.app.control.revoke(self.id, connection=connection, terminate=terminate,
+                                       signal=signal or "SIGTERM", reply=wait,
+                                       timeout=timeout or 1.0)
+
     @property
     def state(self) -> str:
         meta = self._refresh()

@@ -53,6 +53,12 @@ def _number(minimum=0.0, allow_none=False):
     return check
 
 
+def _seconds_or_off(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        return None, "a number of seconds >= 0 (0: off)"
+    return float(v), None
+
+
 def _bool(v):
     return (v, None) if isinstance(v, bool) else (None, "true or false")
 
@@ -65,6 +71,15 @@ def _readable_file(v):
             return v, None
     except OSError as exc:
         return None, f"the path of a readable file ({exc.strerror})"
+
+
+def _urls(v):
+    """``broker.url``: one URL, ``;``-separated URLs, or a list of URLs."""
+    if isinstance(v, str) and v.strip(" ;"):
+        return v, None
+    if isinstance(v, list) and v and all(isinstance(i, str) and i.strip() for i in v):
+        return tuple(i.strip() for i in v), None
+    return None, "a URL, URLs separated by ';', or a list of URLs"
 
 
 def _choice(*choices):
@@ -80,6 +95,19 @@ def _regex(v):
         re.compile(v)
     except re.error as exc:
         return None, f"a regular expression ({exc})"
+    return v, None
+
+
+def _listen(v):
+    """``HOST:PORT`` to listen on (``[::1]:9808`` for IPv6), or null for off."""
+    expected = "HOST:PORT such as 127.0.0.1:9808, or null for off"
+    if v is None:
+        return None, None
+    if not isinstance(v, str):
+        return None, expected
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None, expected
     return v, None
 
 
@@ -137,8 +165,21 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("broker.url", _str, DEFAULT_BROKER_URL,
-            "AMQP URL of the RabbitMQ broker. `$TASKD_BROKER_URL` overrides it."),
+    Setting("broker.url", _urls, DEFAULT_BROKER_URL,
+            "AMQP URL of the RabbitMQ broker; for a cluster, a list of the nodes' URLs or "
+            "one string of URLs separated by `;` (`docs/clusters.md`). "
+            "`$TASKD_BROKER_URL` overrides it."),
+    # -- clusters (issue 18) --
+    Setting("broker.failover", _choice("round-robin", "shuffle"), "round-robin",
+            "Order in which the nodes of `broker.url` are tried: `round-robin` (as listed, "
+            "starting after the node that failed last) or `shuffle` (a random order per "
+            "process, to spread clients over the cluster). A lost node goes to the back."),
+    Setting("worker.system_queue_type", _choice("auto", "classic", "quorum"), "auto",
+            "Type of the queues taskd declares for itself (`worker.dead_letter_queue`, the "
+            "delay queues): `quorum` survives the loss of a cluster node; `auto` is "
+            "`quorum` when `broker.url` lists several nodes, else `classic`. Changing it "
+            "for existing queues needs them deleted first (`docs/clusters.md`)."),
+    # -- end clusters --
     Setting("broker.connect_timeout", _number(), 4.0,
             "Seconds to establish a connection (TCP and AMQP handshake) before giving up."),
     Setting("broker.heartbeat", _int(0), 60,
@@ -238,6 +279,70 @@ SETTINGS = (
             "reply-to."),
     Setting("worker.control_socket", _str, "/run/taskd/taskd.sock",
             "Unix socket `taskd status` talks to (mode 0600)."),
+    # -- periodic tasks (docs/periodic.md) --
+    Setting("schedule", None, {},
+            "Periodic tasks: entry name -> `{task, every | cron, timezone, args, kwargs, "
+            "options, misfire}` (see below; `docs/periodic.md`). `cron` needs the `cron` "
+            "extra."),
+    Setting("worker.beat", _bool, True,
+            "This worker may lead the `schedule:` (one worker leads at a time, elected "
+            "through RabbitMQ). A worker with no entries never leads."),
+    Setting("worker.beat_queue", _str, "taskd.beat",
+            "The queue that elects the leader (single active consumer) and keeps each "
+            "entry's position. Workers that share a schedule must share this name."),
+    # -- the node name (issue 16; the events and the remote control use it) --
+    Setting("worker.hostname", _str, None,
+            "The worker's node name (`-n` overrides), as Celery's `-n`: what `celery "
+            "inspect`, `taskd inspect` and monitors show, and what `-d/--destination` "
+            "picks, and the `hostname` of every event. `%h` is the host name, `%n` its first "
+            "label, `%d` its domain. Default: `taskd@%h`. Give each worker on one broker "
+            "its own. Read at start."),
+    # -- remote control and revoke (issue 16; docs/remote-control.md) --
+    Setting("worker.remote_control", _bool, True,
+            "Answer Celery's remote-control commands (`celery inspect`, `celery control`, "
+            "`taskd inspect`, `taskd control`) and honour revokes. Anyone who may publish "
+            "on the vhost can send them: see docs/remote-control.md. `false`: no control "
+            "queue, and revokes are not honoured."),
+    Setting("worker.control_exchange", _str, "celery",
+            "Name space of the remote-control exchanges, as Celery's `control_exchange`: "
+            "commands come on `<this>.pidbox` (fanout), replies go to `reply.<this>.pidbox`."),
+    Setting("worker.revoke_ttl", _number(), 10800.0,
+            "Seconds a revoke is honoured, also by workers started after it was sent (it "
+            "is kept in the broker, in `worker.revoke_stream`)."),
+    Setting("worker.revokes_max", _int(1), 50000,
+            "At most this many revoked task ids are kept in each worker (the oldest are "
+            "forgotten first), as Celery's `CELERY_WORKER_REVOKES_MAX`."),
+    Setting("worker.revoke_stream", _str, "taskd.revoked",
+            "RabbitMQ stream (`x-queue-type: stream`) that keeps revokes for "
+            "`worker.revoke_ttl`; each worker replays it at start. Clients and workers "
+            "must name the same one."),
+    # -- events and metrics (docs/monitoring.md) --
+    Setting("worker.send_events", _bool, False,
+            "Publish Celery events (task-received/started/succeeded/failed/retried/revoked/"
+            "rejected, worker-online/heartbeat/offline) to the `celeryev` exchange, for "
+            "Flower and celery-exporter (`-E` turns it on). Best effort, unconfirmed. Read "
+            "at start: a reload does not change it."),
+    Setting("metrics.listen", _listen, None,
+            "`HOST:PORT` where the supervisor serves `/metrics` (Prometheus text format; "
+            "needs the `metrics` extra) and `/healthz` (200 while consuming, else 503). "
+            "Default: off. Keep it on a private address: it has no authentication. Read at "
+            "start."),
+    # -- async def tasks and the test mode (docs/asyncio.md, docs/testing.md) --
+    Setting("worker.async_concurrency", _int(1), 1,
+            "Coroutines (`async def` tasks) each child runs at once on its event loop. The "
+            "worker's prefetch becomes concurrency x this x `prefetch_multiplier`. Above 1, "
+            "a plain `def` task in the same worker runs on the loop's thread and holds up "
+            "the coroutines while it runs: give such tasks their own worker."),
+    Setting("worker.async_block_warning", _seconds_or_off, 1.0,
+            "Log a warning naming the task when a coroutine keeps its child's event loop "
+            "this many seconds without awaiting (0: never)."),
+    Setting("task_always_eager", _bool, False,
+            "Client: run every task in the calling process instead of sending it (for "
+            "tests; `with app.testing():` does it for a block). The message is still "
+            "encoded, routed and decoded as it would be for a worker."),
+    Setting("task_eager_propagates", _bool, False,
+            "Client, in the test mode: a task that fails raises its exception from the "
+            "call itself (`delay`, `apply_async`) instead of only from `get()`."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
     # --- dashboard (taskd dashboard; docs/dashboard.md) ---------------------------
@@ -300,6 +405,26 @@ ITEM_SETTINGS = {
         Setting("server_hostname", _str, None,
                 "Name the broker's certificate must carry (and sent as SNI). Default: the "
                 "host of `broker.url`."),
+    ),
+    "schedule": (
+        Setting("task", _str, None, "Task name (required)."),
+        Setting("every", None, None,
+                "Seconds between runs (>= 1), at multiples of it since 1970-01-01 UTC. "
+                "Give `every` or `cron`, not both."),
+        Setting("cron", None, None,
+                "Five cron fields, `minute hour day-of-month month day-of-week`, read in "
+                "`timezone`, e.g. `\"*/5 * * * *\"`."),
+        Setting("timezone", None, "UTC",
+                "IANA time zone of `cron` (e.g. `Europe/Berlin`); DST-correct. No effect "
+                "on `every`."),
+        Setting("args", None, [], "Positional arguments (a list)."),
+        Setting("kwargs", None, {}, "Keyword arguments (a mapping)."),
+        Setting("options", None, {},
+                "`{queue, routing_key, exchange, expires, priority}` as in `apply_async`; "
+                "`expires` counts from the firing."),
+        Setting("misfire", None, "run_once",
+                "After a gap (no leader, or a late leader): `run_once` runs the latest "
+                "missed slot once; `skip` runs it only if at most 10 s late."),
     ),
     "routes": (
         Setting("exchange", _str, None, "Exchange to publish to."),

@@ -110,7 +110,8 @@ class Task:
     @property
     def request(self) -> Request:
         """The current message's :class:`Request` while the task runs in a worker."""
-        return getattr(_request, "value", None) or Request()
+        return (current.async_request.get() or getattr(_request, "value", None)
+                or Request())
 
     def __repr__(self):
         return f"<@task: {self.name}>"

@@ -115,6 +115,7 @@ class Topology:
         self.dead = self.name("dead")
         self.queues.add(self.dead)
         self.delay_prefix = self.name("delay")
+        self.node = f"taskd-{self.prefix.rstrip('.')}@test"     # the worker's node name
 
     def name(self, base):
         return self.prefix + base
@@ -141,6 +142,13 @@ class Topology:
         w = dict(data.get("worker", {}))
         w.update(worker)
         w.setdefault("concurrency", 2)
+        # Remote control: this test's own node name, control exchanges and revoke stream.
+        w.setdefault("hostname", self.node)
+        w.setdefault("control_exchange", self.prefix + "ctl")
+        w.setdefault("revoke_stream", self.name("revoked"))
+        self.queues.add(w["revoke_stream"])
+        self.exchanges.update((f"{w['control_exchange']}.pidbox",
+                               f"reply.{w['control_exchange']}.pidbox"))
         w["dead_letter_queue"] = self.dead
         w["delay_queue_prefix"] = self.delay_prefix
         if "queues" in w:

@@ -18,6 +18,7 @@ import pika.exceptions
 from ..exceptions import ConfigError, ConnectionError as TaskdConnectionError
 from ..masking import mask_url, scrub
 from . import tls as tls_mod
+from .nodes import split_urls
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ def describe_failure(url, exc, connect_timeout, tls=None):
         reason = str(inner) or type(inner).__name__
         if isinstance(inner, pika.exceptions.AMQPConnectionError) and inner.args:
             reason = str(inner.args[0]) or reason
+        cause = getattr(inner, "exception", None)      # pika's connector phase errors
+        if isinstance(cause, OSError):
+            reason = cause.strerror or str(cause) or type(cause).__name__
     if isinstance(exc, pika.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in reason:
         reason = "authentication failed (check the user and password in the broker URL)"
     if "timed out" in reason.lower() or "timeout" in reason.lower():
@@ -93,10 +97,48 @@ def describe_failure(url, exc, connect_timeout, tls=None):
     return f"cannot connect to the broker at {host}:{port}: {scrub(reason, url)}"
 
 
-def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd", tls=None):
-    """Open a pika BlockingConnection or raise taskd's ConnectionError."""
-    params = parameters(url, connect_timeout, heartbeat, name, tls)
-    try:
-        return pika.BlockingConnection(params)
-    except Exception as exc:
-        raise TaskdConnectionError(describe_failure(url, exc, connect_timeout, tls)) from None
+def describe_node(url):
+    """``host:port`` of a node's URL, for log lines (never a secret)."""
+    host, port = host_port(url)
+    return f"{host}:{port}"
+
+
+def all_failed(failures):
+    """One error for a connection attempt over every node: ``failures`` is a list of
+    (url, message); a single node keeps its own message."""
+    if len(failures) == 1:
+        return failures[0][1]
+    return (f"no broker node answered (tried {len(failures)}): "
+            + "; ".join(message for _url, message in failures))
+
+
+def connect_blocking(url, connect_timeout=4.0, heartbeat=60, name="taskd", tls=None,
+                     nodes=None):
+    """Open a pika BlockingConnection or raise taskd's ConnectionError.
+
+    ``url`` may name several nodes (a list, or ``;``-separated); they are tried in
+    the order of ``nodes`` (a :class:`~.nodes.Nodes`, which learns which node
+    answered or failed) or else as listed. The connection's ``taskd_url`` is the
+    URL of the node it reached."""
+    urls = nodes.order() if nodes is not None else split_urls(url)
+    failures = []
+    for node_url in urls:
+        params = parameters(node_url, connect_timeout, heartbeat, name, tls)
+        try:
+            connection = pika.BlockingConnection(params)
+        except Exception as exc:
+            message = describe_failure(node_url, exc, connect_timeout, tls)
+            failures.append((node_url, message))
+            if nodes is not None:
+                nodes.failed(node_url)
+            if len(urls) > 1:
+                log.warning("%s; trying the next node", message)
+            continue
+        if nodes is not None:
+            nodes.connected(node_url)
+        if failures:
+            log.warning("connected to the broker node %s after %d failed", describe_node(node_url),
+                        len(failures))
+        connection.taskd_url = node_url
+        return connection
+    raise TaskdConnectionError(all_failed(failures))

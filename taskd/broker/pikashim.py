@@ -120,6 +120,18 @@ def watch_channel(channel: pika.adapters.blocking_connection.BlockingChannel, *,
     impl.add_on_return_callback(on_return)
 
 
+def close_channel_nowait(channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+    """Send ``channel.close`` without waiting for the broker's close-ok, which
+    ``BlockingChannel.close()`` awaits with no time limit. The answer, if it comes, is
+    read by a later pump of the connection."""
+    impl = channel._impl
+    try:
+        if impl.is_open:
+            impl.close()
+    except (pika.exceptions.AMQPError, OSError):
+        pass
+
+
 def pump_until(connection: pika.BlockingConnection, timeout: float,
                *conditions: Callable[[], bool]) -> None:
     """Run ``connection``'s I/O until its output is flushed and one of ``conditions``

@@ -57,6 +57,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NACKED = "the broker refused it (basic.nack)"
+
+
+class Nacked(PublishError):
+    """The broker refused the publish (basic.nack): it did not take the message, so it
+    is sent again, on a new channel (see :meth:`Publisher.open_channel`)."""
+
 
 class Confirms:
     """The ledger of one publisher's confirms: publishes awaiting theirs, and the tasks
@@ -67,6 +74,7 @@ class Confirms:
         self.failed = []                # (task id, reason) not taken by the broker
         self.returned = {}              # task id -> why, from its basic.return
         self.seq = 0                    # the channel's last publish sequence number
+        self.nacked = False             # a nack came on this channel: publish on a new one
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -89,7 +97,8 @@ class Confirms:
 
     def _settle(self, task_id, ok):
         if not ok:
-            self.failed.append((task_id, "the broker refused it (basic.nack)"))
+            self.nacked = True
+            self.failed.append((task_id, NACKED))
         elif task_id in self.returned:
             self.failed.append((task_id, self.returned.pop(task_id)))
 
@@ -109,6 +118,7 @@ class Confirms:
         self.returned.clear()       # returns whose confirm will never come
         if channel_closed:
             self.seq = 0            # a new channel numbers its publishes from 1
+            self.nacked = False
 
     def give_up(self) -> list[str]:
         """Forget what is pending (a late confirm or return then settles nothing);
@@ -141,6 +151,7 @@ class Publisher:
         self.connect_timeout = connect_timeout if connect_timeout is not None else \
             app.config["broker.connect_timeout"]
         self._owns_connection = connection is None
+        self.nodes = app.config.nodes()    # failover order over broker.url's nodes
         self.connection = connection
         self.channel = None
         self.window = window            # 0: wait for each confirm
@@ -148,6 +159,7 @@ class Publisher:
         self.confirms = Confirms()
         self._close_reason = None      # why the broker closed our channel, when it did
         self._blocked = None           # why the broker blocks our connection, while it does
+        self._written = None           # task id of the last publish written to the socket
 
     # -- life cycle ---------------------------------------------------------
     def open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
@@ -157,23 +169,49 @@ class Publisher:
             if not self._owns_connection:
                 raise TaskdConnectionError("the connection passed to taskd is closed")
             self.connection = connect_blocking(
-                self.app.config.broker_url, self.connect_timeout,
+                self.app.config.broker_urls, self.connect_timeout,
                 self.app.config["broker.heartbeat"], name="taskd-client",
-                tls=self.app.config["broker.tls"])
+                tls=self.app.config["broker.tls"], nodes=self.nodes)
             self.channel, self._declared, self._blocked = None, set(), None
             self.connection.add_on_connection_blocked_callback(self._on_blocked)
             self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        if self.confirms.nacked and self.channel is not None:
+            self._renew_channel()
         if self.channel is None or not self.channel.is_open:
             self.confirms.lost("its channel closed", channel_closed=True)
-            self.channel = self.connection.channel()
+            self.channel = channel = self.connection.channel()
             self._close_reason = None
             selected = []
-            pikashim.watch_channel(self.channel, on_confirm=self.confirms.on_confirm,
-                                   on_return=self.confirms.on_return,
-                                   on_close=self._on_channel_closed, on_selected=selected.append)
+
+            def current(handler):
+                # a channel given up (_drop_channel) settles and closes nothing any more
+                return lambda *args: handler(*args) if self.channel is channel else None
+            pikashim.watch_channel(channel, on_confirm=current(self.confirms.on_confirm),
+                                   on_return=current(self.confirms.on_return),
+                                   on_close=current(self._on_channel_closed),
+                                   on_selected=selected.append)
             self._pump_until(lambda: selected, "confirm.select")
             self._declared = set()
         return self.channel
+
+    def _renew_channel(self):
+        """The broker nacked a publish on this channel: go on with a new one. Right after
+        a cluster node's loss, a channel that published to a quorum queue before its new
+        leader was elected can stay refused for 40 s and more while a new channel on the
+        same connection is taken at once (docs/clusters.md). Publishes still awaiting
+        their confirm on the old channel are awaited first."""
+        if self.confirms and self.connection is not None and self.connection.is_open:
+            self._pump_until(lambda: not self.confirms, "publishes before a new channel")
+        log.warning("the broker refused a publish (basic.nack); publishing on a new channel")
+        self._drop_channel()
+
+    def _drop_channel(self):
+        """Go on without the current channel: from now on its confirms, returns and close
+        are ignored, and its close is sent without waiting for the broker's answer (a
+        connection that stopped answering must not hang the caller)."""
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            pikashim.close_channel_nowait(channel)
 
     def _pump_until(self, predicate, what):
         """Run the connection's I/O until ``predicate()`` is true (bounded). If the
@@ -191,6 +229,7 @@ class Publisher:
             # No confirm within CONFIRM_TIMEOUT: the broker may or may not have the
             # messages. Forget them, so nothing stale is left, and name every one.
             unknown = self.confirms.give_up()
+            self._drop_channel()    # the next send starts on a new channel
             blocked = f" (the broker blocks this connection: {self._blocked})" if self._blocked else ""
             raise ConfirmTimeout(
                 f"no answer from the broker to {what} within {self.CONFIRM_TIMEOUT:g}s"
@@ -295,6 +334,14 @@ class Publisher:
             try:
                 return self._publish_once(message, route, bool(options.mandatory),
                                           bool(options.immediate), reply)
+            except Nacked as exc:
+                # not taken: sent again on a new channel (open_channel renews it)
+                if attempt + 1 >= attempts:
+                    raise
+                pause = min(policy["interval_max"],
+                            policy["interval_start"] + (attempt + 1) * policy["interval_step"])
+                log.warning("%s; sending it again on a new channel in %.1fs", exc, pause)
+                time.sleep(pause)
             except (*CONNECTION_ERRORS, pika.exceptions.AMQPChannelError,
                     TaskdConnectionError) as exc:
                 self.confirms.lost(f"the connection failed ({exc})")
@@ -302,6 +349,7 @@ class Publisher:
                 self.confirms.take_failures(message.task_id)
                 self.channel = None
                 if self._owns_connection and self.connection is not None:
+                    self.nodes.failed(getattr(self.connection, "taskd_url", None))
                     try:
                         self.connection.close()
                     except Exception:
@@ -313,8 +361,11 @@ class Publisher:
                     ) from None
                 pause = min(policy["interval_max"],
                             policy["interval_start"] + attempt * policy["interval_step"])
-                log.warning("publish of task %s failed (%s); trying again in %.1fs",
-                            message.task_id, exc, pause)
+                log.warning("publish of task %s failed (%s); trying again in %.1fs%s",
+                            message.task_id, exc, pause,
+                            " (it was written before the connection failed: if the broker "
+                            "had taken it, the task runs twice; broker.publish_retries: 0 "
+                            "raises instead)" if self._written == message.task_id else "")
                 time.sleep(pause)
 
     def _publish_once(self, message, route, mandatory, immediate, reply):
@@ -341,9 +392,11 @@ class Publisher:
         )
         # Register before publishing: pika may read the confirm while it writes.
         seq = self.confirms.add(message.task_id)
+        self._written = None
         try:
             channel.basic_publish(route.exchange, route.routing_key, message.body,
                                   properties, mandatory=mandatory)
+            self._written = message.task_id     # the broker may have it from now on
         except pika.exceptions.ChannelClosedByBroker as exc:
             self.confirms.pending.pop(seq, None)
             self.channel = None
@@ -371,6 +424,8 @@ class Publisher:
         if "NOT_FOUND - no exchange" in why:
             why = why.removeprefix("no confirm: the broker closed the channel: ")
             raise UnroutableError(f"task {message.task_name}[{message.task_id}] not sent: {why}")
+        if why == NACKED:
+            raise Nacked(f"task {message.task_id} was not sent: {why}", [message.task_id])
         raise PublishError(f"task {message.task_id} was not sent: {why}", [message.task_id])
 
     def _check_consumers(self, message, route):

@@ -67,8 +67,16 @@ def plan(config: Config, queue_names=None) -> list:
     return _unique(ops + plan_queues(config, queues))
 
 
-def dead_letter_plan(name) -> list:
-    return [DeclareQueue(name, True, ())]
+def system_queue_arguments(queue_type) -> dict:
+    """Arguments of a queue taskd declares for itself (``worker.system_queue_type``,
+    resolved): none for a classic queue; a quorum queue survives the loss of the node
+    it was declared on, where a classic durable queue cannot even be declared again
+    (404 "home node ... is down")."""
+    return {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+
+
+def dead_letter_plan(name, queue_type="classic") -> list:
+    return [DeclareQueue(name, True, tuple(sorted(system_queue_arguments(queue_type).items())))]
 
 
 def _unique(ops):

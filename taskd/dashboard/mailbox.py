@@ -1,6 +1,7 @@
 """Remote control over Celery's mailbox (``celery.pidbox``), as ``celery inspect`` speaks it.
 
-A command is a JSON message on the ``celery.pidbox`` fanout exchange::
+A command is a JSON message on the ``celery.pidbox`` fanout exchange (``<ns>.pidbox``
+with ``worker.control_exchange`` as ``<ns>``)::
 
     {"method": "pool_grow", "arguments": {"n": 1}, "destination": ["w1@host"],
      "pattern": null, "matcher": null, "ticket": "<uuid>",
@@ -23,8 +24,7 @@ import pika
 
 from ..broker.connection import connect_blocking
 
-EXCHANGE = "celery.pidbox"
-REPLY_EXCHANGE = "reply.celery.pidbox"
+NAMESPACE = "celery"            # worker.control_exchange, Celery's default
 #: Commands the dashboard sends; anything else is refused before it reaches a worker.
 ACTIONS = ("pool_grow", "pool_shrink", "add_consumer", "cancel_consumer", "revoke")
 READS = ("ping", "stats", "active_queues", "active", "scheduled", "reserved", "revoked")
@@ -35,6 +35,8 @@ class Mailbox:
 
     def __init__(self, config, timeout: float = 2.0):
         self.config, self.timeout = config, timeout
+        namespace = config.values.get("worker.control_exchange") or NAMESPACE
+        self.exchange, self.reply_exchange = f"{namespace}.pidbox", f"reply.{namespace}.pidbox"
         self.oid = str(uuid.uuid4())
         self._conn = self._channel = None
         self._queue = None
@@ -44,12 +46,12 @@ class Mailbox:
         self._conn = connect_blocking(c.broker_url, c["broker.connect_timeout"], 0,
                                       "taskd-dashboard-mailbox", c["broker.tls"])
         ch = self._channel = self._conn.channel()
-        ch.exchange_declare(EXCHANGE, "fanout", durable=False)
-        ch.exchange_declare(REPLY_EXCHANGE, "direct", durable=False)
-        self._queue = f"{self.oid}.{REPLY_EXCHANGE}"
+        ch.exchange_declare(self.exchange, "fanout", durable=False)
+        ch.exchange_declare(self.reply_exchange, "direct", durable=False)
+        self._queue = f"{self.oid}.{self.reply_exchange}"
         ch.queue_declare(self._queue, exclusive=True,   # deleted with the connection
                          arguments={"x-expires": 10_000})
-        ch.queue_bind(self._queue, REPLY_EXCHANGE, routing_key=self.oid)
+        ch.queue_bind(self._queue, self.reply_exchange, routing_key=self.oid)
         return self
 
     def __exit__(self, *exc):
@@ -67,8 +69,8 @@ class Mailbox:
         ticket = str(uuid.uuid4())
         body = {"method": method, "arguments": arguments or {}, "destination": destination,
                 "pattern": None, "matcher": None, "ticket": ticket,
-                "reply_to": {"exchange": REPLY_EXCHANGE, "routing_key": self.oid}}
-        self._channel.basic_publish(EXCHANGE, "", json.dumps(body), pika.BasicProperties(
+                "reply_to": {"exchange": self.reply_exchange, "routing_key": self.oid}}
+        self._channel.basic_publish(self.exchange, "", json.dumps(body), pika.BasicProperties(
             content_type="application/json", content_encoding="utf-8", delivery_mode=1,
             headers={"clock": 1, "expires": time.time() + self.timeout}))
         return self._collect(ticket, limit)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from ..broker.connection import describe_failure, parameters
+from ..broker.connection import all_failed, describe_failure, describe_node, parameters
 from ..exceptions import ConnectionError as TaskdConnectionError
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ def max_message_size(reason: Any) -> int:
 class AsyncChannel:
     def __init__(self, loop: asyncio.AbstractEventLoop, url: str, *, connect_timeout: float,
                  heartbeat: Optional[int], name: str, on_lost: Callable[[Any], None],
-                 on_return: Optional[Callable] = None, tls: Any = None) -> None:
+                 on_return: Optional[Callable] = None, tls: Any = None,
+                 nodes: Any = None) -> None:
         self.loop, self.url, self.tls = loop, url, tls
+        self.nodes = nodes              # a broker.nodes.Nodes: the nodes to try, in order
         self.connect_timeout, self.heartbeat, self.name = connect_timeout, heartbeat, name
         self.on_lost = on_lost          # called with (reason) on an unexpected close
         self.on_return = on_return      # called with (method, properties) of a returned copy
@@ -88,11 +90,39 @@ class AsyncChannel:
         self._publish_seq = 0
         self._close_reason = None       # why the broker closed the channel, if it did
         self._drained = []              # futures resolved once no confirm is awaited
+        self._retired = {}              # channel number -> (channel, its confirms): replaced
+                                        # after a nack, closed once its confirms are in
+        self._renewing = False
 
     # -- opening ------------------------------------------------------------
     async def open(self) -> Any:
+        """Connect to the first node that answers (``nodes``' order) and open the channel."""
+        urls = self.nodes.order() if self.nodes is not None else [self.url]
+        failures = []
+        for url in urls:
+            try:
+                await self._connect(url)
+            except TaskdConnectionError as exc:
+                failures.append((url, str(exc)))
+                if self.nodes is not None:
+                    self.nodes.failed(url)
+                if len(urls) > 1:
+                    log.warning("%s: %s; trying the next node", self.name, exc)
+                continue
+            self.url = url
+            if self.nodes is not None:
+                self.nodes.connected(url)
+                where = self.nodes.position(url)
+                if where:
+                    log.info("%s: connected to %s (%s)", self.name, describe_node(url), where)
+            break
+        else:
+            raise TaskdConnectionError(all_failed(failures))
+        return await self._open_channel()
+
+    async def _connect(self, url: str) -> None:
         opened = self.loop.create_future()
-        params = parameters(self.url, self.connect_timeout, self.heartbeat, self.name, self.tls)
+        params = parameters(url, self.connect_timeout, self.heartbeat, self.name, self.tls)
 
         def on_open(connection: Any) -> None:
             if not opened.done():
@@ -101,13 +131,15 @@ class AsyncChannel:
         def on_open_error(connection: Any, exc: BaseException) -> None:
             if not opened.done():
                 opened.set_exception(TaskdConnectionError(
-                    describe_failure(self.url, exc, self.connect_timeout, self.tls)))
+                    describe_failure(url, exc, self.connect_timeout, self.tls)))
 
         self.closing = False
         self._close_reason = None
         self.connection = AsyncioConnection(params, on_open, on_open_error, self._on_closed,
                                             custom_ioloop=self.loop)
         await opened
+
+    async def _open_channel(self) -> Any:
         self.connection.add_on_connection_blocked_callback(self._on_blocked)
         self.connection.add_on_connection_unblocked_callback(self._on_unblocked)
         channel_ready = self.loop.create_future()
@@ -130,6 +162,45 @@ class AsyncChannel:
         self._publish_seq = 0
         self._confirms.clear()
         self._returned.clear()
+        self._retired.clear()
+
+    async def _renew(self) -> None:
+        """A publish was nacked: publish on a new channel of the same connection from now
+        on. Right after a cluster node's loss, a channel that published to a quorum queue
+        before its new leader was elected can stay refused for 40 s and more, while a new
+        channel is taken at once (docs/clusters.md). The old channel stays open until the
+        confirms it owes have come, then closes."""
+        old = self.channel
+        try:
+            ready = self.loop.create_future()
+            self._pending.add(ready)
+            self.connection.channel(
+                on_open_callback=lambda ch: ready.done() or ready.set_result(ch))
+            try:
+                channel = await asyncio.wait_for(ready, CALL_TIMEOUT)
+            finally:
+                self._pending.discard(ready)
+            await self.call(channel.confirm_delivery, ack_nack_callback=self._on_confirm)
+        except (ChannelLost, asyncio.TimeoutError, pika.exceptions.AMQPError):
+            return          # the connection is going: a reconnect opens a new channel anyway
+        finally:
+            self._renewing = False
+        if self.channel is not old or old is None:
+            return          # the connection was replaced meanwhile
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        self._retired[old.channel_number] = (old, self._confirms)
+        self.channel, self._confirms, self._publish_seq = channel, {}, 0
+        log.warning("%s: the broker refused a publish (basic.nack); publishing on a new "
+                    "channel (%d) from now on", self.name, channel.channel_number)
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        for number, (channel, confirms) in list(self._retired.items()):
+            if not confirms:
+                del self._retired[number]
+                if channel.is_open:
+                    channel.close()
 
     # -- calls ----------------------------------------------------------------
     def call(self, method: Callable, *args: Any, timeout: float = CALL_TIMEOUT,
@@ -190,29 +261,36 @@ class AsyncChannel:
         method = frame.method
         ok = isinstance(method, pika.spec.Basic.Ack)
         tag = method.delivery_tag
+        retired = self._retired.get(frame.channel_number)
+        confirms = retired[1] if retired is not None else self._confirms
         if method.multiple:
-            done = [seq for seq in self._confirms if seq <= tag]
+            done = [seq for seq in confirms if seq <= tag]
         else:
-            done = [tag] if tag in self._confirms else []
+            done = [tag] if tag in confirms else []
         for seq in done:
-            callback, message_id = self._confirms.pop(seq)
+            callback, message_id = confirms.pop(seq)
             returned = message_id is not None and message_id in self._returned
             self._returned.discard(message_id)
             callback(ok and not returned)
-        if self._drained and not self._confirms:
+        if retired is not None:
+            self._close_retired()
+        elif not ok and not self._renewing and self.channel is not None:
+            self._renewing = True
+            self.loop.create_task(self._renew())
+        if self._drained and not self.unconfirmed:
             self._resolve_drained()
 
     @property
     def unconfirmed(self) -> int:
         """Publishes whose confirm has not come yet."""
-        return len(self._confirms)
+        return len(self._confirms) + sum(len(c) for _ch, c in self._retired.values())
 
     def all_confirmed(self) -> asyncio.Future:
         """A future resolved once no confirm is awaited (at once if none is): each
         publish confirmed, refused, or failed with the connection."""
         future = self.loop.create_future()
         self._drained.append(future)
-        if not self._confirms:
+        if not self.unconfirmed:
             self._resolve_drained()
         return future
 
@@ -232,14 +310,23 @@ class AsyncChannel:
             if not future.done():
                 future.set_exception(ChannelLost(text, reason))
         self._pending.clear()
-        confirms, self._confirms = self._confirms, {}
+        ledgers = [self._confirms] + [c for _ch, c in self._retired.values()]
+        self._confirms, self._retired = {}, {}
         self._returned.clear()
-        for callback, _ in confirms.values():
-            callback(None)   # None: unknown, the connection went away
-        if not self._confirms:
-            self._resolve_drained()
+        for confirms in ledgers:
+            for callback, _ in confirms.values():
+                callback(None)   # None: unknown, the connection went away
+        self._resolve_drained()
 
     def _on_channel_closed(self, channel: Any, reason: Any) -> None:
+        if self.channel is not None and channel is not self.channel:
+            # a channel replaced after a nack: closed by us once drained, or by the broker
+            _old, confirms = self._retired.pop(channel.channel_number, (None, {}))
+            for callback, _ in confirms.values():
+                callback(None)
+            if self._drained and not self.unconfirmed:
+                self._resolve_drained()
+            return
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker):
             self._close_reason = reason
         self._fail_pending(f"channel closed: {reason}", reason)
@@ -251,6 +338,8 @@ class AsyncChannel:
         self._fail_pending(f"connection closed: {reason}", reason)
         self.channel = None
         if not self.closing:
+            if self.nodes is not None:
+                self.nodes.failed(self.url)     # reconnect to the next node first
             self.on_lost(self._close_reason or reason)
 
     def _on_blocked(self, connection: Any, frame: Any) -> None:

@@ -34,13 +34,13 @@ import sys
 import time
 import traceback
 from datetime import datetime, timedelta, timezone
-from typing import Any, Container, Iterable, NoReturn
+from typing import Any, Container, Iterable, NoReturn, Optional
 
 from setproctitle import setproctitle
 
-from .. import protocol, task as task_mod
+from .. import protocol, signals, task as task_mod
 from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
-from . import framing
+from . import aiochild, framing
 from .framing import ImportFailed, Outcome, Ready, RetryMessage
 
 log = logging.getLogger("taskd.child")
@@ -103,7 +103,7 @@ def memory_used(process: Any, limit: int) -> int:
 
 
 def main(index: int, read_fd: int, write_fd: int, imports: Iterable[str], memory_limit: int,
-         parent: int) -> NoReturn:
+         parent: int, async_concurrency: int = 1, block_warning: float = 1.0) -> NoReturn:
     """Entry point after fork; never returns."""
     code = 0
     try:
@@ -121,10 +121,18 @@ def main(index: int, read_fd: int, write_fd: int, imports: Iterable[str], memory
             framing.write_all(write_fd, framing.encode_record(ImportFailed(message,
                                                                    traceback.format_exc())))
             os._exit(EXIT_IMPORT_FAILED)
+        if async_concurrency > 1 or any(map(aiochild.is_async, task_mod.registry.values())):
+            aiochild.loop()     # before the hook, so that it can bind clients to this loop
+        signals.worker_process_init.send(sender=None)
         limits = {name: (t.time_limit, t.soft_time_limit) for name, t in task_mod.registry.items()}
         framing.write_all(write_fd, framing.encode_record(Ready(os.getpid(), limits)))
         setproctitle(f"taskd: child {index} idle")
-        _serve(index, read_fd, write_fd, memory_limit)
+        aiochild.configure(block_warning)
+        if async_concurrency > 1:
+            aiochild.serve(index, read_fd, write_fd, memory_limit, async_concurrency)
+        else:
+            _serve(index, read_fd, write_fd, memory_limit)
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
     except BaseException:  # anything escaping is a bug: say so, then exit non-zero
         traceback.print_exc()
         code = 1
@@ -135,72 +143,135 @@ def main(index: int, read_fd: int, write_fd: int, imports: Iterable[str], memory
 
 
 def _serve(index: int, read_fd: int, write_fd: int, memory_limit: int) -> None:
-    process = None
-    if memory_limit:
-        import psutil
-        process = psutil.Process()
+    process = memory_probe(memory_limit)
     for frame in framing.iter_frames(read_fd):   # ends when the supervisor closes the pipe
         job = framing.job(frame)
         setproctitle(f"taskd: child {index} {job.name}")
         started = time.monotonic()
-        status, body, content_type, encoding, error, retry = run_job(
-            job.task_id, job.name, job.args, job.kwargs, job.meta)
-        runtime = time.monotonic() - started
-        rss = memory_used(process, memory_limit) if process is not None else 0
-        framing.write_all(write_fd, framing.encode_record(Outcome(
-            job.seq, status, body, content_type, encoding, runtime, rss, error, retry)))
+        outcome = run_job(job.task_id, job.name, job.args, job.kwargs, job.meta)
+        report(write_fd, job, outcome, started, process, memory_limit)
         setproctitle(f"taskd: child {index} idle")
+
+
+def memory_probe(memory_limit: int) -> Any:
+    """The psutil process to measure after each task, or None without a memory limit."""
+    if not memory_limit:
+        return None
+    import psutil
+    return psutil.Process()
+
+
+def report(write_fd: int, job: framing.Job, outcome: tuple, started: float, process: Any,
+           memory_limit: int) -> None:
+    """Write ``job``'s outcome (what :func:`run_job` returned) up the pipe."""
+    framing.write_all(write_fd, outcome_frame(job, outcome, started, process, memory_limit))
+
+
+def outcome_frame(job: framing.Job, outcome: tuple, started: float, process: Any,
+                  memory_limit: int) -> bytes:
+    """The frame of ``job``'s outcome, with its runtime and the child's memory."""
+    status, body, content_type, encoding, error, retry = outcome
+    runtime = time.monotonic() - started
+    rss = memory_used(process, memory_limit) if process is not None else 0
+    return framing.encode_record(Outcome(job.seq, status, body, content_type, encoding,
+                                         runtime, rss, error, retry))
 
 
 def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tuple:
     """Run one task; returns ``(status, result_body, content_type, encoding, error, retry)``.
 
     ``retry`` is None, or the :class:`~taskd.worker.framing.RetryMessage` of a
-    retried task.
+    retried task. An ``async def`` task runs on this child's event loop
+    (:mod:`taskd.worker.aiochild`).
     """
-    serializer = meta.get("serializer", "json")
     task = task_mod.registry.get(name)
+    if task is not None and aiochild.is_async(task):
+        return aiochild.run_alone(task, task_id, name, args, kwargs, meta)
     soft = meta.get("soft_time_limit")
-    parent_id = meta.get("parent_id")
     try:
-        if task is None:
-            raise NotRegistered(f"task {name!r} is not registered in this worker "
-                                "(is its module listed under imports:?)")
-        task_mod._request.value = task_mod.Request(
-            id=task_id, args=args, kwargs=kwargs, **meta.get("request", {}))
-        if soft:
-            signal.setitimer(signal.ITIMER_REAL, soft)
         try:
-            value = task.run(*args, **kwargs)
-        except Exception as exc:
-            if task.autoretry_for and isinstance(exc, tuple(task.autoretry_for)) \
-                    and not isinstance(exc, Retry):
-                raise task.retry(exc=exc, countdown=task.backoff_delay(task.request.retries))
-            raise
-        finally:
+            task_mod._request.value = begin(task, task_id, name, args, kwargs, meta)
             if soft:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-    except Retry as retry:
-        message = _retry_message(task, task_id, name, args, kwargs, meta, retry)
-        cause = retry.exc if retry.exc is not None else retry
+                signal.setitimer(signal.ITIMER_REAL, soft)
+            try:
+                value = task.run(*args, **kwargs)
+            finally:
+                if soft:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        except Exception as exc:
+            return finish(task, task_id, name, args, kwargs, meta, exc=autoretried(task, exc))
+        return finish(task, task_id, name, args, kwargs, meta, value=value)
+    finally:
+        task_mod._request.value = None
+
+
+def begin(task: Any, task_id: str, name: str, args: Any, kwargs: Any,
+          meta: dict) -> task_mod.Request:
+    """The request ``task`` is to run with (NotRegistered if there is no task); sends
+    ``task_prerun``."""
+    if task is None:
+        raise NotRegistered(f"task {name!r} is not registered in this worker "
+                            "(is its module listed under imports:?)")
+    request = task_mod.Request(id=task_id, args=args, kwargs=kwargs, **meta.get("request", {}))
+    signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
+    return request
+
+
+def autoretried(task: Any, exc: Exception) -> Exception:
+    """``exc``, or the Retry that ``autoretry_for`` turns it into (or what ``retry``
+    raises past ``max_retries``). Call it while the task's request is current."""
+    if task is None or isinstance(exc, Retry) or not task.autoretry_for \
+            or not isinstance(exc, tuple(task.autoretry_for)):
+        return exc
+    try:
+        raise task.retry(exc=exc, countdown=task.backoff_delay(task.request.retries))
+    except Exception as retry:
+        return retry
+
+
+_UNSET: Any = object()
+
+
+def finish(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,
+           value: Any = _UNSET, exc: Optional[Exception] = None) -> tuple:
+    """The outcome of a task that returned ``value`` or raised ``exc`` (see
+    :func:`run_job`); sends the task's signals. Call it while its request is current."""
+    serializer = meta.get("serializer", "json")
+    parent_id = meta.get("parent_id")
+    retry = None
+    if isinstance(exc, Retry):
+        retry = _retry_message(task, task_id, name, args, kwargs, meta, exc)
+        cause = exc.exc if exc.exc is not None else exc
         log.info("task %s[%s] retrying (%d) in %s: %r", name, task_id,
-                 message.retries, retry.when, cause)
+                 retry.retries, exc.when, cause)
         status, body, ctype, enc = protocol.encode_result(
             task_id, protocol.RETRY, cause, protocol.format_traceback(cause),
             serializer=serializer, parent_id=parent_id)
-        return protocol.RETRY, body, ctype, enc, f"retry: {cause!r}", message
-    except Exception as exc:
+        status, error, retval = protocol.RETRY, f"retry: {cause!r}", cause
+        signals.task_retry.send(sender=task, request=task.request, reason=cause,
+                                einfo=protocol.format_traceback(cause))
+    elif exc is not None:
         log.error("task %s[%s] raised %s: %s", name, task_id, type(exc).__name__, exc)
+        formatted = protocol.format_traceback(exc)
         status, body, ctype, enc = protocol.encode_result(
-            task_id, protocol.FAILURE, exc, protocol.format_traceback(exc),
-            serializer=serializer, parent_id=parent_id)
-        return status, body, ctype, enc, f"{type(exc).__name__}: {exc}", None
-    finally:
-        task_mod._request.value = None
-    status, body, ctype, enc = protocol.encode_result(
-        task_id, protocol.SUCCESS, value, serializer=serializer, parent_id=parent_id)
-    error = None if status == protocol.SUCCESS else "result not encodable"
-    return status, body, ctype, enc, error, None
+            task_id, protocol.FAILURE, exc, formatted, serializer=serializer,
+            parent_id=parent_id)
+        error, retval = f"{type(exc).__name__}: {exc}", exc
+        if task is not None:
+            signals.task_failure.send(sender=task, task_id=task_id, exception=exc, args=args,
+                                      kwargs=kwargs, traceback=exc.__traceback__,
+                                      einfo=formatted)
+    else:
+        status, body, ctype, enc = protocol.encode_result(
+            task_id, protocol.SUCCESS, value, serializer=serializer, parent_id=parent_id)
+        error = None if status == protocol.SUCCESS else "result not encodable"
+        retval = value
+        if status == protocol.SUCCESS:
+            signals.task_success.send(sender=task, result=value)
+    if task is not None:
+        signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args,
+                                  kwargs=kwargs, retval=retval, state=status)
+    return status, body, ctype, enc, error, retry
 
 
 def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,

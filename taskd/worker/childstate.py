@@ -3,6 +3,11 @@
 States: ``starting`` (importing the task modules), ``idle``, ``busy``,
 ``retiring`` (its job pipe is closed, or will be after its current job: it
 exits once done) and ``dead`` (reaped).
+
+A child runs up to ``slots`` jobs at once: 1, or ``worker.async_concurrency``
+for a child that runs coroutines. ``running`` holds them in the order they
+started (the child starts them in the order they came down its pipe), each
+with the time it started; ``queued`` the jobs sent in advance.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import collections
 import os
 import signal
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from . import framing
 
@@ -19,25 +24,50 @@ STARTING, IDLE, BUSY, RETIRING, DEAD = "starting", "idle", "busy", "retiring", "
 
 class Child:
     __slots__ = ("index", "pid", "generation", "to_child", "from_child", "reader", "writer",
-                 "state", "job", "queued", "tasks_done", "started_at", "job_started", "rss",
+                 "state", "running", "slots", "queued", "tasks_done", "started_at", "rss",
                  "exit_status", "fault", "trial")
 
     def __init__(self, index: int, pid: int, generation: int, to_child: Optional[int],
-                 from_child: Optional[int], max_frame: int = framing.MAX_FRAME) -> None:
+                 from_child: Optional[int], max_frame: int = framing.MAX_FRAME,
+                 slots: int = 1) -> None:
         self.index, self.pid, self.generation = index, pid, generation
         self.to_child, self.from_child = to_child, from_child
         self.reader = framing.FrameReader(max_frame)
         self.writer = framing.FrameWriter(to_child) if to_child is not None else None
         self.state = STARTING
-        self.job = None                    # the job it is running
+        self.running: dict = {}            # job -> when it started, oldest first
+        self.slots = slots                 # jobs it runs at once
         self.queued = collections.deque()  # jobs sent in advance (worker.child_prefetch)
         self.tasks_done = 0
         self.started_at = time.monotonic()
-        self.job_started = None
         self.rss = 0                       # memory it reported: RSS, or USS over the limit
         self.exit_status = None
         self.fault = None                  # why the pool killed it, if it did
         self.trial = None                  # a reload's first child: future of its start
+
+    @property
+    def job(self) -> Any:
+        """The oldest job it is running, or None."""
+        return next(iter(self.running), None)
+
+    @job.setter
+    def job(self, job: Any) -> None:
+        self.running = {} if job is None else {job: time.monotonic()}
+
+    @property
+    def job_started(self) -> Optional[float]:
+        """When its oldest running job started (monotonic), or None."""
+        return next(iter(self.running.values()), None)
+
+    def running_job(self, seq: Any) -> Any:
+        """The running job an outcome is for: the only one, else the one with that
+        ``seq`` (None if there is none)."""
+        if len(self.running) == 1:
+            return self.job
+        for job in self.running:
+            if getattr(job, "seq", None) == seq:
+                return job
+        return None
 
     def __repr__(self) -> str:
         return f"<child {self.index} pid={self.pid} {self.state}>"

@@ -4,7 +4,7 @@ One :class:`Consumer` lives as long as the supervisor; each (re)connection
 opens a new consuming channel in :meth:`Consumer.open`, which declares the
 worker's topology, sets the prefetch and consumes every queue
 (:class:`~taskd.worker.consumers.Consumers` keeps the tags and answers broker
-cancels). The prefetch is ``base`` (concurrency times the prefetch multiplier)
+cancels). The prefetch is ``base`` (:func:`prefetch_base`)
 plus room for the ETA jobs held in memory (:meth:`Consumer.hold`), so that held
 jobs do not starve the rest.
 """
@@ -20,6 +20,13 @@ from .amqp import AsyncChannel, ChannelLost
 from .consumers import Consumers
 
 MAX_PREFETCH = 65535
+
+
+def prefetch_base(concurrency: int, config: Any) -> int:
+    """The QoS before ETA jobs: every job the children may run at once (``concurrency`` x
+    ``worker.async_concurrency``) x ``worker.prefetch_multiplier``."""
+    return (concurrency * config["worker.async_concurrency"]
+            * config["worker.prefetch_multiplier"])
 
 
 class Consumer:
@@ -67,8 +74,9 @@ class Consumer:
         """The exchanges, queues and bindings this worker needs."""
         cfg = self.config
         return (topology.plan(cfg, tuple(queues))
-                + topology.dead_letter_plan(cfg["worker.dead_letter_queue"])
-                + parking.plan(cfg["worker.delay_queue_prefix"]))
+                + topology.dead_letter_plan(cfg["worker.dead_letter_queue"],
+                                            cfg.system_queue_type)
+                + parking.plan(cfg["worker.delay_queue_prefix"], cfg.system_queue_type))
 
     async def declare_queue(self, queue: str) -> None:
         await self.declare(topology.plan(self.config, (queue,)))
@@ -117,6 +125,27 @@ class Consumer:
     def _set_qos(self) -> None:
         if self.is_open:
             self.conn.channel.basic_qos(prefetch_count=self.prefetch)
+
+    async def add_queue(self, queue: str, ops: Iterable = ()) -> bool:
+        """Declare ``queue`` (``ops``, else as ``-Q`` would) and consume it (remote
+        control's ``add_consumer``); False if it is consumed already."""
+        if queue in self.queues:
+            return False
+        await self.declare(ops or topology.plan(self.config, (queue,)))
+        self.queues += (queue,)
+        if self.consumers is not None:
+            self.consumers.consume(queue)
+        return True
+
+    async def cancel_queue(self, queue: str) -> bool:
+        """Stop consuming ``queue`` (remote control's ``cancel_consumer``); False if it
+        was not consumed."""
+        if queue not in self.queues:
+            return False
+        self.queues = tuple(q for q in self.queues if q != queue)
+        if self.consumers is not None and self.is_open:
+            await self.consumers.cancel(queue)
+        return True
 
     async def cancel_all(self) -> None:
         if self.consumers is not None and self.is_open:

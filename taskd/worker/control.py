@@ -30,10 +30,11 @@ def snapshot(sup: Any) -> dict:
             "index": c.index, "pid": c.pid, "generation": c.generation, "state": c.state,
             "task": job.task_name if job else None, "task_id": job.task_id if job else None,
             "running_for": round(now - c.job_started, 3) if job and c.job_started else None,
-            "tasks_done": c.tasks_done, "rss": c.rss,
+            "running": len(c.running), "tasks_done": c.tasks_done, "rss": c.rss,
         })
     return {
         "pid": os.getpid(),
+        "hostname": sup.hostname,
         "started_at": sup.started_at,
         "uptime": round(time.time() - sup.started_at, 1),
         "config": sup.config.source,
@@ -49,6 +50,7 @@ def snapshot(sup: Any) -> dict:
         "held": len(sup.dispatcher.schedule),
         "counters": dict(sup.counters),
         "stopping": sup.shutdown.stopping,
+        "beat": sup.beat.snapshot(),
     }
 
 
@@ -143,6 +145,7 @@ def format_status(state: dict) -> str:
     c = state["counters"]
     lines = [
         f"pid:        {state['pid']}",
+        f"node:       {state.get('hostname', '-')}",
         f"uptime:     {state['uptime']:.0f}s (since {when(state['started_at'])})",
         f"config:     {state['config']} (loaded {when(state['config_loaded_at'])})",
     ]
@@ -168,4 +171,22 @@ def format_status(state: dict) -> str:
                 if ch["task"] else "-")
         lines.append(f"  {ch['index']:>3} pid {ch['pid']:<7} gen {ch['generation']} "
                      f"{ch['state']:<9} done {ch['tasks_done']:<6} {task}")
+    lines += format_beat(state.get("beat"))
     return "\n".join(lines)
+
+
+def format_beat(beat: Optional[dict]) -> list:
+    """The ``schedule:`` lines of ``taskd status``: this worker's role, each entry's runs."""
+    if not beat or not beat["entries"]:
+        return []
+    role = beat["role"]
+    if not beat["enabled"]:
+        role = "off (worker.beat: false)"
+    elif role == "leading":
+        role = "LEADING" + ("" if beat["leading"] else " (lease lapsed: not firing)")
+    lines = [f"schedule:   {role}, queue {beat['queue']}"]
+    for e in beat["entries"]:
+        last = e["last"]
+        ran = f"last {last['slot']} ({last['task_id']})" if last else "last -"
+        lines.append(f"  {e['name']}: {e['task']} {e['schedule']}; {ran}; next {e['next']}")
+    return lines

@@ -6,8 +6,8 @@ gives ready jobs to idle children, then (``worker.child_prefetch`` > 1) more in
 advance to busy ones, so that they never wait for the supervisor. Jobs go
 round the children one at a time; each child's share is written at once. On
 the way out a job is checked once more: an unknown task is dead-lettered, an
-expired one revoked, one whose arguments cannot be pickled dead-lettered. A
-child starting a job arms the job's hard time limit.
+expired or revoked one settled REVOKED, one whose arguments cannot be pickled
+dead-lettered. A child starting a job arms the job's hard time limit.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from .. import protocol
 from ..exceptions import InvalidTaskMessage, NotRegistered
+from . import lifecycle
 from .framing import encode_job
 from .schedule import Schedule
 
@@ -38,6 +39,8 @@ class Dispatcher:
         self.task_limits: dict = {}         # task name -> (time_limit, soft_time_limit)
         self._timer: Optional[asyncio.TimerHandle] = None       # the schedule's
         self._handle: Optional[asyncio.Handle] = None           # dispatch_soon's
+        self.total: collections.Counter = collections.Counter()    # task name -> started
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -73,6 +76,11 @@ class Dispatcher:
         self.schedule.hold(time.monotonic() + delay, job)
         self.held(len(self.schedule))
         self._arm_schedule_timer()
+
+    def scheduled(self) -> list:
+        """``(due, job)`` of the jobs held for their ETA, earliest first (``due`` in
+        :func:`time.monotonic` seconds)."""
+        return self.schedule.entries()
 
     def drop(self) -> int:
         """Forget every waiting job (they stay unacked: the broker requeues them)."""
@@ -125,12 +133,14 @@ class Dispatcher:
                 else:
                     rooms[child] -= 1
         for child, (batch, frames) in batches.items():
-            started = self.pool.send(child, batch, b"".join(frames) if len(frames) > 1 else frames[0])
-            if started is not None:
+            data = b"".join(frames) if len(frames) > 1 else frames[0]
+            for started in self.pool.send(child, batch, data):
                 self.started(child, started)
 
     def started(self, child: Any, job: Any) -> None:
         """A child starts ``job``: arm its hard time limit."""
+        self.total[job.task_name] += 1
+        self.lifecycle.started(job, child.pid)
         if job.hard_limit:
             job.timer = self.loop.call_later(job.hard_limit, self._time_limit_hit, child, job,
                                              job.hard_limit)
@@ -145,7 +155,7 @@ class Dispatcher:
                 self.outcomes.dead_letter(job, f"NotRegistered: unknown task {name}",
                                           NotRegistered(f"task {name} is not registered in "
                                                         "this worker"))
-            elif not self.outcomes.expire(job):
+            elif not self.outcomes.expire(job) and not self.outcomes.revoke(job):
                 frame = self._frame(job)
                 if frame is not None:
                     return job, frame
@@ -165,7 +175,7 @@ class Dispatcher:
             return None
 
     def _time_limit_hit(self, child: Any, job: Any, limit: float) -> None:
-        if child.job is job:
+        if job in child.running:
             log.error("task %s exceeded its hard time limit (%gs): killing child %d (pid %d)",
                       job.describe(), limit, child.index, child.pid)
             job.timed_out = limit

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from .. import protocol, serialization
 from ..exceptions import TaskdError, TaskRevokedError
-from . import jobs, parking, recovery, strikes
+from . import jobs, lifecycle, parking, recovery, strikes
 
 log = logging.getLogger("taskd.supervisor")
 
@@ -41,6 +41,7 @@ class Intake:
         self.strikes = strikes.Strikes()    # internal errors per message
         self.seq = 0
         self.forsaken: Any = None           # the consuming channel of a lost connection
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
         self.configure(config)
 
     def configure(self, config: Any) -> None:
@@ -99,7 +100,8 @@ class Intake:
         if job.redelivered and (self._finish_duplicate(job)
                                 or self.duplicates.hold_twin(job, self.pool.busy())):
             return False
-        if self.outcomes.expire(job):
+        self.lifecycle.received(job)
+        if self.outcomes.expire(job) or self.outcomes.revoke(job):
             return False
         eta = job.request.eta
         if eta is not None:
@@ -152,7 +154,7 @@ class Intake:
             self.counters["revoked"] += 1
             self.outcomes.fail(job, TaskRevokedError(
                 f"expires at {expires.isoformat()}, before its ETA {eta.isoformat()}"),
-                protocol.REVOKED)
+                protocol.REVOKED, expired=True)
             return
         cfg = self.config
         if parking.should_park(delay, len(self.dispatcher.schedule), cfg["worker.eta_horizon"],

@@ -32,7 +32,7 @@ class Job:
 
     __slots__ = ("seq", "tag", "channel", "queue", "exchange", "routing_key", "properties",
                  "body", "request", "timer", "timed_out", "redelivered", "hard_limit", "key",
-                 "epoch")
+                 "epoch", "terminated", "received_at")
 
     def __init__(self, seq: int, tag: int, channel: Any, queue: str, exchange: str,
                  routing_key: str, properties: pika.BasicProperties, body: bytes,
@@ -47,6 +47,7 @@ class Job:
         self.hard_limit = None
         self.key = None             # recovery.delivery_key, once decoded
         self.epoch = 0              # which consuming channel it came on (RecentlyDone.epoch)
+        self.terminated = None      # the signal's name, once a revoke signalled its child
 
     @property
     def headers(self) -> dict:

@@ -20,9 +20,11 @@ import collections
 import logging
 from typing import Any, Optional
 
+from ..broker.connection import describe_node
 from ..exceptions import ConfigError
-from . import recovery
+from . import lifecycle, recovery
 from .amqp import AsyncChannel, max_message_size
+from .consumer import prefetch_base
 from .stopping import EX_CONFIG, EX_UNAVAILABLE
 
 log = logging.getLogger("taskd.supervisor")
@@ -40,6 +42,10 @@ class Link:
         self.publisher: Optional[AsyncChannel] = None
         self.reconnecting = True            # until the first connection is up
         self.pacer = recovery.ReconnectPacer()
+        self.mailbox: Any = None            # remote control, opened before the consumer
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
+        self.nodes = host.config.nodes()   # shared by both connections: they fail over together
+        self.urls = host.config.broker_urls
 
     @property
     def connected(self) -> bool:
@@ -47,10 +53,12 @@ class Link:
 
     def channel(self, name: str) -> AsyncChannel:
         cfg = self.host.config
+        if (cfg.broker_urls, cfg["broker.failover"]) != (self.urls, self.nodes.strategy):
+            self.urls, self.nodes = cfg.broker_urls, cfg.nodes()    # a reload changed them
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name=name,
                             on_lost=self.on_lost, on_return=self.copies.on_return,
-                            tls=cfg["broker.tls"])
+                            tls=cfg["broker.tls"], nodes=self.nodes)
 
     async def open(self) -> None:
         """Open both connections, declare the topology, set QoS and start consuming."""
@@ -58,7 +66,9 @@ class Link:
         self.publisher = self.replies.publisher = self.channel("taskd-worker-publish")
         await self.publisher.open()
         await self.publisher.enable_confirms()
-        base = host.concurrency * host.config["worker.prefetch_multiplier"]
+        if self.mailbox is not None:        # revokes are known before any task arrives
+            await self.mailbox.open()
+        base = prefetch_base(host.concurrency, host.config)
         self.acker.attach(await self.consumer.open(host.queues, base))
 
     async def connect(self) -> bool:
@@ -76,9 +86,12 @@ class Link:
         if ok:
             self.reconnecting = False
             self.pacer.connected()
+            self.lifecycle.connected(self.publisher)
         return ok
 
     async def close(self) -> None:
+        if self.mailbox is not None:
+            await self.mailbox.close()
         await self.consumer.close()
         if self.publisher is not None:
             await self.publisher.close()
@@ -89,6 +102,7 @@ class Link:
             return
         self.reconnecting = True
         self.counters["connection_lost"] += 1
+        self.lifecycle.disconnected()
         limit = max_message_size(reason)
         if limit:
             self.replies.broker_max_size = limit
@@ -114,6 +128,7 @@ class Link:
                 self.shutdown.fail(EX_UNAVAILABLE)
                 await self.shutdown.run(cold=False)
             return
-        log.info("reconnected; consuming %s again", ", ".join(self.host.queues))
+        log.info("reconnected to %s; consuming %s again", describe_node(self.consumer.conn.url),
+                 ", ".join(self.host.queues))
         self.replies.resend()
         self.status.notifier.ready(self.status.line())

@@ -15,7 +15,9 @@ through :class:`~taskd.worker.copies.Copies`: mandatory, headers made
 encodable and small enough, a return counts as a failure (the original is
 given back or held) and the topology is declared again.
 
-A revoke check (a later issue) plugs in beside :meth:`Outcomes.expire`.
+A revoked task (:mod:`taskd.worker.revokes`) ends like an expired one:
+:meth:`Outcomes.revoke` beside :meth:`Outcomes.expire`, and a child a revoke
+terminated is not a crash: its task ends REVOKED, not redelivered.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Any, Callable, Optional
 
 from .. import protocol
 from ..exceptions import TaskdError, TaskRevokedError, TimeLimitExceeded, WorkerLostError
-from . import headers, jobs
+from . import headers, jobs, lifecycle
 from .framing import Outcome
 
 log = logging.getLogger("taskd.supervisor")
@@ -38,6 +40,8 @@ class Outcomes:
                  duplicates: Any, counters: collections.Counter, config: Any) -> None:
         self.loop, self.acker, self.replies, self.copies = loop, acker, replies, copies
         self.duplicates, self.counters, self.config = duplicates, counters, config
+        self.revoked: Any = None    # a RevokedSet, when remote control is on
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     # == a task ran ========================================================================
     def ran(self, job: Any, outcome: Outcome) -> None:
@@ -48,12 +52,15 @@ class Outcomes:
         request = job.request
         if status == protocol.RETRY:
             self.counters["retried"] += 1
+            self.lifecycle.retried(job, outcome)
             self.retry(job, outcome.retry)
         elif status == protocol.SUCCESS:
             self.counters["succeeded"] += 1
+            self.lifecycle.succeeded(job, outcome)
             log.info("task %s succeeded in %.3fs", job.describe(), runtime)
         else:
             self.counters["failed"] += 1
+            self.lifecycle.failed(job, outcome)
             log.info("task %s failed in %.3fs: %s", job.describe(), runtime, outcome.error)
         reply_to = None if request.ignore_result else self.replies.reply_to(job)
         reply = (outcome.body, jobs.result_properties(
@@ -72,6 +79,11 @@ class Outcomes:
         if job.timed_out:
             self.counters["failed"] += 1
             self.fail(job, TimeLimitExceeded(f"hard time limit ({job.timed_out:g}s) exceeded"))
+        elif job.terminated:
+            log.warning("task %s: terminated by a revoke (%s)", job.describe(), job.terminated)
+            self.counters["revoked"] += 1
+            self.fail(job, TaskRevokedError(f"revoked, terminated ({job.terminated})"),
+                      protocol.REVOKED)
         else:
             self.redeliver(job, reason, count=count)
 
@@ -82,7 +94,17 @@ class Outcomes:
             return False
         log.warning("task %s expired at %s: not run", job.describe(), expires.isoformat())
         self.counters["revoked"] += 1
-        self.fail(job, TaskRevokedError(f"expired at {expires.isoformat()}"), protocol.REVOKED)
+        self.fail(job, TaskRevokedError(f"expired at {expires.isoformat()}"), protocol.REVOKED,
+                  expired=True)
+        return True
+
+    def revoke(self, job: Any) -> bool:
+        """Settle ``job`` as REVOKED if its id was revoked; True if it was."""
+        if self.revoked is None or job.request.id not in self.revoked:
+            return False
+        log.warning("task %s was revoked: not run", job.describe())
+        self.counters["revoked"] += 1
+        self.fail(job, TaskRevokedError("revoked"), protocol.REVOKED)
         return True
 
     def fault(self, job: Any) -> None:
@@ -124,8 +146,14 @@ class Outcomes:
         else:
             self.replies.publish_result(job, *reply)
 
-    def fail(self, job: Any, exc: BaseException, status: str = protocol.FAILURE) -> None:
-        """Settle ``job`` with ``exc`` as its result (REVOKED, a time limit ...)."""
+    def fail(self, job: Any, exc: BaseException, status: str = protocol.FAILURE,
+             expired: bool = False) -> None:
+        """Settle ``job`` with ``exc`` as its result (REVOKED, a time limit ...);
+        ``expired``: a REVOKED because its ``expires`` passed."""
+        if status == protocol.REVOKED:
+            self.lifecycle.revoked(job, str(exc), expired=expired)
+        else:
+            self.lifecycle.failed(job, exc=exc)
         self.settle(job, jobs.failure_reply(job, exc, status)
                     if self.replies.reply_to(job) else None)
 
@@ -185,6 +213,7 @@ class Outcomes:
         reason = headers.bounded(reason)
         log.error("dead-lettering task %s from queue %s: %s", job.describe(), job.queue, reason)
         self.counters["dead_lettered"] += 1
+        self.lifecycle.dead_lettered(job, reason)
         reply = (jobs.failure_reply(job, exc or TaskdError(reason))
                  if self.replies.reply_to(job) else None)
         self.publish_copy("", self.config["worker.dead_letter_queue"], job.body,

@@ -47,8 +47,17 @@ def exchange_name(prefix: str, bucket: int) -> str:
     return f"{prefix}.{bucket}s"
 
 
-def plan(prefix: str) -> list:
-    """Declarations for every bucket (exchange, queue with TTL + dead-letter, binding)."""
+def plan(prefix: str, queue_type: str = "classic") -> list:
+    """Declarations for every bucket (exchange, queue with TTL + dead-letter, binding).
+
+    ``queue_type`` (``worker.system_queue_type``, resolved) ``quorum`` makes each delay
+    queue a quorum queue that dead-letters *at least once* (RabbitMQ >= 3.10): an expired
+    copy leaves the delay queue only once its source queue has confirmed it, so a node
+    lost meanwhile loses no parked task (``x-overflow: reject-publish`` is what that
+    strategy requires)."""
+    extra = topology.system_queue_arguments(queue_type)
+    if extra:
+        extra.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
     ops = []
     for bucket in BUCKETS:
         name = exchange_name(prefix, bucket)
@@ -56,15 +65,16 @@ def plan(prefix: str) -> list:
         ops.append(topology.DeclareQueue(name, True, tuple(sorted({
             "x-message-ttl": bucket * 1000,
             "x-dead-letter-exchange": "",
+            **extra,
         }.items()))))
         ops.append(topology.Bind(name, name, ""))
     return ops
 
 
-def plan_if_new(prefix: str, old_prefix: str) -> list:
+def plan_if_new(prefix: str, old_prefix: str, queue_type: str = "classic") -> list:
     """The delay topology for ``prefix`` when a reload changes it from ``old_prefix``
     (parks go to the new exchanges at once); nothing when it stays."""
-    return plan(prefix) if prefix != old_prefix else []
+    return plan(prefix, queue_type) if prefix != old_prefix else []
 
 
 def should_park(delay: float, held: int, horizon: float, max_held: int) -> bool:

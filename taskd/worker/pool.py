@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from . import child as child_mod
 from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
-from . import framing
+from . import framing, lifecycle
 from .framing import ImportFailed, Outcome, Ready
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,14 @@ class Pool:
     def __init__(self, loop: asyncio.AbstractEventLoop, imports: Iterable[str], *,
                  memory_limit: int, on_ready: Callable, on_outcome: Callable, on_lost: Callable,
                  on_started: Optional[Callable] = None, on_fault: Optional[Callable] = None,
-                 max_frame: int = framing.MAX_FRAME) -> None:
+                 max_frame: int = framing.MAX_FRAME, async_concurrency: int = 1,
+                 block_warning: float = 1.0) -> None:
         self.loop = loop
         self.imports = tuple(imports)
         self.memory_limit = memory_limit
         self.max_frame = max_frame
+        self.async_concurrency = async_concurrency      # jobs at once per child (forked later)
+        self.block_warning = block_warning              # worker.async_block_warning
         self.on_ready, self.on_outcome, self.on_lost = on_ready, on_outcome, on_lost
         self.on_started = on_started or (lambda child, job: None)
         self.on_fault = on_fault or (lambda job: None)
@@ -78,6 +81,7 @@ class Pool:
         self.next_spawn_at = 0.0    # monotonic; back-off after start-up failures
         self.last_failure = None
         self._emptied = []          # futures resolved once no child is left
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     # -- queries ------------------------------------------------------------
     def busy(self) -> list[Child]:
@@ -85,15 +89,17 @@ class Pool:
 
     def room(self, depth: int) -> dict[Child, int]:
         """``{child: free slots}`` for children of the current generation that may be given
-        jobs: an idle child takes up to ``depth``, a busy one ``depth`` minus what it holds."""
+        jobs: an idle child takes up to ``depth`` times the jobs it runs at once, a busy
+        one that minus what it holds."""
         rooms = {}
         for c in self.children.values():
             if c.generation != self.generation:
                 continue
+            capacity = depth * c.slots
             if c.state == IDLE:
-                rooms[c] = depth
-            elif c.state == BUSY and 1 + len(c.queued) < depth:
-                rooms[c] = depth - 1 - len(c.queued)
+                rooms[c] = capacity
+            elif c.state == BUSY and len(c.running) + len(c.queued) < capacity:
+                rooms[c] = capacity - len(c.running) - len(c.queued)
         return rooms
 
     def serving(self) -> list[Child]:
@@ -123,15 +129,18 @@ class Pool:
         if pid == 0:  # in the child: never returns
             os.close(job_w)
             os.close(out_r)
-            child_mod.main(index, job_r, out_w, imports, memory_limit, parent)
+            child_mod.main(index, job_r, out_w, imports, memory_limit, parent,
+                           self.async_concurrency, self.block_warning)
         os.close(job_r)
         os.close(out_w)
         os.set_blocking(out_r, False)
         os.set_blocking(job_w, False)
-        child = Child(index, pid, generation, job_w, out_r, self.max_frame)
+        child = Child(index, pid, generation, job_w, out_r, self.max_frame,
+                      self.async_concurrency)
         self.children[pid] = child
         self.loop.add_reader(out_r, self._on_readable, child)
         log.debug("spawned child %d (pid %d, generation %d)", index, pid, generation)
+        self.lifecycle.child_started(child)
         return child
 
     def trial(self, imports: Iterable[str], memory_limit: int) -> tuple[Child, asyncio.Future]:
@@ -145,8 +154,8 @@ class Pool:
     # -- dispatch -------------------------------------------------------------
     def send(self, child: Child, batch: list, data: bytes) -> Any:
         """Give a child the jobs of ``batch`` (``data``: their frames, written at once).
-        It runs the first now if idle, the rest after. Returns the job that started
-        now, or None; a child found gone is reported lost with every job it held.
+        It starts as many as it has free slots, the rest after. Returns the jobs that
+        started now; a child found gone is reported lost with every job it held.
         What the pipe cannot take now is written as it drains (never blocking)."""
         try:
             sent = child.writer.send(data)
@@ -154,15 +163,17 @@ class Pool:
             if exc.errno not in (errno.EPIPE, errno.EBADF):
                 raise
             self._unwritable(child, batch)
-            return None
+            return []
         if not sent:
             self.loop.add_writer(child.to_child, self._on_writable, child)
-        started = None
-        if child.job is None:
-            started = batch[0]
-            child.state, child.job, child.job_started = BUSY, started, time.monotonic()
-            batch = batch[1:]
-        child.queued.extend(batch)
+        free = 0 if child.queued else max(0, child.slots - len(child.running))
+        started = batch[:free]
+        if started:
+            now = time.monotonic()
+            child.state = BUSY
+            for job in started:
+                child.running[job] = now
+        child.queued.extend(batch[free:])
         return started
 
     def _on_writable(self, child: Child) -> None:
@@ -242,14 +253,19 @@ class Pool:
             log.error("child %d sent a frame of no known kind: ignored", child.index)
 
     def _on_outcome(self, child: Child, outcome: Outcome) -> None:
-        job, started = child.job, None
+        job = child.running_job(outcome.seq)
+        if job is None:
+            log.error("child %d sent the outcome of a job it was not running (seq %r): "
+                      "ignored", child.index, outcome.seq)
+            return
+        del child.running[job]
+        started = None
         child.tasks_done += 1
         child.rss = outcome.rss
         if child.queued:
-            child.job = started = child.queued.popleft()
-            child.job_started = time.monotonic()
-        else:
-            child.job = child.job_started = None
+            started = child.queued.popleft()
+            child.running[started] = time.monotonic()
+        elif not child.running:
             child.state = RETIRING if child.state == RETIRING else IDLE
         if child.state == RETIRING:
             self.retire(child)
@@ -343,6 +359,8 @@ class Pool:
         child.exit_status = status
         was_starting = child.state == STARTING
         job, unstarted = child.job, list(child.queued)
+        self.lifecycle.child_exited(child, exit_cause(child, status, job, was_starting))
+        others = list(child.running)[1:]    # coroutines beside it (async_concurrency)
         child.state, child.job = DEAD, None
         child.queued.clear()
         if child.from_child is not None:
@@ -365,12 +383,32 @@ class Pool:
             log.error("child %d (pid %d) %s while starting (%s); next attempt in %.0fs",
                       child.index, child.pid, reason,
                       self.last_failure or "no reason given", delay)
+        elif job is not None and getattr(job, "terminated", None):     # asked for: no error
+            log.info("child %d (pid %d) %s (a revoke terminated its task)", child.index,
+                     child.pid, reason)
         elif job is not None:
             log.error("child %d (pid %d) %s while running %s", child.index, child.pid, reason,
-                      getattr(job, "describe", lambda: job)())
+                      ", ".join(str(getattr(j, "describe", lambda: j)()) for j in [job, *others]))
         else:
             log.debug("child %d (pid %d) %s", child.index, child.pid, reason)
         self._call(self.on_lost, child, job, reason, unstarted, give_back=job)
+        for other in others:        # each redelivered (or failed, if it timed out) as well
+            self._call(self.on_lost, child, other, reason, [], give_back=other)
+
+
+def exit_cause(child: Child, status: Optional[int], job: Any, was_starting: bool) -> str:
+    """Why ``child`` left, in one word (a metric's label: a short, fixed set)."""
+    if was_starting:
+        return "start_failed"
+    if child.fault:
+        return "broken_stream"
+    if job is not None and getattr(job, "timed_out", False):
+        return "time_limit"
+    if child.state == RETIRING and job is None:
+        return "retired"
+    if status is not None and os.WIFSIGNALED(status):
+        return "killed"
+    return "exited"
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:

@@ -165,7 +165,7 @@ class Duplicates:
         """True, and ``job`` held, if it is a redelivered copy of a task still running
         on one of the ``busy`` children, received on a channel since lost."""
         for child in busy:
-            for running in (child.job, *child.queued):
+            for running in (*child.running, *child.queued):
                 if running.key == job.key and running.epoch < job.epoch:
                     log.warning("task %s is still running here: its redelivered copy will be "
                                 "acknowledged when it finishes", job.describe())

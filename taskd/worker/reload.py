@@ -84,9 +84,11 @@ async def _reload(reloader: Reloader) -> None:
             raise ConfigError(errors, new.source)
         queues = sup.queues_for(new)
         ops = (topology.plan(new, queues)
-               + topology.dead_letter_plan(new["worker.dead_letter_queue"])
+               + topology.dead_letter_plan(new["worker.dead_letter_queue"],
+                                           new.system_queue_type)
                + parking.plan_if_new(new["worker.delay_queue_prefix"],
-                                     sup.config["worker.delay_queue_prefix"]))
+                                     sup.config["worker.delay_queue_prefix"],
+                                     new.system_queue_type))
         await reloader.loop.run_in_executor(None, _declare_aside, new, ops)
         if shutdown.stopping:
             return
@@ -159,7 +161,7 @@ async def _import_check(pool: Any, new: Any) -> tuple:
 
 def _declare_aside(config: Any, ops: list) -> None:
     """Declare ``ops`` on a connection of their own (runs in a thread)."""
-    conn = connect_blocking(config.broker_url, config["broker.connect_timeout"], 0,
+    conn = connect_blocking(config.broker_urls, config["broker.connect_timeout"], 0,
                             name="taskd-reload-check", tls=config["broker.tls"])
     try:
         topology.execute_blocking(conn.channel(), ops)

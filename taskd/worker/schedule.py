@@ -29,6 +29,10 @@ class Schedule:
             due.append(heapq.heappop(heap)[2])
         return due
 
+    def entries(self) -> list:
+        """``(due, item)`` of every item, earliest first (the heap is left as it is)."""
+        return [(due, item) for due, _, item in sorted(self._heap, key=lambda e: e[:2])]
+
     def next_due(self) -> Optional[float]:
         return self._heap[0][0] if self._heap else None
 

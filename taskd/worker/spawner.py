@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
+from . import lifecycle
+
 log = logging.getLogger("taskd.supervisor")
 
 
@@ -27,6 +29,7 @@ class Spawner:
         self.loop, self.pool, self.host = loop, pool, host
         self.shutdown, self.forked = shutdown, forked
         self._timer: Optional[asyncio.TimerHandle] = None   # the back-off's
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     def manage(self) -> None:
         """Fork children until the current generation has ``concurrency`` of them."""
@@ -54,10 +57,12 @@ class Spawner:
         max_tasks, max_memory = cfg["worker.max_tasks_per_child"], cfg["worker.max_memory_per_child"]
         if max_tasks and child.tasks_done >= max_tasks:
             log.info("child %d ran %d tasks: replacing it", child.index, child.tasks_done)
+            self.lifecycle.child_recycled(child, "max_tasks")
             self.pool.retire(child)
         elif max_memory and child.rss > max_memory:
             log.info("child %d uses %d MiB (limit %d MiB): replacing it",
                      child.index, child.rss >> 20, max_memory >> 20)
+            self.lifecycle.child_recycled(child, "max_memory")
             self.pool.retire(child)
 
     def shrink(self) -> None:

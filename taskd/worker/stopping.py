@@ -18,6 +18,7 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable, Optional
 
+from . import lifecycle
 from .amqp import ChannelLost
 
 log = logging.getLogger("taskd.supervisor")
@@ -40,6 +41,7 @@ class Shutdown:
         self.requested = asyncio.Event()        # set when a shutdown starts
         self.stopped = loop.create_future()     # resolved once it is over
         self._drained: Optional[asyncio.Future] = None
+        self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
 
     def fail(self, code: int) -> None:
         """Exit with ``code``, unless an earlier failure named one."""
@@ -80,13 +82,14 @@ class Shutdown:
         await self.stop_children(cold)
         await self._settle(timeout=5.0)
         self.replies.report_unsent()
+        self.lifecycle.stopping()
         await self.close()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
             self.stopped.set_result(None)
 
     def _running(self) -> list:
-        return [c.job.describe() for c in self.pool.busy()]
+        return [job.describe() for c in self.pool.busy() for job in c.running]
 
     def check_drained(self) -> None:
         """A warm shutdown is drained once no task runs and no ack or confirm waits."""

@@ -45,8 +45,10 @@ import signal
 import time
 from typing import Any, Optional
 
+from . import events, lifecycle, metrics
 from .acker import Acker
-from .consumer import Consumer
+from .beat import Beat
+from .consumer import Consumer, prefetch_base
 from . import control
 from .copies import Copies
 from .dispatch import Dispatcher
@@ -54,6 +56,7 @@ from .recovery import Duplicates
 from .framing import Outcome
 from .intake import Intake
 from .link import Link
+from .mailbox import Mailbox
 from .outcomes import Outcomes
 from .pool import Pool
 from .reload import Reloader
@@ -68,8 +71,11 @@ log = logging.getLogger("taskd.supervisor")
 
 class Supervisor:
     def __init__(self, config: Any, *, queues: Optional[tuple] = None,
-                 concurrency: Optional[int] = None, config_path: Optional[str] = None) -> None:
+                 concurrency: Optional[int] = None, config_path: Optional[str] = None,
+                 hostname: Optional[str] = None) -> None:
         self.config, self.config_path = config, config_path
+        # The node name (-n, worker.hostname), read once: a reload does not rename a node.
+        self.hostname = events.node_name(hostname or config["worker.hostname"])
         self.queue_override, self.concurrency_override = queues, concurrency
         self.queues = self.queues_for(config)
         self.concurrency = concurrency or config["worker.concurrency"]
@@ -83,7 +89,9 @@ class Supervisor:
         self.pool = pool = Pool(loop, config["imports"],
                                 memory_limit=config["worker.max_memory_per_child"],
                                 on_ready=self.on_child_ready, on_outcome=self.on_outcome,
-                                on_lost=self.on_child_lost)
+                                on_lost=self.on_child_lost,
+                                async_concurrency=config["worker.async_concurrency"],
+                                block_warning=config["worker.async_block_warning"])
         self.acker = acker = Acker(loop, self.in_hand, batch=self.ack_batch())
         self.consumer = consumer = Consumer(loop, None, None, config)
         self.replies = replies = Replies(loop, acker.complete, self.counters,
@@ -106,12 +114,26 @@ class Supervisor:
                                                    spawner)
         self.link = status.link = Link(loop, self, consumer, acker, replies, copies, dispatcher,
                                        self.intake, pool, shutdown, status, self.counters)
+        self.beat = Beat(loop, config, self.counters, shutdown)     # the schedule: periodic.md
         consumer.on_delivery, consumer.connect = self.intake.on_delivery, self.link.channel
+        # Remote control and revokes (docs/remote-control.md), opened by the link.
+        self.mailbox = self.link.mailbox = Mailbox(loop, self, pool, dispatcher, consumer,
+                                                   self.counters, self.hostname,
+                                                   lambda: self.link.connected)
+        if self.mailbox.enabled:
+            outcomes.revoked = self.mailbox.revokes.revoked
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
+        # Observers of the lifecycle seam (None when off): events and metrics.
+        self.events = events.for_config(config, self.hostname, loop, pool, self.counters)
+        self.metrics = metrics.for_config(config, pool, dispatcher, self.link, shutdown,
+                                          self.counters)
+        self.lifecycle = observers = lifecycle.combine((self.events, self.metrics))
+        for part in (self.intake, dispatcher, outcomes, pool, spawner, self.link, shutdown):
+            part.lifecycle = observers
 
     def queues_for(self, config: Any) -> tuple:
         """The queues this worker consumes under ``config`` (``-Q`` wins)."""
@@ -131,10 +153,13 @@ class Supervisor:
     async def _main(self) -> None:
         self._install_signals()
         await self.control.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         try:
             await self._start()
         finally:
             self.control.close()
+            self.lifecycle.close()
             # Before the loop closes its wake-up pipe: a signal arriving in between
             # (a child's SIGCHLD) would hit a closed fd and print a traceback.
             for sig in self._signals:
@@ -152,7 +177,9 @@ class Supervisor:
         log.info("consuming %s with %d children", ", ".join(self.queues), self.concurrency)
         self.status.announce_ready()
         self.status.tick()
+        self.beat.start()
         await self.shutdown.stopped
+        await self.beat.close()
 
     def _install_signals(self) -> None:
         handlers = {
@@ -175,7 +202,10 @@ class Supervisor:
         self.outcomes.ran(job, outcome)
         self.spawner.recycle(child)
         self.spawner.manage()
-        self.dispatcher.dispatch()
+        if child.slots > 1:     # outcomes come in bursts: refill once, one write per child
+            self.dispatcher.dispatch_soon()
+        else:
+            self.dispatcher.dispatch()
 
     def on_child_lost(self, child: Any, job: Any, reason: str, unstarted: list = ()) -> None:
         if unstarted:       # sent in advance, never started: first in line again
@@ -192,12 +222,12 @@ class Supervisor:
 
     def ack_batch(self) -> int:
         """Completed deliveries that are acked at once, without waiting for ACK_DELAY."""
-        return max(1, self.concurrency * self.config["worker.prefetch_multiplier"] // 4)
+        return max(1, prefetch_base(self.concurrency, self.config) // 4)
 
     def resize(self) -> None:
         """The pool's size changed (TTIN, TTOU, a reload): so do the prefetch and batch."""
         self.acker.batch = self.ack_batch()
-        self.consumer.resize(self.concurrency * self.config["worker.prefetch_multiplier"])
+        self.consumer.resize(prefetch_base(self.concurrency, self.config))
 
     # == signals (SIGHUP: the reloader; SIGCHLD: the pool) ==================================
     def handle_term(self) -> None:
@@ -250,7 +280,10 @@ class Supervisor:
         self.replies.pattern = re.compile(new["worker.reply_to_pattern"])
         self.replies.max_result_size = new["worker.max_result_size"]
         self.outcomes.config = self.dispatcher.config = self.consumer.config = new
+        self.pool.async_concurrency = new["worker.async_concurrency"]    # children forked
+        self.pool.block_warning = new["worker.async_block_warning"]      # from now on
         self.shutdown.config = new
         self.intake.configure(new)
+        self.beat.configure(new)
         self.acker.batch = self.ack_batch()
         self.dispatcher.tasks(None)

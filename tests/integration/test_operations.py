@@ -235,10 +235,12 @@ def test_status_text_and_json(topo, workers, app_for, tmp_path):
     assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
     state = json.loads(taskd("status", "--socket", str(sock), "--json").stdout)
     assert state["pid"] == w.pid and state["connected"] is True
+    assert state["hostname"] == topo.node
     assert state["counters"]["succeeded"] == 1 and len(state["children"]) == 2
     assert state["queues"] == [topo.name("celery")] and state["config"] == str(path)
     text = taskd("status", "--config", str(path)).stdout
     assert f"pid:        {w.pid}" in text and "1 held (ETA)" in text and "succeeded 1" in text
+    assert f"node:       {topo.node}" in text
     missing = taskd("status", "--socket", str(tmp_path / "nope.sock"))
     assert missing.returncode == 69 and "no worker answers" in missing.stderr
 

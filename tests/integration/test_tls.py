@@ -105,3 +105,21 @@ def test_amqps_to_a_plain_amqp_port_says_which_port_speaks_tls(node, pki):
             rf"TLS handshake with 127.0.0.1:{node.port} failed \(wrong version number\): "
             r"is this port a TLS listener")):
         connect_blocking(plain, 3, 0, "taskd-test", config["broker.tls"])
+
+
+def test_check_config_reports_a_verified_tls_node_and_refuses_the_wrong_ca(node, pki, tmp_path):
+    import yaml
+    from test_check_config_nodes import run
+    path = tmp_path / "taskd.yaml"
+    path.write_text(yaml.safe_dump(broker(node, tls(pki))))
+    out = run("check-config", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert (f"127.0.0.1:{node.tls_port}  ok: RabbitMQ " in out.stdout
+            and "TLS, certificate and host name verified" in out.stdout)
+    path.write_text(yaml.safe_dump(broker(node, tls(pki, ca_file=str(pki.other_ca)))))
+    out = run("check-config", "--config", str(path))
+    assert out.returncode == 69
+    assert (f"127.0.0.1:{node.tls_port}  FAILED: cannot connect to the broker over TLS: "
+            f"certificate verify failed for 127.0.0.1:{node.tls_port} with "
+            f"ca_file={pki.other_ca}") in out.stdout
+    assert certs.KEY_PASSWORD not in out.stdout + out.stderr

@@ -158,3 +158,13 @@ def seconds_to_soft_limit():
     except SoftTimeLimitExceeded:
         return time.monotonic() - start
     return None
+
+
+@app.task(name="ttasks.periodic_record", bind=True)
+def periodic_record(self, path):
+    """Record a periodic firing: ``<slot> <task id> <entry> <supervisor pid>``."""
+    headers = self.request.headers or {}
+    with open(path, "a") as fh:
+        fh.write(f"{headers.get('x-taskd-slot')} {self.request.id} "
+                 f"{headers.get('x-taskd-periodic')} {os.getppid()}\n")
+    return self.request.id

@@ -123,7 +123,7 @@ async def _oversized_outcome():
         child = p.spawn()
         await ready
         frame = framing.encode((1, "id-1", "ttasks.echo", ["y" * 50_000], {}, {}))
-        assert p.send(child, ["the job"], frame) == "the job"
+        assert p.send(child, ["the job"], frame) == ["the job"]
         job, reason = await lost
         assert job == "the job"
         assert "exceeds the limit of 10000 bytes" in reason

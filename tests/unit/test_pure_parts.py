@@ -124,10 +124,10 @@ def test_pool_room_and_a_batch_written_at_once():
 
     frames = [framing.encode(("job", i)) for i in range(3)]
     started = p.send(idle, ["a", "b", "c"], b"".join(frames))
-    assert started == "a" and idle.job == "a" and list(idle.queued) == ["b", "c"]
+    assert started == ["a"] and idle.job == "a" and list(idle.queued) == ["b", "c"]
     assert idle.state == pool_mod.BUSY
     assert framing.FrameReader().feed(os.read(pipes[0][0], 1 << 16)) == [("job", i) for i in range(3)]
-    assert p.send(busy, ["d"], frames[0]) is None and list(busy.queued) == ["d"]
+    assert p.send(busy, ["d"], frames[0]) == [] and list(busy.queued) == ["d"]
     for r, w in pipes:
         os.close(r)
         os.close(w)

@@ -62,7 +62,7 @@ def test_the_key_password_is_never_printed(pki, tmp_path):
     assert "key_password=***" in settings.describe()
     path = tmp_path / "taskd.yaml"
     path.write_text(text)
-    out = run("check-config", "--config", str(path))
+    out = run("check-config", "--offline", "--config", str(path))
     assert out.returncode == 0, out.stderr
     assert f"tls:       ca_file={pki.ca}, cert_file={pki.client_cert}" in out.stdout
     assert "key_password=***, verify=on" in out.stdout
