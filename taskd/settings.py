@@ -138,12 +138,9 @@ def parse_size(v):
     return None, "a size such as 512MiB, or 0 for no limit"
 
 
-def _listen(v):
-    if isinstance(v, str):
-        host, sep, port = v.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
-            return v, None
-    return None, "HOST:PORT, e.g. 127.0.0.1:8080"
+def _dashboard_listen(v):
+    value, _expected = _listen(v)
+    return (value, None) if value else (None, "HOST:PORT, e.g. 127.0.0.1:8080")
 
 
 DEFAULT_DASHBOARD_DATABASE = "sqlite:////var/lib/taskd/dashboard.sqlite3"
@@ -346,7 +343,7 @@ SETTINGS = (
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
     # --- dashboard (taskd dashboard; docs/dashboard.md) ---------------------------
-    Setting("dashboard.listen", _listen, "127.0.0.1:8080",
+    Setting("dashboard.listen", _dashboard_listen, "127.0.0.1:8080",
             "`HOST:PORT` the dashboard serves on (`--listen` overrides). Reading is open "
             "only on a loopback address; on any other address every page needs the admin "
             "token."),

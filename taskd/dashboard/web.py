@@ -20,7 +20,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import config as config_mod, deadletters
+from .. import config as config_mod, deadletters, periodic as periodic_mod
 from ..broker.connection import connect_blocking
 from ..exceptions import TaskdError
 from . import charts, mailbox
@@ -169,18 +169,13 @@ class Dashboard:
         return "scheduled.html", dict(entries=entries, asked=workers, mailbox_error=error)
 
     def periodic(self, request):
-        """The ``schedule:`` entries (taskd's periodic feature, when present), their next
-        runs, and the last runs of their tasks from history."""
-        entries = tuple(self.config.values.get("schedule") or ())
-        try:
-            from .. import periodic as periodic_mod
-            upcoming = {r["name"]: r["next"] for r in periodic_mod.upcoming(entries, 3)}
-        except (ImportError, AttributeError):
-            upcoming = {}
+        """The ``schedule:`` entries, their next runs, and their tasks' last runs from history."""
+        entries = tuple(self.config["schedule"] or ())
+        upcoming = {r["name"]: r["next"] for r in periodic_mod.upcoming(entries, 3)}
         rows = [{"name": e.name, "task": e.task, "schedule": e.describe(),
                  "next": upcoming.get(e.name, []),
                  "last": self.store.search(name=e.task, limit=3)} for e in entries]
-        return "periodic.html", dict(rows=rows, configured="schedule" in self.config.values)
+        return "periodic.html", dict(rows=rows)
 
     def dead_letters(self, request):
         try:

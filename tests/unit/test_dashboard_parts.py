@@ -227,32 +227,20 @@ def test_a_missing_extra_is_named(monkeypatch):
 # --- the periodic page (reads the schedule: entries of taskd's periodic feature) -----
 
 @pytest.mark.filterwarnings("ignore:.*httpx.*")
-def test_periodic_page_shows_entries_with_their_last_runs_from_history(tmp_path):
-    import dataclasses
+def test_periodic_page_shows_entries_with_next_and_last_runs(tmp_path):
     from starlette.testclient import TestClient
     from taskd.dashboard.web import Dashboard
-
-    @dataclasses.dataclass(frozen=True)
-    class Entry:            # the shape of taskd.periodic.Entry that the page reads
-        name: str
-        task: str
-
-        def describe(self):
-            return "every 60s"
-
     store = Store(f"sqlite:///{tmp_path}/h.sqlite3")
     store.write(events.fold([ev("task-succeeded", uuid="run-1", ts=1e9, name="app.report")]))
-    plain = config_mod.from_defaults()
-    client = TestClient(Dashboard(plain, store, security.Guard(None, "127.0.0.1")).app,
-                        base_url="http://127.0.0.1")
-    assert "has no periodic schedule" in client.get("/periodic").text
-    scheduled = dataclasses.replace(plain, values={**plain.values, "schedule": (
-        Entry("nightly <report>", "app.report"),)})
-    client = TestClient(Dashboard(scheduled, store, security.Guard(None, "127.0.0.1")).app,
-                        base_url="http://127.0.0.1")
-    page = client.get("/periodic").text
-    assert "nightly &lt;report&gt;" in page and "every 60s" in page
-    assert 'href="/tasks/run-1"' in page
+
+    def page(config):
+        app = Dashboard(config, store, security.Guard(None, "127.0.0.1")).app
+        return TestClient(app, base_url="http://127.0.0.1").get("/periodic").text
+    assert "no <code>schedule:</code> entries" in page(config_mod.from_defaults())
+    text = page(config_mod.loads("schedule:\n  nightly <report>: {task: app.report, every: 3600}\n"))
+    assert "nightly &lt;report&gt;" in text and "every 3600s" in text
+    assert text.count(":00:00+00:00") == 3                      # the next three top-of-hours
+    assert 'href="/tasks/run-1"' in text                         # its last run, from history
     store.close()
 
 
