@@ -20,6 +20,12 @@ Measures:
              never early; the worker tree's peak RSS meanwhile
   memory     PSS and RSS of the idle worker tree (supervisor/main + children)
   publish    one client publishing N tasks (taskd with confirms)
+
+With ``--backend URL`` (redis://... or postgresql://...), drain and latency run with
+results *stored* in that result store, taskd against Celery configured with the same
+store (Celery only for redis://: its SQL backend needs SQLAlchemy and has its own
+schema). Drain tasks then keep their results (no ignore_result); a round trip is
+send + get() through the store's pub/sub (taskd: LISTEN/NOTIFY on PostgreSQL).
 """
 import argparse
 import os
@@ -41,6 +47,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 BROKER = os.environ.get("TASKD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 PY = sys.executable
+BACKEND = None      # --backend: the result store both sides use
 
 
 def wait(predicate, timeout, what):
@@ -104,7 +111,8 @@ class Run:
 
     def env(self):
         return dict(os.environ, BENCH_OUT=self.out, BENCH_QUEUE=self.queue, BENCH_BROKER=BROKER,
-                    PYTHONPATH=f"{HERE}:{getattr(self.system, 'root', ROOT)}", BENCH_ACKS_LATE="1" if self.opts.get("acks_late") else "0")
+                    PYTHONPATH=f"{HERE}:{getattr(self.system, 'root', ROOT)}", BENCH_ACKS_LATE="1" if self.opts.get("acks_late") else "0",
+                    BENCH_BACKEND=BACKEND or "rpc://")
 
     def count(self):
         return os.path.getsize(self.out)
@@ -137,7 +145,7 @@ class Taskd:
 
     def __init__(self, tuned=False, settings=None, root=None):
         from taskd import App
-        self.app = App("bench", broker=BROKER)
+        self.app = App("bench", broker=BROKER, backend=BACKEND)
         self.settings = dict(self.TUNED if tuned else {}, **(settings or {}))
         self.key = "taskd_tuned" if tuned else "taskd"
         self.name = "taskd tuned" if tuned else "taskd"
@@ -156,14 +164,16 @@ class Taskd:
                      f"queues: [{{name: {run.queue}}}]\n"
                      f"worker: {{concurrency: 2, queues: [{run.queue}], {tuning}"
                      f"control_socket: {cfg}.sock, "
-                     f"delay_queue_prefix: {run.queue}.delay}}\nlogging: {{level: warning}}\n")
+                     f"delay_queue_prefix: {run.queue}.delay}}\nlogging: {{level: warning}}\n"
+                     + (f"result_backend: '{BACKEND}'\n" if BACKEND else ""))
         run.cfg = cfg
         return [PY, "-m", "taskd", "worker", "--config", cfg]
 
     def send_noop(self, run, n):
         with self.app.get_publisher() as p:
             for _ in range(n):
-                self.app.send_task("bench.noop", queue=run.queue, ignore_result=True, publisher=p)
+                self.app.send_task("bench.noop", queue=run.queue, ignore_result=not BACKEND,
+                                   publisher=p)
 
     def send_late(self, run, n, countdown):
         with self.app.get_publisher() as p:
@@ -205,7 +215,7 @@ class Celery:
 
     def send_noop(self, run, n):
         for _ in range(n):
-            self.mod.app.send_task("bench.noop", queue=run.queue, ignore_result=True)
+            self.mod.app.send_task("bench.noop", queue=run.queue, ignore_result=not BACKEND)
 
     def send_late(self, run, n, countdown):
         for _ in range(n):
@@ -392,11 +402,21 @@ def main():
     parser.add_argument("--before", metavar="PATH",
                         help="another taskd checkout: its worker runs as \"taskd-before\" "
                         "beside this one in drain, stream and latency (same client)")
+    parser.add_argument("--backend", metavar="URL",
+                        help="store results in this result store (redis://... or "
+                        "postgresql://...): drain and latency, taskd against Celery")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
+    if args.backend:
+        global BACKEND
+        BACKEND = os.environ["BENCH_BACKEND"] = args.backend
+        args.only = args.only or "drain,latency"
     candidates = [Taskd(), Taskd(tuned=True), Celery(), Celery(acks_late=True), Dramatiq(1),
                   Dramatiq(8)]
     who = {m: list(keys) for m, keys in WHO.items()}
+    if args.backend:
+        peers = ["celery"] if args.backend.startswith("redis") else []
+        who = {"drain": ["taskd", "taskd_tuned", *peers], "latency": ["taskd", *peers]}
     if args.before:
         root = before_checkout(args.before)
         candidates += [Taskd(root=root), Taskd(tuned=True, root=root)]
@@ -426,6 +446,7 @@ def fmt(v, unit=""):
 
 def render(results, systems, rounds, args):
     cmd = "bench/run.py" + (" --quick" if args.quick else f" --rounds {rounds}") + \
+        (f" --backend {args.backend}" if args.backend else "") + \
         (f" --only {args.only}" if args.only else "") + \
         (f" --before {args.before}" if args.before else "")
     import celery

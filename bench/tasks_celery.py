@@ -5,7 +5,7 @@ import time
 from celery import Celery
 
 app = Celery("bench", broker=os.environ.get("BENCH_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
-             backend="rpc://")
+             backend=os.environ.get("BENCH_BACKEND", "rpc://"))
 app.conf.task_acks_late = os.environ.get("BENCH_ACKS_LATE") == "1"
 app.conf.worker_prefetch_multiplier = 4
 app.conf.worker_hijack_root_logger = False

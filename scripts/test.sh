@@ -10,5 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/broker.sh
+bash scripts/stores.sh
 bash scripts/browser.sh
 exec .venv/bin/python -m pytest -n "${TASKD_TEST_PROCESSES:-3}" --dist loadgroup "$@"

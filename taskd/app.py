@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from . import config as config_mod
-from . import current, signals
+from . import current, signals, stores
 from .broker.publisher import Publisher
 from .control import Control
+from .exceptions import ConfigError
 from .options import SendOptions
 from .result import AsyncResult, ResultConsumer
 from .task import Task, registry
@@ -136,7 +137,8 @@ class App:
 
     def __init__(self, main: str | None = None, *,
                  config: str | os.PathLike | Mapping | config_mod.Config | None = None,
-                 broker: str | None = None, set_as_current: bool = True):
+                 broker: str | None = None, backend: str | None = None,
+                 set_as_current: bool = True):
         if isinstance(config, config_mod.Config):
             self.config = config
         elif isinstance(config, dict):
@@ -149,7 +151,19 @@ class App:
             values = dict(self.config.values, **{"broker.url": broker})
             self.config = config_mod.Config(values, self.config.exchanges, self.config.queues,
                                             self.config.routes, self.config.source)
+        if backend is not None:
+            url, expected = stores.check_url(backend)
+            if expected:
+                raise ConfigError([f"backend: expected {expected}, got "
+                                   f"{stores.redact(backend)!r}"], "App()")
+            values = dict(self.config.values, result_backend=url)
+            self.config = config_mod.Config(values, self.config.exchanges, self.config.queues,
+                                            self.config.routes, self.config.source)
         self.main = main
+        self._store = ProcessLocal(self._open_store)
+        self._has_store = stores.kind(self.config["result_backend"]) != "rpc"
+        if self._has_store:
+            stores.require(self.config["result_backend"])     # a missing extra fails here
         for module in self.config["serializer_modules"]:
             importlib.import_module(module)
         self._session = ProcessLocal(lambda: Session(self))
@@ -212,6 +226,20 @@ class App:
         """Every task defined in this process, by name (:data:`taskd.current.registry`)."""
         return registry
 
+    # -- the result store -------------------------------------------------------
+    @property
+    def backend_url(self) -> str:
+        return self.config["result_backend"]
+
+    def _open_store(self) -> Any:
+        return stores.open_store(self.backend_url, self.config["result_expires"])
+
+    @property
+    def store(self) -> Any:
+        """This process's result store client (see :mod:`taskd.stores`), or None with
+        ``rpc://``. Opened on first use, and again after ``fork``."""
+        return self._store.get() if self._has_store else None
+
     # -- connections ------------------------------------------------------------
     def session(self) -> Session:
         return self._session.get()
@@ -265,8 +293,10 @@ class App:
             if options.connect_timeout is not None:
                 session.publisher.connect_timeout = options.connect_timeout
             pooled = options.publisher is None and options.connection is None
+            # With a result store the worker writes results there: no reply queue.
+            no_reply = options.ignore_result or self.store is not None
             message = options.encode(
-                name, args, kwargs, reply_to=None if options.ignore_result or pooled
+                name, args, kwargs, reply_to=None if no_reply or pooled
                 else session.results.reply_to())
             body = (tuple(args or ()), dict(kwargs or {}), None)
             signals.before_task_publish.send(
@@ -280,7 +310,7 @@ class App:
                 # attempt, so a send retried on a new connection names the new one.
                 sent = session.publisher.publish(
                     message, route, options,
-                    reply=None if options.ignore_result else session.results.reply_to)
+                    reply=None if no_reply else session.results.reply_to)
             elif options.publisher is not None:
                 sent = options.publisher.publish(message, route, options)
             else:

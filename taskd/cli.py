@@ -198,6 +198,17 @@ def _load(args):
         return None, EX_CONFIG
 
 
+def _store_errors(config):
+    """The result store's client library, if it is missing (the extra to install)."""
+    from . import stores
+    try:
+        if stores.kind(config["result_backend"]) != "rpc":
+            stores.require(config["result_backend"])
+    except ConfigError as exc:
+        return exc.errors
+    return []
+
+
 def cmd_worker(args):
     config, code = _load(args)
     if config is None:
@@ -206,7 +217,7 @@ def cmd_worker(args):
     from .worker.supervisor import Supervisor
     from .worker.metrics import check_config as metrics_errors
     config = _worker_overrides(config, args)
-    errors = serialization.check_config(config) + metrics_errors(config)
+    errors = serialization.check_config(config) + metrics_errors(config) + _store_errors(config)
     if errors:
         for error in errors:
             print(f"taskd: {config.source}: {error}", file=sys.stderr)

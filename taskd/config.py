@@ -210,6 +210,11 @@ def validate(data, lines=None, source="<dict>", environ=None) -> Config:
                 {k.split(".")[0] for k in _BY_KEY})) + ")")
     if environ.get("TASKD_BROKER_URL"):
         values["broker.url"] = environ["TASKD_BROKER_URL"]
+    if environ.get("TASKD_RESULT_BACKEND"):
+        value = chk.value(["result_backend"], _BY_KEY["result_backend"],
+                          environ["TASKD_RESULT_BACKEND"])
+        if value is not None:
+            values["result_backend"] = value
     broker = data.get("broker")
     values["broker.tls"] = _tls(chk, broker.get("tls") if isinstance(broker, dict) else None,
                                 values["broker.url"])

@@ -45,6 +45,8 @@ def mask_value(name, value):
         return value
     if is_secret(name):
         return MASK
+    if str(name).endswith("backend") and isinstance(value, str):
+        return mask_url(value)
     if str(name).endswith("url") and isinstance(value, str):
         from .broker.nodes import split_urls      # lazily: taskd.broker imports masking
         return ";".join(mask_url(u) for u in split_urls(value)) or mask_url(value)

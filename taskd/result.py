@@ -245,8 +245,18 @@ class AsyncResult:
             self._slot, self._results = results.slot(self.id), results
         return self._slot
 
+    def _accept(self):
+        config = self.app.config
+        return serialization.accept_set(config["result_accept_content"]
+                                        or config["accept_content"])
+
     def _refresh(self):
         """The latest state known, after taking what has arrived (never waits)."""
+        store = self.app.store
+        if store is not None:
+            if not _ready(self._meta):
+                self._meta = store.get_meta(self.id, self._accept())
+            return self._meta
         if not _ready(self._meta):
             results = self.app.session().results
             with self.app.session_lock():
@@ -265,9 +275,13 @@ class AsyncResult:
         ``taskd.exceptions.TimeoutError`` when ``timeout`` seconds pass first
         (``timeout=0``: at once unless the result is there), and
         ``taskd.exceptions.ConnectionError`` when its result can no longer
-        arrive (the reply queue it was sent with is gone).
+        arrive (the reply queue it was sent with is gone; never with a result
+        store: ``get()`` then waits through a store restart).
         """
-        if not _ready(self._meta):
+        store = self.app.store
+        if store is not None and not _ready(self._meta):
+            self._meta = store.wait(self.id, timeout, self._accept())
+        elif not _ready(self._meta):
             results = self.app.session().results
             lock = self.app.session_lock()
             with lock:
@@ -328,6 +342,16 @@ class AsyncResult:
     def traceback(self) -> str | None:
         meta = self._refresh()
         return meta.get("traceback") if meta else None
+
+    def forget(self) -> None:
+        """Remove the task's result from the result store (with ``rpc://``, only this
+        handle's copy)."""
+        store = self.app.store
+        if store is not None:
+            store.forget(self.id)
+        self._meta = None
+        if self._slot is not None:
+            self._slot.meta = None
 
     @property
     def date_done(self) -> str | None:

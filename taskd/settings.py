@@ -138,6 +138,11 @@ def parse_size(v):
     return None, "a size such as 512MiB, or 0 for no limit"
 
 
+def _result_backend(v):
+    from .stores import check_url
+    return check_url(v)
+
+
 def _dashboard_listen(v):
     value, _expected = _listen(v)
     return (value, None) if value else (None, "HOST:PORT, e.g. 127.0.0.1:8080")
@@ -210,6 +215,26 @@ SETTINGS = (
             "`accept_content`). A result of any other type becomes a FAILURE without "
             "being decoded. Add `pickle` only if everyone who can publish to the reply "
             "queue is trusted."),
+    # -- result stores (docs/results.md) --
+    Setting("result_backend", _result_backend, "rpc://",
+            "Where results go: `rpc://` (to the caller's reply queue, read once by the "
+            "sender), `redis://HOST:PORT/DB` (extra `redis`; Celery's layout) or "
+            "`postgresql://USER:PASS@HOST/DB?table=NAME` (extra `postgres`; a jsonb table, "
+            "default `taskd_results`). `$TASKD_RESULT_BACKEND` and `App(backend=)` override "
+            "it. Workers and clients must name the same store."),
+    Setting("result_expires", _int(0), 86400,
+            "Seconds a stored result is kept (0: kept until forgotten). Redis expires keys "
+            "itself; PostgreSQL rows are deleted by the workers."),
+    Setting("track_started", _bool, False,
+            "Store the STARTED state (with the worker's name and the child's pid) when a "
+            "task starts; a task's `track_started` attribute overrides it."),
+    Setting("result_extended", _bool, False,
+            "Store the task's name, args, kwargs, worker, retries and queue with its result "
+            "(Celery's `result_extended`)."),
+    Setting("worker.result_buffer", parse_size, 64 * 1024**2,
+            "While the result store is down, finished tasks' results wait in the supervisor "
+            "(their deliveries unacknowledged) up to this many bytes; beyond it no new task "
+            "is started until the store is back. Nothing is dropped."),
     Setting("default_queue", _str, DEFAULT_QUEUE,
             "Queue for tasks that no call option, task attribute or route places elsewhere. "
             "If it is not listed under `queues:` it is a durable queue bound to a direct "

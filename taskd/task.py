@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import current
-from .exceptions import MaxRetriesExceededError, Retry
+from .exceptions import MaxRetriesExceededError, Retry, TaskdError
 from .options import SendOptions
 from .result import AsyncResult
 
@@ -84,6 +84,8 @@ class Task:
     retry_backoff = False
     retry_backoff_max = 600
     retry_jitter = True
+    #: Store STARTED when the task starts (None: the ``track_started`` setting).
+    track_started = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -138,6 +140,27 @@ class Task:
             countdown = self.default_retry_delay if countdown is None else countdown
         raise Retry(exc=exc, when=eta if eta is not None else countdown,
                     args=args, kwargs=kwargs)
+
+    def update_state(self, task_id: str | None = None, state: str | None = None,
+                     meta: Any = None) -> None:
+        """Store a state for this task (or ``task_id``) in the result store: a custom
+        one (``state="PROGRESS", meta={"done": 3}``) that ``AsyncResult.state`` and
+        ``.info`` show until the task ends. Needs a result store (``result_backend``
+        redis:// or postgresql://); with ``rpc://`` it raises ``TaskdError``."""
+        from . import stores
+        store = stores.worker_store()
+        if store is None:
+            store = self._app().store
+        if store is None:
+            raise TaskdError(f"task {self.name}: update_state needs a result store "
+                             "(result_backend: redis://... or postgresql://...); rpc:// "
+                             "keeps no state")
+        task_id = task_id or self.request.id
+        if not task_id:
+            raise TaskdError(f"task {self.name}: update_state outside a running task needs "
+                             "task_id=")
+        store.store(task_id, {"status": state or "PENDING", "result": meta, "traceback": None,
+                              "children": [], "date_done": None})
 
     def backoff_delay(self, retries: int) -> float:
         """Seconds before automatic retry number ``retries + 1``."""

@@ -31,5 +31,5 @@ def missing_extra() -> str | None:
 def missing_driver(url: str) -> str | None:
     if url.startswith("postgresql") and importlib.util.find_spec("psycopg") is None:
         return ("dashboard.database is a PostgreSQL URL but psycopg 3 is not installed: "
-                "pip install 'taskd[dashboard,postgresql]'")
+                "pip install 'taskd[dashboard,postgres]'")
     return None

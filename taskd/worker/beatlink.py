@@ -41,6 +41,7 @@ class BeatLink:
         self.restart = asyncio.Event()      # a reload changed the queue or turned beat off
         self.pacer = ReconnectPacer()
         self._lost: Optional[asyncio.Future] = None
+        self.nodes: Any = None              # the failover order over broker.url's nodes
 
     @property
     def channel(self) -> Any:
@@ -77,10 +78,13 @@ class BeatLink:
     async def _session(self) -> None:
         host, cfg = self.host, self.host.config
         self._lost = self.loop.create_future()
+        if self.nodes is None or self.nodes.urls != cfg.broker_urls:
+            self.nodes = cfg.nodes()    # kept across sessions: a dead node is tried last
         self.conn = conn = AsyncChannel(
             self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
             heartbeat=cfg["broker.heartbeat"], name="taskd-worker-beat",
-            on_lost=self._on_lost, on_return=host.on_return, tls=cfg["broker.tls"])
+            on_lost=self._on_lost, on_return=host.on_return, tls=cfg["broker.tls"],
+            nodes=self.nodes)
         channel = await conn.open()
         await conn.call(channel.queue_declare, host.queue, durable=True,
                         arguments={"x-single-active-consumer": True})

@@ -38,7 +38,7 @@ from typing import Any, Container, Iterable, NoReturn, Optional
 
 from setproctitle import setproctitle
 
-from .. import protocol, signals, task as task_mod
+from .. import protocol, signals, stores, task as task_mod
 from ..exceptions import NotRegistered, Retry, SoftTimeLimitExceeded
 from . import aiochild, framing
 from .framing import ImportFailed, Outcome, Ready, RetryMessage
@@ -46,6 +46,9 @@ from .framing import ImportFailed, Outcome, Ready, RetryMessage
 log = logging.getLogger("taskd.child")
 
 EXIT_IMPORT_FAILED = 3
+#: After a STARTED write fails, the seconds during which no other is tried.
+STARTED_PAUSE = 10.0
+_started_failed_at = -STARTED_PAUSE
 
 
 def _on_soft_limit(signum: int, frame: Any) -> None:
@@ -207,12 +210,13 @@ def run_job(task_id: str, name: str, args: Any, kwargs: Any, meta: dict) -> tupl
 
 def begin(task: Any, task_id: str, name: str, args: Any, kwargs: Any,
           meta: dict) -> task_mod.Request:
-    """The request ``task`` is to run with (NotRegistered if there is no task); sends
-    ``task_prerun``."""
+    """The request ``task`` is to run with (NotRegistered if there is no task); stores
+    STARTED if the task is tracked; sends ``task_prerun``."""
     if task is None:
         raise NotRegistered(f"task {name!r} is not registered in this worker "
                             "(is its module listed under imports:?)")
     request = task_mod.Request(id=task_id, args=args, kwargs=kwargs, **meta.get("request", {}))
+    _mark_started(task, task_id, meta)
     signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
     return request
 
@@ -272,6 +276,31 @@ def finish(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dic
         signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args,
                                   kwargs=kwargs, retval=retval, state=status)
     return status, body, ctype, enc, error, retry
+
+
+def _mark_started(task: Any, task_id: str, meta: dict) -> None:
+    """Store STARTED (the worker's name, this child's pid) if the task is tracked. Written
+    here, in the child, before the task runs (as Celery does): the supervisor's final write
+    always comes after it. A store that fails here does not stop the task (logged): the
+    final state is what the supervisor guarantees."""
+    global _started_failed_at
+    track = task.track_started
+    if track is None:
+        track = stores.worker_tracks_started()
+    if not track or (meta.get("request", {}).get("headers") or {}).get("ignore_result"):
+        return
+    if time.monotonic() - _started_failed_at < STARTED_PAUSE:
+        return          # the store failed just now: tasks do not wait for it again
+    try:
+        store = stores.worker_store()
+        if store is not None:
+            store.store(task_id, {"status": protocol.STARTED, "result": {
+                "pid": os.getpid(), "hostname": stores.node_name()}, "traceback": None,
+                "children": [], "date_done": None})
+    except Exception as exc:
+        _started_failed_at = time.monotonic()
+        log.warning("task %s[%s]: STARTED not stored (%s); not tried again for %gs",
+                    task.name, task_id, exc, STARTED_PAUSE)
 
 
 def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, meta: dict,

@@ -51,6 +51,7 @@ def snapshot(sup: Any) -> dict:
         "counters": dict(sup.counters),
         "stopping": sup.shutdown.stopping,
         "beat": sup.beat.snapshot(),
+        "result_store": sup.store.status() if sup.store is not None else None,
     }
 
 
@@ -138,6 +139,18 @@ def query(path: str, timeout: float = 5.0) -> dict:
     return json.loads(b"".join(chunks))
 
 
+def _store_lines(store: Optional[dict]) -> list:
+    if not store:
+        return ["results:    rpc:// (to each caller's reply queue)"]
+    line = f"results:    {store['url']} " + ("ok" if store["ok"] else (
+        f"DOWN since {time.strftime('%H:%M:%S', time.localtime(store['down_since']))}: "
+        f"{store['error']}"))
+    if store["waiting"]:
+        line += (f"; {store['waiting']} result(s), {store['waiting_bytes']} bytes waiting"
+                 + ("" if store["accepting"] else " (buffer full: no new task starts)"))
+    return [line]
+
+
 def format_status(state: dict) -> str:
     """Human-readable ``taskd status`` output."""
     def when(ts: Optional[float]) -> str:
@@ -157,6 +170,7 @@ def format_status(state: dict) -> str:
         f"broker:     {'connected' if state['connected'] else 'NOT CONNECTED'}"
         + (" (publishing blocked by the broker)" if state["publishing_blocked"] else ""),
         f"queues:     {', '.join(state['queues'])}",
+        *_store_lines(state.get("result_store")),
         f"tasks:      {state['ready']} ready, {state['held']} held (ETA), "
         f"{c.get('parked', 0)} parked so far",
         "counters:   " + ", ".join(f"{k} {c.get(k, 0)}" for k in (

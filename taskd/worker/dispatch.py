@@ -41,6 +41,8 @@ class Dispatcher:
         self._handle: Optional[asyncio.Handle] = None           # dispatch_soon's
         self.total: collections.Counter = collections.Counter()    # task name -> started
         self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
+        # False while new tasks must wait (the result store's buffer is full):
+        self.gate: Callable[[], bool] = lambda: True
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -116,7 +118,7 @@ class Dispatcher:
     def dispatch(self) -> None:
         """Give ready jobs to children with room (see the module's notes)."""
         self._handle = None
-        if not self.ready:
+        if not self.ready or not self.gate():
             return
         rooms = self.pool.room(self.config["worker.child_prefetch"])
         batches: dict = {}

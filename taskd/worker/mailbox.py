@@ -86,7 +86,8 @@ class Mailbox:
         cfg = self.host.config
         return AsyncChannel(self.loop, cfg.broker_url, connect_timeout=cfg["broker.connect_timeout"],
                             heartbeat=cfg["broker.heartbeat"], name="taskd-worker-control",
-                            on_lost=self._on_lost, tls=cfg["broker.tls"])
+                            on_lost=self._on_lost, tls=cfg["broker.tls"],
+                            nodes=self.host.link.nodes)     # fails over with the link
 
     async def _connect(self) -> AsyncChannel:
         await self.close()

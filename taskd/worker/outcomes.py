@@ -37,11 +37,15 @@ log = logging.getLogger("taskd.supervisor")
 
 class Outcomes:
     def __init__(self, loop: asyncio.AbstractEventLoop, acker: Any, replies: Any, copies: Any,
-                 duplicates: Any, counters: collections.Counter, config: Any) -> None:
+                 duplicates: Any, counters: collections.Counter, config: Any,
+                 store: Any = None) -> None:
         self.loop, self.acker, self.replies, self.copies = loop, acker, replies, copies
         self.duplicates, self.counters, self.config = duplicates, counters, config
         self.revoked: Any = None    # a RevokedSet, when remote control is on
         self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
+        # Where results go: the result store if there is one, else the caller's reply queue
+        # (copies always go through the broker, on the replies' publisher).
+        self.results = store if store is not None else replies
 
     # == a task ran ========================================================================
     def ran(self, job: Any, outcome: Outcome) -> None:
@@ -62,13 +66,13 @@ class Outcomes:
             self.counters["failed"] += 1
             self.lifecycle.failed(job, outcome)
             log.info("task %s failed in %.3fs: %s", job.describe(), runtime, outcome.error)
-        reply_to = None if request.ignore_result else self.replies.reply_to(job)
+        reply_to = None if request.ignore_result else self.results.reply_to(job)
         reply = (outcome.body, jobs.result_properties(
             request.correlation_id, outcome.content_type, outcome.content_encoding)) \
             if reply_to else None
         if status == protocol.RETRY:
             if reply:       # the state, for a caller that looks
-                self.replies.publish("", reply_to, *reply, None)
+                self.results.note(job, *reply)
         else:
             self.settle(job, reply)
 
@@ -144,7 +148,7 @@ class Outcomes:
         if reply is None:
             self.acker.complete(job)
         else:
-            self.replies.publish_result(job, *reply)
+            self.results.publish_result(job, *reply)
 
     def fail(self, job: Any, exc: BaseException, status: str = protocol.FAILURE,
              expired: bool = False) -> None:
@@ -155,7 +159,7 @@ class Outcomes:
         else:
             self.lifecycle.failed(job, exc=exc)
         self.settle(job, jobs.failure_reply(job, exc, status)
-                    if self.replies.reply_to(job) else None)
+                    if self.results.reply_to(job) else None)
 
     def give_back(self, job: Any, delay: float = 1.0) -> None:
         """A copy could not be confirmed: return the original to its queue (after
@@ -215,7 +219,7 @@ class Outcomes:
         self.counters["dead_lettered"] += 1
         self.lifecycle.dead_lettered(job, reason)
         reply = (jobs.failure_reply(job, exc or TaskdError(reason))
-                 if self.replies.reply_to(job) else None)
+                 if self.results.reply_to(job) else None)
         self.publish_copy("", self.config["worker.dead_letter_queue"], job.body,
                           jobs.dead_letter(job, reason), self._then_settle(job, reply))
 

@@ -8,8 +8,9 @@ reply queue); larger than the broker takes, replaced by a FAILURE saying so. A
 ``reply_to`` outside ``worker.reply_to_pattern`` gets no reply at all: the
 worker is not a relay into other applications' queues.
 
-A result store (a later issue) plugs in here: it is where a finished task's
-result leaves the worker.
+With a result store (``result_backend`` redis:// or postgresql://), results go to
+:class:`~taskd.worker.store.ResultStore` instead, which has the same three result
+calls (``reply_to``, ``publish_result``, ``note``).
 """
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ class Replies:
                 self.loop.call_later(RESULT_RETRY_DELAY, self.publish_result, job, body, props,
                                      attempt + 1)
         self.publish("", reply_to, body, props, confirmed)
+
+    def note(self, job: Any, body: bytes, props: Any) -> None:
+        """A state that ends nothing (RETRY), for a caller that looks: unconfirmed."""
+        self.publish("", job.properties.reply_to, body, props, None)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: Any,
                 on_confirm: Optional[Callable[[Optional[bool]], None]]) -> None:

@@ -35,6 +35,7 @@ class Shutdown:
         self.loop, self.pool, self.consumer, self.dispatcher = loop, pool, consumer, dispatcher
         self.acker, self.replies, self.notifier, self.config = acker, replies, notifier, config
         self.close = close
+        self.store: Any = None                  # the ResultStore, with a result store
         self.stopping = False
         self.cutting = False                    # the children are being killed
         self.exit_code = EX_OK
@@ -83,6 +84,9 @@ class Shutdown:
         await self._settle(timeout=5.0)
         self.replies.report_unsent()
         self.lifecycle.stopping()
+        if self.store is not None:
+            self.store.report_unwritten()
+            self.store.stop()
         await self.close()
         log.info("stopped (exit code %d)", self.exit_code)
         if not self.stopped.done():
@@ -92,13 +96,15 @@ class Shutdown:
         return [job.describe() for c in self.pool.busy() for job in c.running]
 
     def check_drained(self) -> None:
-        """A warm shutdown is drained once no task runs and no ack or confirm waits."""
+        """A warm shutdown is drained once no task runs and no ack, confirm or result
+        store write waits."""
         done = self._drained
         if done is None or done.done():
             return
         publisher = self.replies.publisher
         if not self.pool.busy() and not self.acker.waiting and \
-                not (publisher and publisher.unconfirmed):
+                not (publisher and publisher.unconfirmed) and \
+                not (self.store is not None and self.store.waiting):
             done.set_result(None)
 
     async def _settle(self, timeout: float) -> None:

@@ -45,6 +45,7 @@ import signal
 import time
 from typing import Any, Optional
 
+from .. import stores
 from . import events, lifecycle, metrics
 from .acker import Acker
 from .beat import Beat
@@ -64,6 +65,7 @@ from .replies import Replies
 from .spawner import Spawner
 from .status import Status
 from .stopping import EX_SOFTWARE, EX_UNAVAILABLE, Shutdown
+from . import store as result_store
 from .systemd import Notifier
 
 log = logging.getLogger("taskd.supervisor")
@@ -76,6 +78,7 @@ class Supervisor:
         self.config, self.config_path = config, config_path
         # The node name (-n, worker.hostname), read once: a reload does not rename a node.
         self.hostname = events.node_name(hostname or config["worker.hostname"])
+        stores.set_node_name(self.hostname)
         self.queue_override, self.concurrency_override = queues, concurrency
         self.queues = self.queues_for(config)
         self.concurrency = concurrency or config["worker.concurrency"]
@@ -99,8 +102,10 @@ class Supervisor:
                                          config["worker.max_result_size"])
         self.copies = copies = Copies(loop, consumer.redeclare)
         self.duplicates = Duplicates(self.counters)
+        self.backend_url = config["result_backend"]     # fixed until a restart
+        self.store = store = result_store.build(loop, config, acker.complete, self.counters)
         self.outcomes = outcomes = Outcomes(loop, acker, replies, copies, self.duplicates,
-                                            self.counters, config)
+                                            self.counters, config, store)
         self.dispatcher = dispatcher = Dispatcher(loop, pool, outcomes, consumer.hold, config)
         self.intake = Intake(consumer, acker, dispatcher, outcomes, self.duplicates, pool,
                              self.counters, config)
@@ -124,6 +129,10 @@ class Supervisor:
             outcomes.revoked = self.mailbox.revokes.revoked
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
+        if store is not None:
+            store.wake, dispatcher.gate = dispatcher.dispatch_soon, store.accepting
+            shutdown.store = store
+            store.start()
         # Served from the start, so that `taskd status` answers while the worker waits
         # for the broker ("connected": false).
         self.control = control.ControlServer(self, config["worker.control_socket"])
@@ -279,6 +288,7 @@ class Supervisor:
         self.config_loaded_at = time.time()
         self.replies.pattern = re.compile(new["worker.reply_to_pattern"])
         self.replies.max_result_size = new["worker.max_result_size"]
+        result_store.reconfigure(self.store, self.backend_url, new)
         self.outcomes.config = self.dispatcher.config = self.consumer.config = new
         self.pool.async_concurrency = new["worker.async_concurrency"]    # children forked
         self.pool.block_warning = new["worker.async_block_warning"]      # from now on

@@ -168,3 +168,19 @@ def periodic_record(self, path):
         fh.write(f"{headers.get('x-taskd-slot')} {self.request.id} "
                  f"{headers.get('x-taskd-periodic')} {os.getppid()}\n")
     return self.request.id
+
+
+def _wait_file(path, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@app.task(name="ttasks.progress", bind=True, track_started=True)
+def progress(self, go_path, done_path):
+    """STARTED (tracked), then PROGRESS once ``go_path`` exists, then SUCCESS once
+    ``done_path`` exists (result stores)."""
+    _wait_file(go_path)
+    self.update_state(state="PROGRESS", meta={"done": 1, "of": 2})
+    _wait_file(done_path)
+    return "finished"
