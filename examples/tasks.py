@@ -24,6 +24,18 @@ def fail(message="this task always fails"):
     raise ValueError(message)
 
 
+@app.task
+def tsum(numbers):
+    """A chord body: the sum of its header's results."""
+    return sum(numbers)
+
+
+@app.task
+def on_error(task_id):
+    """An error callback: called with the id of the task that failed."""
+    return f"handled the failure of {task_id}"
+
+
 class CompressVideoTask(Task):
     routing_key = "video.compress"
 

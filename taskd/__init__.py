@@ -5,8 +5,10 @@ and a prefork worker daemon (``taskd worker``) that runs them. Messages
 follow Celery's task protocol v2, so Celery clients and workers interoperate.
 """
 from .app import App, current_app
+from .canvas import GroupResult, Signature, chain, chord, group, signature
 from .result import AsyncResult
 from .task import Task
 
 __version__ = "0.1.0"
-__all__ = ["App", "AsyncResult", "Task", "current_app", "__version__"]
+__all__ = ["App", "AsyncResult", "GroupResult", "Signature", "Task", "chain", "chord",
+           "current_app", "group", "signature", "__version__"]

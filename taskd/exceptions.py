@@ -126,6 +126,11 @@ class TaskRevokedError(TaskError):
     """The task was not run (expired, or revoked)."""
 
 
+class ChordError(TaskError):
+    """A chord's header task failed: the chord body does not run; it fails with this and
+    its error callbacks are called once."""
+
+
 class TimeoutError(TaskError):  # noqa: A001 - the name callers expect
     """``AsyncResult.get(timeout=...)`` gave up before the result arrived."""
 

@@ -88,6 +88,16 @@ def _retries(name, value):
         raise OptionError(f"{name} must be a non-negative integer, got {value!r}")
 
 
+def _signature(name, value):
+    if not isinstance(value, Mapping) or not isinstance(value.get("task"), str):
+        raise TypeError(f"{name} must be a signature (task.s(...)), got {value!r}")
+
+
+def _signatures(name, value):
+    for sig in ([value] if isinstance(value, Mapping) else value):
+        _signature(name, sig)
+
+
 def _option(check=None, default=None, *, task=False):
     """A field of SendOptions: its check (run when the value is not None) and whether a
     task attribute of the same name fills it in when the call leaves it out."""
@@ -141,6 +151,21 @@ class SendOptions:
     retry: bool = _option(default=True)
     #: Celery's keys: ``max_retries``, ``interval_start``, ``interval_step``, ``interval_max``.
     retry_policy: Mapping | None = _option(_mapping)
+    # -- workflows (docs/workflows.md): Celery's names; signatures travel as dicts ---
+    #: Signature(s) sent with this task's result as first argument when it succeeds.
+    link: Any = _option(_signatures)
+    #: Signature(s) sent with this task's id as argument when it fails.
+    link_error: Any = _option(_signatures)
+    #: The steps after this one, last step first (Celery's ``chain`` embed).
+    chain: Any = _option(_signatures)
+    #: The chord body this task is a header part of (with ``group_id``).
+    chord: Any = _option(_signature)
+    #: The group this task belongs to, and its place in it.
+    group_id: str | None = _option(_string)
+    group_index: int | None = _option(_retries)
+    #: The first task of the workflow, and the task that sent this one.
+    root_id: str | None = _option(_string)
+    parent_id: str | None = _option(_string)
 
     def __post_init__(self):
         for name, check in _CHECKS:
@@ -193,7 +218,26 @@ class SendOptions:
             eta=self.eta, expires=self.expires, retries=self.retries,
             time_limit=self.time_limit, soft_time_limit=self.soft_time_limit,
             reply_to=reply_to, priority=amqp_priority(self.priority),
-            ignore_result=self.ignore_result, extra_headers=self.headers)
+            ignore_result=self.ignore_result, extra_headers=self.headers,
+            root_id=self.root_id, parent_id=self.parent_id, group=self.group_id,
+            group_index=self.group_index, embed=self.embed())
+
+    def embed(self) -> dict | None:
+        """The workflow steps of the message body (plain dicts), or None."""
+        def dicts(value):
+            if value is None:
+                return None
+            return [_plain(value)] if isinstance(value, Mapping) else [_plain(v) for v in value]
+        embed = {"callbacks": dicts(self.link), "errbacks": dicts(self.link_error),
+                 "chain": dicts(self.chain),
+                 "chord": None if self.chord is None else _plain(self.chord)}
+        return embed if any(embed.values()) else None
+
+
+def _plain(sig: Mapping) -> dict:
+    """A signature as the plain dict that goes on the wire (Celery's layout)."""
+    as_dict = getattr(sig, "as_dict", None)
+    return as_dict() if as_dict is not None else dict(sig)
 
 
 _FIELDS = dataclasses.fields(SendOptions)

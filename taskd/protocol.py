@@ -89,15 +89,16 @@ def to_utc_iso(value):
 def encode_task(task_id, name, args=(), kwargs=None, *, serializer="json", eta=None,
                 expires=None, retries=0, time_limit=None, soft_time_limit=None, reply_to=None,
                 priority=None, root_id=None, parent_id=None, group=None, ignore_result=False,
-                extra_headers=None, origin=None) -> OutgoingMessage:
-    """Build a protocol v2 task message. ``eta``/``expires`` are datetimes or None."""
+                extra_headers=None, origin=None, embed=None, group_index=None) -> OutgoingMessage:
+    """Build a protocol v2 task message. ``eta``/``expires`` are datetimes or None;
+    ``embed``: the workflow steps (``callbacks``, ``errbacks``, ``chain``, ``chord``)."""
     kwargs = kwargs or {}
     if not isinstance(args, (list, tuple)):
         raise TypeError(f"task args must be a list or tuple, not {type(args).__name__}")
     if not isinstance(kwargs, dict):
         raise TypeError(f"task kwargs must be a dict, not {type(kwargs).__name__}")
     body, content_type, content_encoding = serialization.dumps(
-        [list(args), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
+        [list(args), kwargs, dict(dict.fromkeys(WORKFLOW_KEYS), **(embed or {}))],
         serializer,
     )
     headers = {
@@ -108,7 +109,7 @@ def encode_task(task_id, name, args=(), kwargs=None, *, serializer="json", eta=N
         "eta": to_utc_iso(eta),
         "expires": to_utc_iso(expires),
         "group": group,
-        "group_index": None,
+        "group_index": group_index,
         "retries": retries,
         "timelimit": [time_limit, soft_time_limit],
         "root_id": root_id or task_id,
@@ -152,6 +153,9 @@ class Request:
     parent_id: str | None = None
     group: str | None = None
     ignore_result: bool = False
+    #: The workflow steps that follow (see :func:`check_embed`); None when there are none.
+    embed: dict | None = None
+    group_index: int | None = None
     content_type: str = "application/json"
     content_encoding: str = "utf-8"
     headers: dict = field(default_factory=dict, compare=False, repr=False)
@@ -249,7 +253,12 @@ def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=
         raise InvalidTaskMessage(f"task {name}: args must be a list, got {type(args).__name__}")
     if not isinstance(kwargs, dict):
         raise InvalidTaskMessage(f"task {name}: kwargs must be a mapping, got {type(kwargs).__name__}")
-    _refuse_workflow(name, embed)
+    embed = check_embed(name, embed)
+    group_index = headers.get("group_index")
+    if group_index is not None and (isinstance(group_index, bool)
+                                    or not isinstance(group_index, int)):
+        raise InvalidTaskMessage(f"header 'group_index' must be an integer, "
+                                 f"got {short_repr(group_index)}")
     return Request(
         id=task_id,
         name=name,
@@ -266,6 +275,8 @@ def decode_task(headers, body, content_type, content_encoding=None, *, reply_to=
         parent_id=parent_id,
         group=group,
         ignore_result=bool(headers.get("ignore_result")),
+        embed=embed,
+        group_index=group_index,
         content_type=content_type or "application/json",
         content_encoding=content_encoding or "utf-8",
         headers=dict(headers),
@@ -282,23 +293,58 @@ def _optional_str(headers, key):
 WORKFLOW_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
-def _refuse_workflow(name, embed):
-    """The body's third part carries the workflow steps that follow the task (Celery's
-    ``link``, ``link_error``, ``chain`` and ``chord``). taskd does not run workflows
-    yet: a message that asks for steps is refused, rather than running its first task
-    and silently dropping the rest."""
+def check_embed(name, embed):
+    """The body's third part: the workflow steps that follow the task (Celery's
+    ``callbacks`` = ``link``, ``errbacks`` = ``link_error``, ``chain``, ``chord``), as
+    signature dicts. Returns the steps present (None when there are none); raises
+    InvalidTaskMessage for what the worker cannot honour as a whole (an unknown key, a
+    step that is not a plain task signature), so that a workflow is never half-run."""
     if embed is None:
-        return
+        return None
     if not isinstance(embed, dict):
         raise InvalidTaskMessage(f"task {name}: the body's third part (the workflow embed) "
                                  f"must be a mapping, got {type(embed).__name__}")
-    steps = [f"{key} ({len(embed[key]) if isinstance(embed[key], (list, tuple)) else 1})"
-             for key in WORKFLOW_KEYS if embed.get(key)]
-    if steps:
+    unknown = sorted(str(k) for k, v in embed.items() if k not in WORKFLOW_KEYS and v)
+    if unknown:
+        raise InvalidTaskMessage(f"task {name}: unknown workflow field(s) in the embed: "
+                                 f"{', '.join(unknown)}; refused rather than half-run")
+    steps = {key: embed[key] for key in WORKFLOW_KEYS if embed.get(key)}
+    for key, value in steps.items():
+        sigs = [value] if key == "chord" else value
+        if not isinstance(sigs, (list, tuple)):
+            raise InvalidTaskMessage(f"task {name}: embed {key!r} must be a list of "
+                                     f"signatures, got {type(value).__name__}")
+        for sig in sigs:
+            check_signature(name, key, sig)
+    return steps or None
+
+
+def check_signature(name, where, sig):
+    """One step of a workflow: a plain task signature ``{"task", "args", "kwargs",
+    "options", "subtask_type": None, "immutable"}`` (checked all the way down its own
+    options' steps)."""
+    if not isinstance(sig, dict) or not isinstance(sig.get("task"), str) or not sig["task"]:
+        raise InvalidTaskMessage(f"task {name}: a step in embed {where!r} is not a task "
+                                 f"signature: {short_repr(sig)}")
+    kind = sig.get("subtask_type")
+    if kind:
         raise InvalidTaskMessage(
-            f"task {name}: the message asks for workflow steps after the task "
-            f"({', '.join(steps)}), which taskd does not run yet; refused rather than "
-            "running only its first step (send the steps as separate tasks)")
+            f"task {name}: embed {where!r} holds a {kind!r} signature ({sig['task']}); taskd "
+            "workers run steps that are single tasks (a group or chord nested inside a "
+            "chain is not run); refused rather than half-run")
+    if not isinstance(sig.get("args") or [], (list, tuple)) or \
+            not isinstance(sig.get("kwargs") or {}, dict) or \
+            not isinstance(sig.get("options") or {}, dict):
+        raise InvalidTaskMessage(f"task {name}: step {sig['task']} in embed {where!r} has "
+                                 "args/kwargs/options of the wrong type")
+    options = sig.get("options") or {}
+    nested = {"callbacks": options.get("link"), "errbacks": options.get("link_error"),
+              "chain": options.get("chain"), "chord": options.get("chord")}
+    for key, value in nested.items():
+        if value:
+            for inner in ([value] if isinstance(value, dict) else value
+                          if isinstance(value, (list, tuple)) else [None]):
+                check_signature(name, key, inner)
 
 
 # --- results -------------------------------------------------------------------

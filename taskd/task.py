@@ -193,7 +193,10 @@ class Task:
                     headers: Mapping | None = None, time_limit: float | None = None,
                     soft_time_limit: float | None = None, ignore_result: bool | None = None,
                     retries: int = 0, retry: bool = True,
-                    retry_policy: Mapping | None = None) -> AsyncResult:
+                    retry_policy: Mapping | None = None, link: Any = None,
+                    link_error: Any = None, chain: Any = None, chord: Any = None,
+                    group_id: str | None = None, group_index: int | None = None,
+                    root_id: str | None = None, parent_id: str | None = None) -> AsyncResult:
         """Send the task; returns an :class:`~taskd.result.AsyncResult`.
 
         Each option is a field of :class:`~taskd.options.SendOptions` (its
@@ -208,8 +211,31 @@ class Task:
             publisher=publisher, connection=connection, task_id=task_id, headers=headers,
             time_limit=time_limit, soft_time_limit=soft_time_limit,
             ignore_result=ignore_result, retries=retries, retry=retry,
-            retry_policy=retry_policy)
+            retry_policy=retry_policy, link=link, link_error=link_error, chain=chain,
+            chord=chord, group_id=group_id, group_index=group_index, root_id=root_id,
+            parent_id=parent_id)
         return cls._app().send(cls.name, args, kwargs, options, task=cls)
+
+    # -- workflows (taskd.canvas) ----------------------------------------------------
+    @classmethod
+    def s(cls, *args: Any, **kwargs: Any) -> Any:
+        """A signature of this task with partial arguments: ``add.s(2) | mul.s(4)``."""
+        from .canvas import Signature
+        return Signature(cls.name, args, kwargs, app=cls.app)
+
+    @classmethod
+    def si(cls, *args: Any, **kwargs: Any) -> Any:
+        """An immutable signature: a parent's result is not prepended to its arguments."""
+        from .canvas import Signature
+        return Signature(cls.name, args, kwargs, immutable=True, app=cls.app)
+
+    @classmethod
+    def signature(cls, args: Sequence | None = None, kwargs: Mapping | None = None,
+                  **options: Any) -> Any:
+        """A signature with options: ``add.signature((2, 2), countdown=10)``."""
+        from .canvas import Signature
+        immutable = options.pop("immutable", False)
+        return Signature(cls.name, args, kwargs, options, immutable=immutable, app=cls.app)
 
     @classmethod
     def get_publisher(cls, connect_timeout: float | None = None, connection: Any = None,

@@ -322,6 +322,8 @@ def _retry_message(task: Any, task_id: str, name: str, args: Any, kwargs: Any, m
         retries=retries, time_limit=req.get("time_limit"),
         soft_time_limit=req.get("soft_time_limit"), reply_to=req.get("reply_to"),
         root_id=req.get("root_id"), parent_id=req.get("parent_id"),
+        embed=meta.get("embed"), group=(meta.get("group") or (None, None))[0],
+        group_index=(meta.get("group") or (None, None))[1],
         extra_headers={k: v for k, v in original.items() if k.startswith("x-")
                        and not k.startswith("x-taskd-")})
     return RetryMessage(message.body, message.content_type, message.content_encoding,

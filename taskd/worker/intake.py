@@ -42,6 +42,7 @@ class Intake:
         self.seq = 0
         self.forsaken: Any = None           # the consuming channel of a lost connection
         self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
+        self.workflows: Any = None          # canvas.Workflows: refuses what it cannot run
         self.configure(config)
 
     def configure(self, config: Any) -> None:
@@ -93,8 +94,12 @@ class Intake:
                 properties.content_encoding, reply_to=properties.reply_to,
                 correlation_id=properties.correlation_id, accept=self.accept)
             jobs.check_headers(job.headers)
+            if job.request.embed and self.workflows is not None:
+                self.workflows.check(job.request)
         except TaskdError as exc:
             self.outcomes.dead_letter(job, f"{type(exc).__name__}: {exc}", exc)
+            if self.workflows is not None:
+                self.workflows.refused(job, f"{type(exc).__name__}: {exc}")
             return False
         job.key = recovery.delivery_key(job.request, job.body)
         if job.redelivered and (self._finish_duplicate(job)

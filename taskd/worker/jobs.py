@@ -85,6 +85,8 @@ class Job:
             "serializer": r.serializer,
             "parent_id": r.parent_id,
             "soft_time_limit": soft_time_limit,
+            "embed": r.embed,       # a retry's copy keeps the workflow steps that follow
+            "group": (r.group, r.group_index),
             "request": {"retries": r.retries, "eta": r.eta, "expires": r.expires,
                         "reply_to": r.reply_to, "delivery_count": self.delivery_count,
                         "root_id": r.root_id, "parent_id": r.parent_id,

@@ -46,6 +46,8 @@ class Outcomes:
         # Where results go: the result store if there is one, else the caller's reply queue
         # (copies always go through the broker, on the replies' publisher).
         self.results = store if store is not None else replies
+        # The workflow steps that follow a task (canvas.Workflows), set by the supervisor.
+        self.workflows: Any = None
 
     # == a task ran ========================================================================
     def ran(self, job: Any, outcome: Outcome) -> None:
@@ -73,6 +75,10 @@ class Outcomes:
         if status == protocol.RETRY:
             if reply:       # the state, for a caller that looks
                 self.results.note(job, *reply)
+        elif self.workflows is not None and request.embed and self.workflows.follow(
+                job, status, outcome.body, outcome.content_type, outcome.content_encoding,
+                lambda: self.settle(job, reply), self.fault):
+            return          # settled once its next steps are confirmed
         else:
             self.settle(job, reply)
 
@@ -153,13 +159,22 @@ class Outcomes:
     def fail(self, job: Any, exc: BaseException, status: str = protocol.FAILURE,
              expired: bool = False) -> None:
         """Settle ``job`` with ``exc`` as its result (REVOKED, a time limit ...);
-        ``expired``: a REVOKED because its ``expires`` passed."""
+        ``expired``: a REVOKED because its ``expires`` passed. A workflow step's error
+        callbacks (none for a revoke) and its chord go first."""
         if status == protocol.REVOKED:
             self.lifecycle.revoked(job, str(exc), expired=expired)
         else:
             self.lifecycle.failed(job, exc=exc)
-        self.settle(job, jobs.failure_reply(job, exc, status)
-                    if self.results.reply_to(job) else None)
+        failure = jobs.failure_reply(job, exc, status)
+        reply = failure if self.results.reply_to(job) else None
+        request = job.request
+        if self.workflows is not None and request is not None and request.embed and \
+                self.workflows.follow(job, protocol.FAILURE, failure[0],
+                                      failure[1].content_type, failure[1].content_encoding,
+                                      lambda: self.settle(job, reply), self.fault,
+                                      revoked=status == protocol.REVOKED):
+            return
+        self.settle(job, reply)
 
     def give_back(self, job: Any, delay: float = 1.0) -> None:
         """A copy could not be confirmed: return the original to its queue (after

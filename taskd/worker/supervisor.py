@@ -51,6 +51,7 @@ from .acker import Acker
 from .beat import Beat
 from .consumer import Consumer, prefetch_base
 from . import control
+from .canvas import Workflows
 from .copies import Copies
 from .dispatch import Dispatcher
 from .recovery import Duplicates
@@ -129,6 +130,9 @@ class Supervisor:
             outcomes.revoked = self.mailbox.revokes.revoked
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
+        self.workflows = outcomes.workflows = self.intake.workflows = Workflows(
+            loop, config, copies, lambda: replies.publisher,
+            store.backend if store is not None else None, self.counters)
         if store is not None:
             store.wake, dispatcher.gate = dispatcher.dispatch_soon, store.accepting
             shutdown.store = store

@@ -135,13 +135,21 @@ def test_a_bad_message_is_described_without_touching_its_odd_headers():
 
 # -- bodies -------------------------------------------------------------------------------
 
-def test_a_stock_celery_chain_or_link_is_refused_not_cut_short():
-    for embed, named in [({"callbacks": [{"task": "b"}], "errbacks": None, "chain": None,
-                           "chord": None}, "callbacks (1)"),
-                         ({"chain": [{"task": "b"}, {"task": "c"}]}, "chain (2)"),
-                         ({"chord": {"task": "b"}}, "chord (1)")]:
+def test_workflow_steps_are_kept_and_what_a_worker_cannot_run_is_refused_whole():
+    step = {"task": "b", "args": [], "kwargs": {}, "options": {}, "subtask_type": None}
+    for embed in ({"callbacks": [step], "errbacks": None, "chain": None, "chord": None},
+                  {"chain": [step, dict(step, task="c")]}, {"chord": step}):
         body = serialization.json_dumps([[1], {}, embed])
-        with pytest.raises(InvalidTaskMessage, match=rf"workflow steps.*{re.escape(named)}.*not run yet"):
+        request = protocol.decode_task({"task": "a", "id": "x"}, body, "application/json")
+        assert request.embed == {k: v for k, v in embed.items() if v}
+    for embed, refused in [({"chain": [dict(step, subtask_type="group")]}, "'group' signature"),
+                           ({"callbacks": [step], "stamps": [1]}, "unknown workflow field"),
+                           ({"chain": [{"args": []}]}, "not a task signature"),
+                           ({"chain": [dict(step, options={"link": [{"x": 1}]})]},
+                            "not a task signature"),
+                           ({"errbacks": "b"}, "must be a list")]:
+        body = serialization.json_dumps([[1], {}, embed])
+        with pytest.raises(InvalidTaskMessage, match=refused):
             protocol.decode_task({"task": "a", "id": "x"}, body, "application/json")
     empty = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     for embed in (empty, {}, None, {"chain": []}):
