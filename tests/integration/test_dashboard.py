@@ -2,8 +2,10 @@
 
 The peer is a real ``celery worker -E`` (tests/support/dashcelery.py): it sends
 Celery's events to ``celeryev`` and answers the ``celery.pidbox`` mailbox, the
-two protocols the dashboard speaks. One stack per session (dashstack.py); every
-test here runs in the ``dashboard`` xdist group, in one process.
+two protocols the dashboard speaks. One stack and one browser per session
+(dashstack.py), session-scoped so that tests of other modules that xdist runs in
+between do not tear them down; every test here runs in the ``dashboard`` xdist group,
+in one process.
 """
 import json
 import os
@@ -23,12 +25,12 @@ DOCS_IMG = ROOT / "docs" / "img"
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def img(tmp_path_factory):
     return DOCS_IMG if os.environ.get("TASKD_DOCS_SCREENSHOTS") == "1" else tmp_path_factory.mktemp("img")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     if not pathlib.Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/browser.sh (the suite's command does)")
@@ -42,7 +44,7 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
