@@ -4,7 +4,8 @@
   any other address every page needs a session unlocked with the admin token.
 * An action (a POST) needs all of: an admin token configured; a session
   unlocked with it (``/login``); the session's CSRF token in the form; an
-  ``Origin`` (or, failing that, ``Referer``) header naming this dashboard.
+  ``Origin`` (or, failing that, ``Referer``) header naming this dashboard's host
+  and port (the scheme is not compared: a TLS-terminating proxy changes it).
   The session cookie is ``HttpOnly`` and ``SameSite=Strict``, so another
   site's page cannot even send it.
 * On loopback, a request whose ``Host`` is not a loopback name is refused
@@ -96,8 +97,10 @@ class Guard:
     def refuse_post(self, s: Session, form_csrf: str | None, origin: str | None,
                     referer: str | None, base: str, admin: bool = True) -> str | None:
         """Why this POST is refused (None: allowed). ``base`` is ``scheme://host[:port]``."""
-        source = origin or (_origin_of(referer) if referer else None)
-        if source is None or source.rstrip("/") != base.rstrip("/"):
+        source = origin or referer
+        # Host and port only: behind a TLS-terminating proxy the page is https and the
+        # dashboard sees http; the cookie's SameSite=Strict keeps other sites out.
+        if not source or urlsplit(source).netloc != urlsplit(base).netloc:
             return "the request did not come from this dashboard's own pages (Origin check)"
         if not form_csrf or not hmac.compare_digest(form_csrf, s.csrf):
             return "the form's CSRF token is missing or stale; reload the page"
@@ -107,8 +110,3 @@ class Guard:
         if admin and not s.admin:
             return "actions need the admin token: log in first"
         return None
-
-
-def _origin_of(url: str) -> str | None:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None

@@ -166,6 +166,8 @@ def test_a_post_needs_origin_csrf_and_a_token_session():
     s = guard.session(None)
     assert "Origin" in guard.refuse_post(s, s.csrf, "http://evil.example", None, base)
     assert "Origin" in guard.refuse_post(s, s.csrf, None, None, base)
+    assert "Origin" in guard.refuse_post(s, s.csrf, "http://127.0.0.1:9999", None, base)
+    assert "log in" in guard.refuse_post(s, s.csrf, "https://127.0.0.1:8080", None, base)
     assert "CSRF" in guard.refuse_post(s, "wrong", base, None, base)
     assert "log in" in guard.refuse_post(s, s.csrf, base, None, base)
     assert guard.refuse_post(s, s.csrf, None, base + "/workers", base, admin=False) is None
