@@ -42,6 +42,19 @@ exit codes:
 """
 
 
+DASHBOARD_EPILOG = """\
+environment:
+  TASKD_DASHBOARD_TOKEN  the admin token (overrides dashboard.admin_token): unlocks
+                         actions, and reading when --listen is not a loopback address
+
+TERM or INT stops it; events sent meanwhile wait in dashboard.event_queue.
+exit codes:
+  0 stopped   1 cannot listen on the address   64 bad command line
+  78 configuration error, missing extra, or
+  no admin token for a non-loopback address
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -139,6 +152,19 @@ def build_parser():
                     help="how many next runs to show per entry (default 3)")
     sc.add_argument("--json", action="store_true", help="print the entries as JSON")
     controlcli.add_parsers(sub, _config_arg)      # inspect, control (remote control)
+
+    db = sub.add_parser("dashboard", help="serve the web dashboard on recorded task history",
+                        description="Record worker events (Celery's event protocol, from a "
+                        "durable queue) into task history and serve the web dashboard on it "
+                        "(docs/dashboard.md). Needs the 'dashboard' extra.",
+                        epilog=DASHBOARD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_arg(db)
+    db.add_argument("--listen", metavar="HOST:PORT",
+                    help="address to serve on (overrides dashboard.listen; reading is open "
+                         "only on loopback, elsewhere every page needs the admin token)")
+    db.add_argument("-l", "--loglevel", choices=config_mod.LOG_LEVELS, type=str.lower,
+                    help="log level (overrides logging.level)")
+
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return parser
 
@@ -367,6 +393,32 @@ def cmd_dead_letters(args):
     return 0
 
 
+def cmd_dashboard(args):
+    from . import dashboard
+    problem = dashboard.missing_extra()
+    if problem:
+        print(f"taskd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    config, code = _load(args)
+    if config is None:
+        return code
+    listen = args.listen or config["dashboard.listen"]
+    if args.listen is not None:
+        _value, expected = next(
+            s for s in config_mod.SETTINGS if s.key == "dashboard.listen").check(args.listen)
+        if expected:
+            print(f"taskd dashboard: --listen: expected {expected}, got {args.listen!r}",
+                  file=sys.stderr)
+            return EX_USAGE
+    problem = dashboard.missing_driver(config["dashboard.database"])
+    if problem:
+        print(f"taskd: {problem}", file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(args.loglevel or config["logging.level"])
+    from .dashboard import server
+    return server.serve(config, listen)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "config-reference":
@@ -374,5 +426,6 @@ def main(argv=None):
         return 0
     handler = {"worker": cmd_worker, "check-config": cmd_check_config, "call": cmd_call,
                "dead-letters": cmd_dead_letters, "status": cmd_status,
-               "schedule": cmd_schedule, "inspect": cmd_remote, "control": cmd_remote}
+               "schedule": cmd_schedule, "inspect": cmd_remote, "control": cmd_remote,
+               "dashboard": cmd_dashboard}
     sys.exit(handler[args.command](args))

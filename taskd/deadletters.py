@@ -66,8 +66,11 @@ def list_dead(config, queue=None, limit=LIST_LIMIT):
         conn.close()            # unacked: the broker puts every message back
 
 
-def replay(config, queue=None, limit=None, task=None, to=None):
-    """Move dead letters back to their queues; returns (replayed, skipped) counts."""
+def replay(config, queue=None, limit=None, task=None, to=None, message_id=None):
+    """Move dead letters back to their queues; returns (replayed, skipped) counts.
+
+    ``task`` and ``message_id`` keep only the messages of that task name / task id.
+    """
     queue = queue or config["worker.dead_letter_queue"]
     conn = connect_blocking(config.broker_urls, config["broker.connect_timeout"], 0, "taskd-admin",
                             config["broker.tls"])
@@ -78,7 +81,8 @@ def replay(config, queue=None, limit=None, task=None, to=None):
         for method, props, body in _stream(channel, queue, limit):
             headers = props.headers or {}
             target = to or headers.get("x-taskd-queue")
-            if (task and headers.get("task") != task) or not target:
+            if ((task and headers.get("task") != task) or not target
+                    or (message_id and (headers.get("id") or props.correlation_id) != message_id)):
                 skipped += 1    # left unacked: given back when the connection closes
                 continue
             clean = {k: v for k, v in headers.items()

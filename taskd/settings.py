@@ -143,6 +143,20 @@ def _result_backend(v):
     return check_url(v)
 
 
+def _dashboard_listen(v):
+    value, _expected = _listen(v)
+    return (value, None) if value else (None, "HOST:PORT, e.g. 127.0.0.1:8080")
+
+
+DEFAULT_DASHBOARD_DATABASE = "sqlite:////var/lib/taskd/dashboard.sqlite3"
+
+
+def _database_url(v):
+    if isinstance(v, str) and re.match(r"^(sqlite:///.+|postgresql(\+psycopg)?://.+)$", v):
+        return v, None
+    return None, "sqlite:///PATH or postgresql://USER@HOST/DB"
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     key: str
@@ -353,6 +367,27 @@ SETTINGS = (
             "call itself (`delay`, `apply_async`) instead of only from `get()`."),
     Setting("logging.level", _choice(*LOG_LEVELS), "info",
             "Log level: " + ", ".join(LOG_LEVELS) + " (`--loglevel` overrides)."),
+    # --- dashboard (taskd dashboard; docs/dashboard.md) ---------------------------
+    Setting("dashboard.listen", _dashboard_listen, "127.0.0.1:8080",
+            "`HOST:PORT` the dashboard serves on (`--listen` overrides). Reading is open "
+            "only on a loopback address; on any other address every page needs the admin "
+            "token."),
+    Setting("dashboard.database", _database_url, DEFAULT_DASHBOARD_DATABASE,
+            "Where the dashboard keeps task history: `sqlite:///PATH` (embedded) or "
+            "`postgresql://USER@HOST/DB` (needs psycopg 3)."),
+    Setting("dashboard.admin_token", _str, None,
+            "Token that unlocks actions (and reading, off loopback). "
+            "`$TASKD_DASHBOARD_TOKEN` overrides it. Null: no actions. Never printed."),
+    Setting("dashboard.event_queue", _str, "taskd.dashboard.events",
+            "Durable queue bound to the `celeryev` exchange that the dashboard consumes "
+            "events from; events sent while the dashboard is down wait there."),
+    Setting("dashboard.event_queue_max_length", _int(0), 1_000_000,
+            "At most this many events wait in the event queue while the dashboard is down "
+            "(`x-max-length`, oldest dropped first; 0: no limit)."),
+    Setting("dashboard.retention", _number(), 7 * 86400.0,
+            "Seconds of task history kept; older tasks are pruned."),
+    Setting("dashboard.max_tasks", _int(1000), 1_000_000,
+            "At most this many tasks kept in history; the oldest are pruned past it."),
 )
 
 ITEM_SETTINGS = {
