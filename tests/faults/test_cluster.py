@@ -25,7 +25,6 @@ from conftest import PYTHONPATH, ROOT, TASKD, executions, wait_for
 from tcpproxy import Proxy
 
 pytestmark = [pytest.mark.cluster,
-              pytest.mark.xdist_group("cluster"),     # one process: one cluster, file order
               pytest.mark.timeout(300),               # the first one also starts the cluster
               pytest.mark.skipif(not cluster_mod.available(),
                                  reason="needs rabbitmq-server installed and root "

@@ -17,7 +17,7 @@ import pytest
 
 from dashstack import CHROMIUM, CHROMIUM_ARGS, ROOT, TOKEN, Stack, wait_for
 
-pytestmark = [pytest.mark.broker, pytest.mark.xdist_group("dashboard")]
+pytestmark = pytest.mark.broker
 playwright_api = pytest.importorskip("playwright.sync_api")
 # Screenshots go to docs/img/ (the ones docs/dashboard.md shows) when
 # TASKD_DOCS_SCREENSHOTS=1, else beside the test's files, so a test run leaves the tree clean.

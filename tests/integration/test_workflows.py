@@ -13,8 +13,6 @@ from conftest import BROKER_URL, PYTHONPATH, ROOT, Broker, Topology, Worker, wai
 
 REDIS_URL = os.environ.get("TASKD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
-pytestmark = pytest.mark.xdist_group("workflows")
-
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
