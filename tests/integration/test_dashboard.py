@@ -30,7 +30,10 @@ def img(tmp_path_factory):
     return DOCS_IMG if os.environ.get("TASKD_DOCS_SCREENSHOTS") == "1" else tmp_path_factory.mktemp("img")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: the file runs whole in one xdist process, and Playwright's
+# sync API keeps an event loop running in the main thread while it is open, which would
+# break the asyncio.run() of later tests in the same process.
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if not pathlib.Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/browser.sh (the suite's command does)")
@@ -44,7 +47,7 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
