@@ -99,7 +99,8 @@ def build_parser():
                         "taskd@<host name>; %%h host name, %%n its first label, %%d domain): "
                         "what events, `taskd inspect` and -d/--destination use")
 
-    c = sub.add_parser("check-config", help="validate the configuration file and probe each broker node",
+    c = sub.add_parser("check-config",
+                       help="validate the configuration file and probe each broker node",
                        description="Validate the configuration; print every error and exit 78. "
                        "Then connect to each broker node of broker.url (TLS verified as the "
                        "worker verifies it) and report each: reachable or why not, its "
