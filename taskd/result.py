@@ -61,6 +61,17 @@ UNCLAIMED_MAX = 1000
 LOST_MAX = 64
 
 
+def meta_value(meta):
+    """What a result's meta holds: the return value, or the exception a failure (or a
+    revoke) stands for (rebuilt by the rules of :func:`dict_to_exception`)."""
+    if meta["status"] in protocol.EXCEPTION_STATES:
+        value = meta.get("result")
+        if meta["status"] == protocol.REVOKED and not isinstance(value, dict):
+            return TaskRevokedError(str(value or "revoked"))
+        return dict_to_exception(value)
+    return meta.get("result")
+
+
 def _ready(meta):
     return meta is not None and meta.get("status") in protocol.READY_STATES
 
@@ -327,14 +338,7 @@ class AsyncResult:
     @property
     def result(self) -> Any:
         meta = self._refresh()
-        if meta is None:
-            return None
-        if meta["status"] in protocol.EXCEPTION_STATES:
-            value = meta.get("result")
-            if meta["status"] == protocol.REVOKED and not isinstance(value, dict):
-                return TaskRevokedError(str(value or "revoked"))
-            return dict_to_exception(value)
-        return meta.get("result")
+        return None if meta is None else meta_value(meta)
 
     info = result
 

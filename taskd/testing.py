@@ -36,7 +36,7 @@ import concurrent.futures
 from typing import Any, Optional
 
 from . import protocol, serialization, signals
-from .exceptions import TaskRevokedError, dict_to_exception
+from .result import meta_value
 
 MAX_EAGER_RETRIES = 1000    # a task with max_retries None that always retries stops here
 
@@ -84,13 +84,7 @@ class EagerResult:
 
     @property
     def result(self) -> Any:
-        meta = self._meta
-        if meta["status"] in protocol.EXCEPTION_STATES:
-            value = meta.get("result")
-            if meta["status"] == protocol.REVOKED and not isinstance(value, dict):
-                return TaskRevokedError(str(value or "revoked"))
-            return dict_to_exception(value)
-        return meta.get("result")
+        return meta_value(self._meta)
 
     info = result
 
