@@ -15,7 +15,7 @@ import collections
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from . import framing
 
@@ -84,3 +84,28 @@ def describe_exit(status: Optional[int]) -> str:
             name = str(sig)
         return f"killed by {name}"
     return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def exit_cause(child: Child, status: Optional[int], job: Any, was_starting: bool) -> str:
+    """Why ``child`` left, in one word (a metric's label: a short, fixed set)."""
+    if was_starting:
+        return "start_failed"
+    if child.fault:
+        return "broken_stream"
+    if job is not None and getattr(job, "timed_out", False):
+        return "time_limit"
+    if child.state == RETIRING and job is None:
+        return "retired"
+    if status is not None and os.WIFSIGNALED(status):
+        return "killed"
+    return "exited"
+
+
+def free_index(children: Iterable[Child], generation: int) -> int:
+    """The lowest index no serving child of ``generation`` has."""
+    used = {c.index for c in children
+            if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
+    i = 1
+    while i in used:
+        i += 1
+    return i

@@ -37,7 +37,8 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from . import child as child_mod
-from .childstate import BUSY, DEAD, IDLE, RETIRING, STARTING, Child, describe_exit  # noqa: F401
+from .childstate import (BUSY, DEAD, IDLE, RETIRING, STARTING, Child,  # noqa: F401
+                         describe_exit, exit_cause, free_index)
 from . import framing, lifecycle
 from .framing import ImportFailed, Outcome, Ready
 
@@ -121,7 +122,7 @@ class Pool:
         generation = self.generation if generation is None else generation
         imports = self.imports if imports is None else tuple(imports)
         memory_limit = self.memory_limit if memory_limit is None else memory_limit
-        index = _free_index(self.children.values(), generation)
+        index = free_index(self.children.values(), generation)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
         parent = os.getpid()
@@ -396,34 +397,9 @@ class Pool:
             self._call(self.on_lost, child, other, reason, [], give_back=other)
 
 
-def exit_cause(child: Child, status: Optional[int], job: Any, was_starting: bool) -> str:
-    """Why ``child`` left, in one word (a metric's label: a short, fixed set)."""
-    if was_starting:
-        return "start_failed"
-    if child.fault:
-        return "broken_stream"
-    if job is not None and getattr(job, "timed_out", False):
-        return "time_limit"
-    if child.state == RETIRING and job is None:
-        return "retired"
-    if status is not None and os.WIFSIGNALED(status):
-        return "killed"
-    return "exited"
-
-
 def _settle(future: asyncio.Future, value: Any) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def _free_index(children: Iterable[Child], generation: int) -> int:
-    """The lowest index no serving child of ``generation`` has."""
-    used = {c.index for c in children
-            if c.generation == generation and c.state in (STARTING, IDLE, BUSY)}
-    i = 1
-    while i in used:
-        i += 1
-    return i
 
 
 def _settle_all(futures: list) -> list:

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from taskd import config as config_mod, protocol
 from taskd.worker import events as events_mod, framing, lifecycle, metrics as metrics_mod
-from taskd.worker.pool import exit_cause
+from taskd.worker.childstate import exit_cause
 from test_worker_parts import deliver, parts
 
 
