@@ -248,6 +248,13 @@ SETTINGS = (
             "pipe, so the child never waits for the supervisor between tasks (more throughput "
             "for short tasks); but that task may wait behind a long one, and a warm shutdown "
             "runs it too."),
+    Setting("worker.child_prefetch_adaptive", _seconds_or_off, 0.02,
+            "With `child_prefetch` 1: the adaptive window. A child running a task whose name "
+            "ran under this many seconds in its last 3 runs (and not longer in the last "
+            "minute), and which has run less than this so far, is written one more such "
+            "short task ahead, so that it never waits for the supervisor between short "
+            "tasks. A long task never gets a task queued behind it. 0: off (strictly one "
+            "task per child). See docs/benchmarks.md."),
     Setting("worker.max_tasks_per_child", _int(0), 0,
             "Replace a child after this many tasks (0: never)."),
     Setting("worker.max_memory_per_child", parse_size, 0,

@@ -212,6 +212,7 @@ class Supervisor:
         self.dispatcher.dispatch()
 
     def on_outcome(self, child: Any, job: Any, outcome: Outcome) -> None:
+        self.dispatcher.ran(job, outcome.runtime)    # the adaptive window learns
         self.outcomes.ran(job, outcome)
         self.spawner.recycle(child)
         self.spawner.manage()
