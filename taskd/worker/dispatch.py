@@ -48,6 +48,8 @@ class Dispatcher:
         # False while new tasks must wait (the result store's buffer is full):
         self.gate: Callable[[], bool] = lambda: True
         self.window = Window(config["worker.child_prefetch_adaptive"])
+        self.deep = False                   # the window's verdict, last told to ``deepen``
+        self.deepen: Callable[[bool], None] = lambda deep: None    # the consumer's QoS
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -172,8 +174,13 @@ class Dispatcher:
 
     def ran(self, job: Any, runtime: float) -> None:
         """``job`` ran for ``runtime`` seconds (the child's measure): the window learns."""
-        self.window.short = self.config["worker.child_prefetch_adaptive"]
-        self.window.ran(job.task_name, runtime, time.monotonic())
+        window, now = self.window, time.monotonic()
+        window.short = self.config["worker.child_prefetch_adaptive"]
+        window.ran(job.task_name, runtime, now)
+        deep = window.deep(now)
+        if deep is not self.deep:
+            self.deep = deep
+            self.deepen(deep)
 
     def started(self, child: Any, job: Any) -> None:
         """A child starts ``job``: arm its hard time limit."""

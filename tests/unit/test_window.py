@@ -1,5 +1,6 @@
-"""The adaptive child window: the pure rules (clock passed in) and the dispatcher writing
-one job ahead only behind a short task, only a short one, in order."""
+"""The adaptive child window: the pure rules (clock passed in), the dispatcher writing
+one job ahead only behind a short task, only a short one, in order, and the consumer's
+QoS deepening while every recent task was short."""
 import asyncio
 import os
 import time
@@ -7,10 +8,11 @@ import types
 
 from taskd import config as config_mod, protocol
 from taskd.worker.childstate import BUSY, Child
+from taskd.worker.consumer import Consumer, prefetch_deep
 from taskd.worker.pool import Pool
-from taskd.worker.window import MEMORY, STREAK, Window
+from taskd.worker.window import DEEP_STREAK, MEMORY, STREAK, Window
 
-from test_worker_parts import deliver, parts
+from test_worker_parts import StubConn, deliver, parts
 
 
 def teach(window, name, runtime, times, now):
@@ -148,3 +150,45 @@ def test_the_window_learns_from_the_outcomes_the_dispatcher_is_told_of():
     assert p.dispatcher.window.is_short("t.a", time.monotonic())
     p.dispatcher.ran(job, 1.0)
     assert not p.dispatcher.window.is_short("t.a", time.monotonic())
+
+
+def test_the_qos_deepens_after_a_streak_of_short_runs_and_returns_at_one_long_run():
+    w = Window(0.02)
+    for i in range(DEEP_STREAK - 1):
+        w.ran(f"t.{i % 3}", 0.001, 100.0)               # any task names count
+    assert not w.deep(100.0)
+    w.ran("t.a", 0.001, 100.0)
+    assert w.deep(100.0)
+    w.ran("t.b", 1.0, 101.0)                            # one long run: back at once
+    assert not w.deep(101.0)
+    teach(w, "t.a", 0.001, DEEP_STREAK, 102.0)
+    assert not w.deep(101.0 + MEMORY - 1) and w.deep(101.0 + MEMORY)
+    w.short = 0.0
+    assert not w.deep(500.0)
+
+
+def test_the_dispatcher_tells_the_consumer_only_when_the_verdict_changes():
+    p = parts(asyncio.new_event_loop())
+    told = []
+    p.dispatcher.deepen = told.append
+    job = types.SimpleNamespace(task_name="t.a")
+    for _ in range(DEEP_STREAK + 5):
+        p.dispatcher.ran(job, 0.001)
+    p.dispatcher.ran(job, 0.5)
+    p.dispatcher.ran(job, 0.001)
+    assert told == [True, False]
+
+
+def test_the_consumer_adds_the_deep_slots_to_its_qos_and_removes_them():
+    config = config_mod.loads("worker:\n  concurrency: 2\n")
+    assert prefetch_deep(2, config) == 2 * (16 - 4)     # the defaults
+    assert prefetch_deep(2, config_mod.loads("worker:\n  child_prefetch_adaptive: 0\n")) == 0
+    assert prefetch_deep(2, config_mod.loads("worker:\n  async_concurrency: 10\n")) == 0
+    assert prefetch_deep(2, config_mod.loads("worker:\n  prefetch_multiplier: 32\n")) == 0
+    c = Consumer(None, None, None, config)
+    c.conn, c.base = StubConn(), 8
+    c.deepen(24)
+    c.deepen(24)                                        # unchanged: no new basic.qos
+    c.hold(3)
+    c.deepen(0)
+    assert [kw["prefetch_count"] for _, _, kw in c.conn.channel.sent] == [8 + 24, 8 + 24 + 11, 8 + 11]
