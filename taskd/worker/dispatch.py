@@ -151,16 +151,19 @@ class Dispatcher:
 
     def _write_ahead(self, batches: dict) -> None:
         """The adaptive window: one more job, of a short task, to each busy child whose
-        running task is short (see :mod:`~taskd.worker.window`). Jobs keep their order:
-        the first ready job not short stops it."""
+        running task is short (see :mod:`~taskd.worker.window`) and that is not retired
+        after it (``worker.max_tasks_per_child``). Jobs keep their order: the first
+        ready job not short stops it."""
         window = self.window
         window.short = self.config["worker.child_prefetch_adaptive"]
         if not window.short:
             return
-        now = time.monotonic()
+        now, max_tasks = time.monotonic(), self.config["worker.max_tasks_per_child"]
         for child in self.pool.ahead():
             if not self.ready or not window.is_short(self.ready[0].request.name, now):
                 return
+            if max_tasks and child.tasks_done + 1 >= max_tasks:
+                continue        # retired after its current task: it would run one too many
             running, started = next(iter(child.running.items()))
             if not window.behind(running.task_name, started, now):
                 continue

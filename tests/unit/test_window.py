@@ -81,9 +81,9 @@ class Children:
             os.close(fd)
 
 
-def with_window(adaptive=0.02):
+def with_window(adaptive=0.02, max_tasks=0):
     config = config_mod.loads("worker:\n  dead_letter_queue: dlq\n  child_prefetch_adaptive: "
-                              f"{adaptive}\n")
+                              f"{adaptive}\n  max_tasks_per_child: {max_tasks}\n")
 
     async def main(check):
         p = parts(asyncio.get_running_loop())
@@ -192,3 +192,15 @@ def test_the_consumer_adds_the_deep_slots_to_its_qos_and_removes_them():
     c.hold(3)
     c.deepen(0)
     assert [kw["prefetch_count"] for _, _, kw in c.conn.channel.sent] == [8 + 24, 8 + 24 + 11, 8 + 11]
+
+
+def test_no_job_is_written_ahead_to_a_child_retired_after_its_current_task():
+    def check(p, kids):
+        last = kids.run(101, "t.short", time.monotonic())
+        last.tasks_done = 4                             # its 5th task runs: then replaced
+        other = kids.run(102, "t.short", time.monotonic())
+        other.tasks_done = 3
+        deliver(p, 1, protocol.encode_task("id-1", "t.short", [], {}))
+        deliver(p, 2, protocol.encode_task("id-2", "t.short", [], {}))
+        assert not last.queued and [j.task_id for j in other.queued] == ["id-1"]
+    asyncio.run(with_window(max_tasks=5)(check))
