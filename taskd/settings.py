@@ -258,10 +258,25 @@ SETTINGS = (
             "tasks count (acks come after completion): raise it (e.g. 16) for many short "
             "tasks, lower it to 1 for long tasks shared by several workers."),
     Setting("worker.child_prefetch", _int(1), 1,
-            "Tasks a child holds at once. 1: only the one it runs. 2: one more waits in its "
+            "Tasks a child holds at once. 1: the one it runs (and one short task more, when "
+            "the adaptive window allows: `child_prefetch_adaptive`). 2: one more waits in its "
             "pipe, so the child never waits for the supervisor between tasks (more throughput "
             "for short tasks); but that task may wait behind a long one, and a warm shutdown "
             "runs it too."),
+    Setting("worker.child_prefetch_adaptive", _seconds_or_off, 0.02,
+            "With `child_prefetch` 1: the adaptive window. A child running a task whose name "
+            "ran under this many seconds in its last 3 runs (and not longer in the last "
+            "minute), and which has run less than this so far, is written one more such "
+            "short task ahead, so that it never waits for the supervisor between short "
+            "tasks. A long task never gets a task queued behind it. 0: off (strictly one "
+            "task per child). See docs/benchmarks.md."),
+    Setting("worker.prefetch_multiplier_short", _int(0), 16,
+            "The prefetch multiplier while the adaptive window finds every recent task short "
+            "(its last 20 runs, none longer than `child_prefetch_adaptive` in the last "
+            "minute): QoS = concurrency x this, so that the children are never starved of "
+            "short tasks. One long run returns the QoS to `prefetch_multiplier` at once "
+            "(messages received before stay with this worker). Not above "
+            "`prefetch_multiplier`, or with `async_concurrency` > 1: no effect."),
     Setting("worker.max_tasks_per_child", _int(0), 0,
             "Replace a child after this many tasks (0: never)."),
     Setting("worker.max_memory_per_child", parse_size, 0,

@@ -6,7 +6,8 @@ worker's topology, sets the prefetch and consumes every queue
 (:class:`~taskd.worker.consumers.Consumers` keeps the tags and answers broker
 cancels). The prefetch is ``base`` (:func:`prefetch_base`)
 plus room for the ETA jobs held in memory (:meth:`Consumer.hold`), so that held
-jobs do not starve the rest.
+jobs do not starve the rest, plus ``deep`` (:func:`prefetch_deep`) while the adaptive
+window finds every recent task short (:meth:`Consumer.deepen`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def prefetch_base(concurrency: int, config: Any) -> int:
             * config["worker.prefetch_multiplier"])
 
 
+def prefetch_deep(concurrency: int, config: Any) -> int:
+    """The QoS added while every recent task was short: concurrency x
+    (``worker.prefetch_multiplier_short`` - ``worker.prefetch_multiplier``); 0 with
+    coroutine children (``worker.async_concurrency`` > 1) or the window off."""
+    if config["worker.async_concurrency"] > 1 or not config["worker.child_prefetch_adaptive"]:
+        return 0
+    return concurrency * max(0, config["worker.prefetch_multiplier_short"]
+                             - config["worker.prefetch_multiplier"])
+
+
 class Consumer:
     """``connect(name)``: a new, unopened AsyncChannel; ``on_delivery``: pika's message
     callback; ``config``: the worker's (a reload replaces it)."""
@@ -43,6 +54,7 @@ class Consumer:
         self.queues: tuple = ()     # the queues it consumes
         self.base = 1               # concurrency * prefetch multiplier
         self.extra = 0              # room for the ETA jobs held
+        self.deep = 0               # added while every recent task was short
 
     @property
     def channel(self) -> Any:
@@ -107,7 +119,13 @@ class Consumer:
 
     @property
     def prefetch(self) -> int:
-        return min(self.base + self.extra, MAX_PREFETCH)
+        return min(self.base + self.deep + self.extra, MAX_PREFETCH)
+
+    def deepen(self, deep: int) -> None:
+        """Every recent task was short (``deep``: the slots to add), or one ran long (0)."""
+        if deep != self.deep:
+            self.deep = deep
+            self._set_qos()
 
     def hold(self, held: int) -> None:
         """``held`` ETA jobs are in memory: raise the prefetch by as many, so that they do

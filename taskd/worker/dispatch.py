@@ -3,7 +3,10 @@
 Decoded jobs wait in ``ready`` (in order) or, with an ETA not yet due, in the
 ``schedule`` (a timer moves them to ``ready`` when due). :meth:`Dispatcher.dispatch`
 gives ready jobs to idle children, then (``worker.child_prefetch`` > 1) more in
-advance to busy ones, so that they never wait for the supervisor. Jobs go
+advance to busy ones, so that they never wait for the supervisor. With the
+default ``child_prefetch`` 1, the adaptive window (:mod:`~taskd.worker.window`,
+``worker.child_prefetch_adaptive``) writes one job ahead to a busy child only
+behind a task that is short and for a job that is short. Jobs go
 round the children one at a time; each child's share is written at once. On
 the way out a job is checked once more: an unknown task is dead-lettered, an
 expired or revoked one settled REVOKED, one whose arguments cannot be pickled
@@ -22,6 +25,7 @@ from ..exceptions import InvalidTaskMessage, NotRegistered
 from . import lifecycle
 from .framing import encode_job
 from .schedule import Schedule
+from .window import Window
 
 log = logging.getLogger("taskd.supervisor")
 
@@ -43,6 +47,9 @@ class Dispatcher:
         self.lifecycle: lifecycle.Observer = lifecycle.NOBODY
         # False while new tasks must wait (the result store's buffer is full):
         self.gate: Callable[[], bool] = lambda: True
+        self.window = Window(config["worker.child_prefetch_adaptive"])
+        self.deep = False                   # the window's verdict, last told to ``deepen``
+        self.deepen: Callable[[bool], None] = lambda deep: None    # the consumer's QoS
 
     def __len__(self) -> int:
         """Jobs waiting here: ready and held."""
@@ -120,7 +127,8 @@ class Dispatcher:
         self._handle = None
         if not self.ready or not self.gate():
             return
-        rooms = self.pool.room(self.config["worker.child_prefetch"])
+        depth = self.config["worker.child_prefetch"]
+        rooms = self.pool.room(depth)
         batches: dict = {}
         while rooms and self.ready:
             for child in list(rooms):
@@ -134,10 +142,48 @@ class Dispatcher:
                     del rooms[child]
                 else:
                     rooms[child] -= 1
+        if depth == 1 and self.ready:
+            self._write_ahead(batches)
         for child, (batch, frames) in batches.items():
             data = b"".join(frames) if len(frames) > 1 else frames[0]
             for started in self.pool.send(child, batch, data):
                 self.started(child, started)
+
+    def _write_ahead(self, batches: dict) -> None:
+        """The adaptive window: one more job, of a short task, to each busy child whose
+        running task is short (see :mod:`~taskd.worker.window`) and that is not retired
+        after it (``worker.max_tasks_per_child``). Jobs keep their order: the first
+        ready job not short stops it."""
+        window = self.window
+        window.short = self.config["worker.child_prefetch_adaptive"]
+        if not window.short:
+            return
+        now, max_tasks = time.monotonic(), self.config["worker.max_tasks_per_child"]
+        for child in self.pool.ahead():
+            if not self.ready or not window.is_short(self.ready[0].request.name, now):
+                return
+            if max_tasks and child.tasks_done + 1 >= max_tasks:
+                continue        # retired after its current task: it would run one too many
+            running, started = next(iter(child.running.items()))
+            if not window.behind(running.task_name, started, now):
+                continue
+            picked = self._next_runnable()
+            if picked is None:
+                return
+            if not window.is_short(picked[0].request.name, now):
+                self.ready.appendleft(picked[0])     # checked again when it goes out
+                return
+            batches[child] = ([picked[0]], [picked[1]])
+
+    def ran(self, job: Any, runtime: float) -> None:
+        """``job`` ran for ``runtime`` seconds (the child's measure): the window learns."""
+        window, now = self.window, time.monotonic()
+        window.short = self.config["worker.child_prefetch_adaptive"]
+        window.ran(job.task_name, runtime, now)
+        deep = window.deep(now)
+        if deep is not self.deep:
+            self.deep = deep
+            self.deepen(deep)
 
     def started(self, child: Any, job: Any) -> None:
         """A child starts ``job``: arm its hard time limit."""

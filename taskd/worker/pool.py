@@ -103,6 +103,13 @@ class Pool:
                 rooms[c] = capacity - len(c.running) - len(c.queued)
         return rooms
 
+    def ahead(self) -> list[Child]:
+        """Children of the current generation running one job in their only slot with
+        nothing written ahead: those the adaptive window may write one job ahead to."""
+        return [c for c in self.children.values()
+                if c.state == BUSY and c.slots == 1 and len(c.running) == 1
+                and not c.queued and c.generation == self.generation]
+
     def serving(self) -> list[Child]:
         """Children of the current generation that are not retiring."""
         return [c for c in self.children.values()

@@ -49,7 +49,7 @@ from .. import stores
 from . import events, lifecycle, metrics
 from .acker import Acker
 from .beat import Beat
-from .consumer import Consumer, prefetch_base
+from .consumer import Consumer, prefetch_base, prefetch_deep
 from . import control
 from .canvas import Workflows
 from .copies import Copies
@@ -129,6 +129,11 @@ class Supervisor:
         if self.mailbox.enabled:
             outcomes.revoked = self.mailbox.revokes.revoked
         pool.on_started, pool.on_fault = dispatcher.started, outcomes.fault
+
+        def deepen(deep: bool) -> None:     # the adaptive window: QoS and ack batch follow
+            consumer.deepen(prefetch_deep(self.concurrency, self.config) if deep else 0)
+            acker.batch = max(1, (consumer.base + consumer.deep) // 4)
+        dispatcher.deepen = deepen
         acker.on_flushed, shutdown.close = shutdown.check_drained, self.link.close
         self.workflows = outcomes.workflows = self.intake.workflows = Workflows(
             loop, config, copies, lambda: replies.publisher,
@@ -212,6 +217,7 @@ class Supervisor:
         self.dispatcher.dispatch()
 
     def on_outcome(self, child: Any, job: Any, outcome: Outcome) -> None:
+        self.dispatcher.ran(job, outcome.runtime)    # the adaptive window learns
         self.outcomes.ran(job, outcome)
         self.spawner.recycle(child)
         self.spawner.manage()
@@ -241,6 +247,7 @@ class Supervisor:
         """The pool's size changed (TTIN, TTOU, a reload): so do the prefetch and batch."""
         self.acker.batch = self.ack_batch()
         self.consumer.resize(prefetch_base(self.concurrency, self.config))
+        self.dispatcher.deepen(self.dispatcher.deep)
 
     # == signals (SIGHUP: the reloader; SIGCHLD: the pool) ==================================
     def handle_term(self) -> None:

@@ -357,3 +357,31 @@ def test_children_are_not_recycled_for_the_memory_they_inherit_from_the_supervis
     assert [r.get(timeout=30) for r in results] == ["m0", "m1", "m2"]
     child_pids = {line.split()[2] for line in out.read_text().splitlines()}
     assert len(child_pids) == 1 and "replacing it" not in w.log
+
+
+def test_the_adaptive_window_never_queues_a_short_task_behind_a_long_one(topo, workers,
+                                                                         app_for, tmp_path):
+    """Default settings (the adaptive window on): ``ttasks.sleep`` and ``ttasks.record``
+    are known short, then one sleep runs 3 s. The short tasks sent once it has run past
+    the window's bound all run on the other child, before it ends: none was written
+    ahead behind it (with ``child_prefetch: 2`` one would be, and would run only after
+    it). Sent within the bound's first 20 ms, one could be: see docs/benchmarks.md."""
+    path = topo.config(concurrency=2)
+    workers(path).ready()
+    app = app_for(path)
+    log = tmp_path / "log.txt"
+    warm = [app.send_task("ttasks.sleep", [0]) for _ in range(6)]
+    warm += [app.send_task("ttasks.record", [str(tmp_path / "warm.txt"), f"w{i}"])
+             for i in range(6)]
+    [r.get(timeout=20) for r in warm]
+    long = app.send_task("ttasks.sleep", [3.0, str(log), "long"])
+    wait_for(lambda: log.exists() and "start long" in log.read_text(), message="long to start")
+    time.sleep(0.2)
+    shorts = [app.send_task("ttasks.record", [str(log), f"s{i}"]) for i in range(10)]
+    assert [r.get(timeout=20) for r in shorts] == [f"s{i}" for i in range(10)]
+    assert long.get(timeout=20) == 3.0
+    lines = [line.split() for line in log.read_text().splitlines()]
+    long_pid = lines[0][2]
+    assert lines[0][:2] == ["start", "long"] and lines[-1] == ["end", "long", long_pid]
+    assert sorted(line[0] for line in lines[1:-1]) == sorted(f"s{i}" for i in range(10))
+    assert all(line[2] != long_pid for line in lines[1:-1])
