@@ -66,8 +66,8 @@ class Link:
         self.publisher = self.replies.publisher = self.channel("taskd-worker-publish")
         await self.publisher.open()
         await self.publisher.enable_confirms()
-        if self.mailbox is not None:        # revokes are known before any task arrives
-            await self.mailbox.open()
+        if self.mailbox is not None and not self.mailbox.replayed:
+            await self.mailbox.open()       # revokes are known before any task arrives
         base = prefetch_base(host.concurrency, host.config)
         self.acker.attach(await self.consumer.open(host.queues, base))
 
@@ -86,6 +86,8 @@ class Link:
         if ok:
             self.reconnecting = False
             self.pacer.connected()
+            if self.mailbox is not None:
+                self.mailbox.open_beside()  # after a reconnect (see Mailbox.open_beside)
             self.lifecycle.connected(self.publisher)
         return ok
 

@@ -76,6 +76,7 @@ class Mailbox:
         self._opening = False               # a loss meanwhile is the open's to report
         self.answering = False              # this node's control queue is consumed
         self._refused = False               # its declaration was refused (logged once)
+        self.replayed = False               # the revokes were read once (the first open)
 
     @property
     def queue(self) -> str:
@@ -106,8 +107,17 @@ class Mailbox:
         self._opening = True
         try:
             await self._open()
+            self.replayed = True
         finally:
             self._opening = False
+
+    def open_beside(self) -> None:
+        """After a reconnect of the link: open again beside the task consumer, not before
+        it. The revokes read so far stay known; a failover can hold the revoke stream's
+        declaration or replay for many seconds (its leader was on the lost node), and
+        the tasks need not wait for it. Retries on its own (``REOPEN_DELAY``)."""
+        if self.enabled and self.conn is None:
+            self.loop.create_task(self._reopen())
 
     async def _open(self) -> None:
         """A refused declaration closes the channel (and AsyncChannel its connection):

@@ -393,3 +393,27 @@ def test_the_stream_is_declared_with_the_ttl_and_replayed_until_the_marker_comes
         await Revokes(StubPool(), CONFIG, "n1@test", lambda: fresh).open(refused, reconnect)
         assert fresh.consumers == []
     asyncio.run(main())
+
+
+def test_after_a_reconnect_the_mailbox_opens_beside_the_task_consumer():
+    """The first open replays the revokes before any task is consumed; after a reconnect
+    the revokes read so far stay known and the mailbox opens beside the consumer, so a
+    revoke stream slowed by a failover never holds up the tasks."""
+    mb = make_mailbox()
+    mb.loop = loop = asyncio.new_event_loop()
+    opened = []
+
+    async def open_():
+        opened.append("open")
+    mb.open = open_
+    try:
+        mb.replayed, mb.conn = True, StubConn()
+        mb.open_beside()                    # still connected: nothing to do
+        loop.run_until_complete(asyncio.sleep(0))
+        assert opened == []
+        mb.conn = None                      # the link reconnected without it
+        mb.open_beside()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert opened == ["open"]
+    finally:
+        loop.close()
