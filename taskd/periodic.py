@@ -88,7 +88,7 @@ def _cronsim(expr: str, start: datetime) -> Any:
     try:
         from cronsim import CronSim
     except ImportError:
-        raise ImportError("cron schedules need the cron extra: pip install 'taskd[cron]'") \
+        raise ImportError("cron schedules need the cron extra: pip install 'taskd-queue[cron]'") \
             from None
     return CronSim(expr, start)
 
@@ -262,7 +262,7 @@ def _check_cron(expr: str, zone: Any, now: datetime) -> Optional[str]:
     try:
         from cronsim import CronSimError
     except ImportError:
-        return "cron schedules need the cron extra: pip install 'taskd[cron]'"
+        return "cron schedules need the cron extra: pip install 'taskd-queue[cron]'"
     try:
         next(_cronsim(expr, now.astimezone(zone or UTC)))
     except CronSimError as exc:

@@ -10,7 +10,7 @@ The parts, one job each:
 * :mod:`.web` and ``templates/``: the pages (Starlette, Jinja2); :mod:`.actions`: the POSTs;
 * :mod:`.charts`: inline SVG drawn on the server.
 
-It needs the ``dashboard`` extra (``pip install 'taskd[dashboard]'``).
+It needs the ``dashboard`` extra (``pip install 'taskd-queue[dashboard]'``).
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def missing_extra() -> str | None:
     absent = [m for m in EXTRA if importlib.util.find_spec(m) is None]
     if absent:
         return ("taskd dashboard needs the 'dashboard' extra (missing: " + ", ".join(absent)
-                + "): pip install 'taskd[dashboard]'")
+                + "): pip install 'taskd-queue[dashboard]'")
     return None
 
 
 def missing_driver(url: str) -> str | None:
     if url.startswith("postgresql") and importlib.util.find_spec("psycopg") is None:
         return ("dashboard.database is a PostgreSQL URL but psycopg 3 is not installed: "
-                "pip install 'taskd[dashboard,postgres]'")
+                "pip install 'taskd-queue[dashboard,postgres]'")
     return None

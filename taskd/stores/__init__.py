@@ -81,7 +81,7 @@ def require(url: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ConfigError([f"result_backend {redact(url)} needs the client library "
-                           f"{module!r}: install taskd[{extra}]"], "result_backend") from None
+                           f"{module!r}: install taskd-queue[{extra}]"], "result_backend") from None
 
 
 def redact(url: str) -> str:

@@ -49,7 +49,7 @@ def _prometheus() -> Any:
         import prometheus_client
     except ImportError:
         raise ConfigError(["metrics.listen is set, but prometheus_client is not installed: "
-                           "install the metrics extra (pip install 'taskd[metrics]')"]) from None
+                           "install the metrics extra (pip install 'taskd-queue[metrics]')"]) from None
     return prometheus_client
 
 

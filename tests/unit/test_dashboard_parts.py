@@ -222,7 +222,7 @@ def test_off_loopback_without_a_token_refuses_to_start(tmp_path, capsys, caplog,
 def test_a_missing_extra_is_named(monkeypatch):
     from taskd import dashboard
     monkeypatch.setattr(dashboard, "EXTRA", dashboard.EXTRA + ("no_such_module_h19",))
-    assert "pip install 'taskd[dashboard]'" in dashboard.missing_extra()
+    assert "pip install 'taskd-queue[dashboard]'" in dashboard.missing_extra()
     assert "no_such_module_h19" in dashboard.missing_extra()
 
 
