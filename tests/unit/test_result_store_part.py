@@ -231,7 +231,7 @@ def test_backend_urls_and_missing_extras(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_redis)
     monkeypatch.setattr("importlib.import_module", lambda name: no_redis(name))
     from taskd.exceptions import ConfigError
-    with pytest.raises(ConfigError, match=r"install taskd\[redis\]"):
+    with pytest.raises(ConfigError, match=r"install taskd-queue\[redis\]"):
         stores.require("redis://127.0.0.1:6379/0")
 
 
