@@ -2,10 +2,8 @@
 
 The peer is a real ``celery worker -E`` (tests/support/dashcelery.py): it sends
 Celery's events to ``celeryev`` and answers the ``celery.pidbox`` mailbox, the
-two protocols the dashboard speaks. One stack and one browser per session
-(dashstack.py), session-scoped so that tests of other modules that xdist runs in
-between do not tear them down; every test here runs in the ``dashboard`` xdist group,
-in one process.
+two protocols the dashboard speaks. One stack and one browser for this module
+(dashstack.py); the suite runs each test file whole in one process (``--dist loadfile``).
 """
 import json
 import os

@@ -10,36 +10,25 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import httpx
 import pika
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
-BROKER_URL = os.environ.get("TASKD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+import conftest
+from conftest import BROKER_URL, ROOT
+from rmqnode import free_port
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "tok-" + uuid.uuid4().hex
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for(predicate, timeout=30.0, interval=0.1, message="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    """conftest's wait_for, with the longer defaults that a browser and a Celery worker
+    starting on a busy machine need."""
+    return conftest.wait_for(predicate, timeout, interval, message)
 
 
 class Stack:
